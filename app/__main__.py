@@ -1,0 +1,53 @@
+"""The launcher: ``python -m app [--host H] [--port P] [--config FILE] [--workers N]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import uvicorn
+
+from app.errors import ConfigError
+from app.main import create_app, load_settings
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve the models listed in the config file. Flags override MODELPORT_* env.",
+    )
+    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--config", help="TOML file of served models")
+    parser.add_argument("--workers", type=int, help="server processes (default 1)")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the settings and config, then run uvicorn with the app factory."""
+    args = _parse_args(argv)
+    # Worker processes build their app from the environment, so flags travel there.
+    for name, value in vars(args).items():
+        if value is not None:
+            os.environ[f"MODELPORT_{name.upper()}"] = str(value)
+    try:
+        settings = load_settings()
+        create_app(settings)  # fail fast with one line, before uvicorn starts
+    except ConfigError as exc:
+        print(f"modelport: config error: {exc.message}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

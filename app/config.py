@@ -1,0 +1,141 @@
+"""Settings from ``MODELPORT_*`` environment variables and the TOML file of served models."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "modelport.toml"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|mps|auto)$")
+
+
+class Settings(BaseSettings):
+    """Service settings. Every field can be set as ``MODELPORT_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPORT_", extra="ignore")
+
+    config: Path = DEFAULT_CONFIG
+    """The TOML file of served models; relative weights paths resolve against its folder."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default; ``0.0.0.0`` only where a network boundary exists."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port to listen on."""
+
+    workers: int = Field(default=1, ge=1, le=64)
+    """Server processes; each loads every model once."""
+
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    """Intra-op threads for each model's inference thread; unset keeps torch's default."""
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest predict request body accepted, in bytes (413 beyond)."""
+
+    max_samples_per_request: int = Field(default=256, ge=1)
+    """Most samples one predict request may carry (422 beyond)."""
+
+    default_model: str | None = None
+    """Model that ``POST /predict`` uses when the body names none (optional with one model)."""
+
+    log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug)$")
+    """Logging level of the service and uvicorn."""
+
+
+class ServedModelConfig(BaseModel):
+    """One ``[[models]]`` entry of the TOML file."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    """The name clients use in URLs."""
+
+    model_class: str = Field(alias="class")
+    """The name the class was registered under with ``@register``."""
+
+    weights: Path
+    """The state_dict file: torch (``.pt``/``.pth``) or safetensors, told apart by content."""
+
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Constructor keyword arguments, merged over the registered defaults."""
+
+    device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda when available, else cpu)."""
+
+    strict: bool = True
+    """Require the keys and shapes of the file to match the class exactly."""
+
+    checkpoint_key: str | None = None
+    """Key of a training checkpoint dict that holds the state_dict (default: look for
+    ``state_dict`` / ``model_state_dict``)."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"unknown device {value!r} (use cpu, cuda, cuda:N, mps or auto)")
+        return value
+
+
+class ServiceConfig(BaseModel):
+    """The whole TOML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ServedModelConfig] = Field(min_length=1)
+
+
+def load_service_config(path: Path) -> list[ServedModelConfig]:
+    """Read and check the TOML file; raise ConfigError with one readable line on any problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    try:
+        config = ServiceConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc, raw)}") from None
+    names = [m.name for m in config.models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: model names must be unique; repeated: {', '.join(duplicates)}")
+    return [_with_absolute_weights(m, path.parent) for m in config.models]
+
+
+def _with_absolute_weights(model: ServedModelConfig, base: Path) -> ServedModelConfig:
+    weights = model.weights if model.weights.is_absolute() else (base / model.weights).resolve()
+    return model.model_copy(update={"weights": weights})
+
+
+def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
+    """The first validation error as one line, naming the model it belongs to."""
+    error = exc.errors()[0]
+    loc = list(error["loc"])
+    where = ".".join(str(part) for part in loc)
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        entry = raw.get("models", [])[loc[1]]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        field = ".".join(str(part) for part in loc[2:]) or "entry"
+        where = f"model {name!r}: {field}" if name else f"models[{loc[1]}].{field}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+def settings_error_line(exc: ValidationError) -> str:
+    """A Settings validation error as one line naming the environment variable."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    return f"MODELPORT_{field.upper()}: {error['msg']}"

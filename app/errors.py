@@ -1,0 +1,177 @@
+"""The modelport error hierarchy and the handlers that render every error in one JSON format."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ModelportError(Exception):
+    """Base of every error the service raises on purpose; carries its HTTP status and code."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class ConfigError(ModelportError):
+    """The settings or the TOML file of served models are unusable; startup stops."""
+
+    code = "config_error"
+
+
+class BadRequest(ModelportError):
+    """The request body is not what the endpoint reads (e.g. malformed JSON)."""
+
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ModelportError):
+    """A credential is required and none (or a malformed one) was sent."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ModelportError):
+    """The credential sent is wrong."""
+
+    status = 403
+    code = "forbidden"
+
+
+class ModelNotFound(ModelportError):
+    """No served model has this name."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ModelportError):
+    """The request body exceeds the configured limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class InvalidInput(ModelportError):
+    """The inputs do not fit the model: shape, dtype, values or count."""
+
+    status = 422
+    code = "invalid_input"
+
+
+class ModelUnavailable(ModelportError):
+    """The model is configured but cannot serve (its weights failed to load)."""
+
+    status = 503
+    code = "model_unavailable"
+
+
+class WeightsError(ModelportError):
+    """A weights file was refused; nothing from it serves."""
+
+    status = 422
+    code = "weights_refused"
+
+
+class WeightsUnreadable(WeightsError):
+    """The file is empty, truncated or not a torch/safetensors file."""
+
+    code = "weights_unreadable"
+
+
+class PickledObjectRefused(WeightsError):
+    """The file needs code to unpickle (a whole pickled model, or worse); it was not executed."""
+
+    code = "pickled_object_refused"
+
+
+class NotAStateDict(WeightsError):
+    """The file loads but does not hold a flat mapping of names to dense tensors."""
+
+    code = "not_a_state_dict"
+
+
+class WeightsIncompatible(WeightsError):
+    """The keys, shapes or dtypes do not fit the registered class."""
+
+    code = "weights_incompatible"
+
+
+class NonFiniteWeights(WeightsError):
+    """Some tensors hold NaN or infinity."""
+
+    code = "non_finite_weights"
+
+
+class SmokeTestFailed(WeightsError):
+    """The model built with these weights gave no finite output of the expected shape."""
+
+    code = "smoke_test_failed"
+
+
+def error_body(message: str, code: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one error body of the API: ``{"error": message, "code": code[, "detail": ...]}``."""
+    body: dict[str, Any] = {"error": message, "code": code}
+    if detail:
+        body["detail"] = detail
+    return body
+
+
+def _json(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+async def _modelport_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ModelportError)
+    return _json(exc.status, error_body(exc.message, exc.code, exc.detail))
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+    return _json(422, error_body("; ".join(problems), "invalid_request"))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        body = error_body(f"{where}: method not allowed; allowed: {allowed}", "method_not_allowed")
+    elif exc.status_code == 404 and exc.detail == "Not Found":
+        body = error_body(f"{where}: no such endpoint (see /docs)", "not_found")
+    else:
+        body = error_body(str(exc.detail), "http_error")
+    return _json(exc.status_code, body, exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _json(500, error_body("internal server error", "internal_error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error, ours or the framework's, in the one error body."""
+    app.add_exception_handler(ModelportError, _modelport_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

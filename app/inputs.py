@@ -1,0 +1,115 @@
+"""Decoding predict inputs (nested JSON lists) into checked numpy batches, without per-element
+Python work on the happy path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.errors import InvalidInput
+
+_NUMPY_DTYPES: dict[torch.dtype, type[np.generic]] = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    # numpy has no bfloat16: carry float32 and let torch cast on the device.
+    torch.bfloat16: np.float32,
+    torch.uint8: np.uint8,
+    torch.int8: np.int8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+    torch.bool: np.bool_,
+}
+_KIND_NAMES = {
+    "b": "booleans",
+    "i": "integers",
+    "u": "integers",
+    "f": "floating-point numbers",
+    "U": "strings",
+    "S": "strings",
+    "O": "mixed or non-numeric values (null, strings, objects or out-of-range integers)",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def to_batch(
+    inputs: Any,
+    sample_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    max_samples: int | None = None,
+    allow_non_finite: bool = False,
+) -> np.ndarray:
+    """Check ``inputs`` (a list of samples) against the per-sample shape and dtype.
+
+    Returns a C-contiguous array of shape ``(n, *sample_shape)``; raises InvalidInput saying
+    what was expected and what was received.
+    """
+    if not isinstance(inputs, list):
+        raise InvalidInput(f"'inputs' must be a list of samples; received {type(inputs).__name__}")
+    if not inputs:
+        raise InvalidInput("'inputs' is empty; send at least one sample")
+    if max_samples is not None and len(inputs) > max_samples:
+        raise InvalidInput(f"too many samples: received {len(inputs)}, the limit is {max_samples}")
+    expected = f"{len(inputs)} sample(s) of shape {list(sample_shape)} ({dtype_name(dtype)})"
+    try:
+        array = np.asarray(inputs)
+    except (ValueError, OverflowError, TypeError):
+        raise InvalidInput(
+            f"samples are ragged or malformed; expected {expected}", {"expected": expected}
+        ) from None
+    _check_kind(array, dtype)
+    if array.shape[1:] != sample_shape:
+        raise InvalidInput(
+            f"wrong sample shape: expected {expected}; received shape {list(array.shape)}",
+            {"expected_sample_shape": list(sample_shape), "received_shape": list(array.shape)},
+        )
+    target = _NUMPY_DTYPES[dtype]
+    _check_range(array, target)
+    with np.errstate(over="ignore", invalid="ignore"):
+        batch = np.ascontiguousarray(array, dtype=target)
+    if batch.dtype.kind == "f" and not allow_non_finite and not np.isfinite(batch).all():
+        bad = int(np.argwhere(~np.isfinite(batch).reshape(len(batch), -1).all(axis=1))[0][0])
+        raise InvalidInput(
+            f"sample {bad} holds NaN or infinity (or a value too large for {dtype_name(dtype)}); "
+            "this model accepts finite numbers only"
+        )
+    return batch
+
+
+def _check_kind(array: np.ndarray, dtype: torch.dtype) -> None:
+    kind = array.dtype.kind
+    if dtype == torch.bool:
+        allowed = "b"
+    elif dtype.is_floating_point:
+        allowed = "iuf"
+    else:
+        allowed = "iu"
+    if kind not in allowed:
+        received = _KIND_NAMES.get(kind, f"values of numpy kind {kind!r}")
+        expected = (
+            "booleans"
+            if dtype == torch.bool
+            else ("numbers" if dtype.is_floating_point else "integers")
+        )
+        raise InvalidInput(
+            f"wrong dtype: this model takes {expected} ({dtype_name(dtype)}); received {received}"
+        )
+
+
+def _check_range(array: np.ndarray, target: type[np.generic]) -> None:
+    if array.dtype.kind not in "iu" or not np.issubdtype(target, np.integer):
+        return
+    info = np.iinfo(target)  # type: ignore[type-var]
+    if array.min() < info.min or array.max() > info.max:
+        raise InvalidInput(
+            f"integer out of range for {np.dtype(target).name}: values must lie in "
+            f"[{info.min}, {info.max}]"
+        )

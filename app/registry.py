@@ -1,0 +1,188 @@
+"""ModelRegistry: the served models by name, each with its active runtime and inference thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.catalog import ModelSpec, discover, get_spec, registered_names
+from app.config import ServedModelConfig, Settings
+from app.errors import ConfigError, InvalidInput, ModelNotFound, ModelUnavailable, WeightsError
+from app.runtime import ModelRuntime, build_runtime, check_constructor_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn a config device string into a torch.device available here, or raise ConfigError."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r} requested but MPS is not available here")
+    return device
+
+
+@dataclass
+class ServedModel:
+    """One configured model: its registration, device, active runtime (or why it has none)."""
+
+    config: ServedModelConfig
+    spec: ModelSpec
+    device: torch.device
+    executor: ThreadPoolExecutor
+    runtime: ModelRuntime | None = None
+    error: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The served name."""
+        return self.config.name
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape for this model's constructor kwargs."""
+        return self.spec.sample_shape(self.kwargs)
+
+    def load(self) -> None:
+        """Build the runtime from the configured weights; on refusal keep the reason."""
+        try:
+            self.runtime = build_runtime(
+                self.spec,
+                self.kwargs,
+                self.config.weights,
+                self.device,
+                strict=self.config.strict,
+                checkpoint_key=self.config.checkpoint_key,
+            )
+        except WeightsError as exc:
+            self.error = f"{self.config.weights.name}: {exc.message}"
+            logger.error("model %s cannot serve: %s", self.name, self.error)
+            return
+        self.error = None
+        logger.info(
+            "model %s serving %s (version %s) on %s",
+            self.name,
+            self.config.weights.name,
+            self.runtime.version,
+            self.device,
+        )
+
+    def active(self) -> ModelRuntime:
+        """The runtime serving now, or ModelUnavailable saying why there is none."""
+        runtime = self.runtime
+        if runtime is None:
+            raise ModelUnavailable(f"model {self.name!r} cannot serve: {self.error}")
+        return runtime
+
+    async def predict(self, batch: np.ndarray) -> tuple[ModelRuntime, list[Any]]:
+        """Run a checked batch on the inference thread; returns the runtime that served it."""
+        runtime = self.active()  # read once: the whole request runs on this version
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self.executor, runtime.predict, batch)
+        return runtime, outputs
+
+
+class ModelRegistry:
+    """All served models by name."""
+
+    def __init__(self, models: list[ServedModel], default_model: str | None) -> None:
+        self._models = {m.name: m for m in models}
+        self._default = default_model
+
+    @classmethod
+    def from_settings(cls, settings: Settings, configs: list[ServedModelConfig]) -> ModelRegistry:
+        """Check every entry (class, weights file, kwargs, device) without loading weights.
+
+        Raises ConfigError with one line naming the model and the problem.
+        """
+        discover()
+        threads = settings.torch_threads
+        models = []
+        for config in configs:
+            spec, device = _check_entry(config)
+            executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"infer-{config.name}", initializer=_thread_setup(threads)
+            )
+            kwargs = spec.constructor_kwargs(config.kwargs)
+            models.append(ServedModel(config, spec, device, executor, kwargs=kwargs))
+        default = settings.default_model
+        if default is not None and default not in {c.name for c in configs}:
+            raise ConfigError(f"MODELPORT_DEFAULT_MODEL names {default!r}, which is not served")
+        return cls(models, default)
+
+    def load_all(self) -> None:
+        """Load every model's weights; a model that fails is kept, unavailable, with its reason."""
+        for model in self._models.values():
+            model.load()
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+    def get(self, name: str) -> ServedModel:
+        """The served model called ``name``, or ModelNotFound."""
+        model = self._models.get(name)
+        if model is None:
+            served = ", ".join(sorted(self._models))
+            raise ModelNotFound(f"no model named {name!r}; served models: {served}")
+        return model
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """``name``, else the default model, else the only model."""
+        if name is not None:
+            return self.get(name)
+        if self._default is not None:
+            return self.get(self._default)
+        if len(self._models) == 1:
+            return next(iter(self._models.values()))
+        served = ", ".join(sorted(self._models))
+        raise InvalidInput(f"several models are served ({served}); name one in 'model'")
+
+    def unavailable(self) -> dict[str, str]:
+        """Models that cannot serve now, with the reason."""
+        return {m.name: m.error or "not loaded" for m in self if m.runtime is None}
+
+    def close(self) -> None:
+        """Stop the inference threads after their current work."""
+        for model in self:
+            model.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _thread_setup(threads: int | None) -> Callable[[], None] | None:
+    """Torch's thread count is per thread: set it inside the inference thread itself."""
+    if threads is None:
+        return None
+    return lambda: torch.set_num_threads(threads)
+
+
+def _check_entry(config: ServedModelConfig) -> tuple[ModelSpec, torch.device]:
+    where = f"model {config.name!r}"
+    spec = get_spec(config.model_class)
+    if spec is None:
+        known = ", ".join(registered_names()) or "none"
+        raise ConfigError(f"{where}: unknown class {config.model_class!r} (registered: {known})")
+    if not config.weights.is_file():
+        raise ConfigError(f"{where}: weights file not found: {config.weights}")
+    problem = check_constructor_kwargs(spec, spec.constructor_kwargs(config.kwargs))
+    if problem:
+        raise ConfigError(f"{where}: bad kwargs: {problem}")
+    try:
+        device = resolve_device(config.device)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    return spec, device

@@ -1,0 +1,123 @@
+"""ModelRuntime: one registered module with its weights loaded, in eval() on its device."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.catalog import ModelSpec
+from app.errors import SmokeTestFailed
+from app.inputs import to_batch
+from app.weights import (
+    LoadReport,
+    WeightsFile,
+    check_finite,
+    inspect_file,
+    match_state_dict,
+    read_state_dict,
+)
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """A module ready to serve, and the identity of the weights it serves."""
+
+    spec: ModelSpec
+    kwargs: Mapping[str, Any]
+    module: nn.Module
+    device: torch.device
+    weights: WeightsFile
+    report: LoadReport
+    loaded_at: datetime
+
+    @property
+    def version(self) -> str:
+        """The version id: the first 12 hex digits of the weights' sha256."""
+        return self.weights.sha256[:12]
+
+    @property
+    def parameter_count(self) -> int:
+        """Number of scalar parameters of the module."""
+        return sum(p.numel() for p in self.module.parameters())
+
+    def forward(self, batch: np.ndarray) -> torch.Tensor:
+        """Run one checked batch through preprocess and the module; the output on the CPU."""
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, self.spec.input_dtype)
+            if self.spec.preprocess is not None:
+                x = self.spec.preprocess(x)
+            output = self.module(x)
+        if not isinstance(output, torch.Tensor):
+            raise SmokeTestFailed(f"forward returned a {type(output).__name__}, not a tensor")
+        return output.cpu()
+
+    def predict(self, batch: np.ndarray) -> list[Any]:
+        """Forward, then one JSON-ready output per sample (the registered postprocess, or lists)."""
+        output = self.forward(batch)
+        if self.spec.postprocess is not None:
+            return self.spec.postprocess(output)
+        result: list[Any] = output.tolist()
+        return result
+
+
+def check_constructor_kwargs(spec: ModelSpec, kwargs: Mapping[str, Any]) -> str | None:
+    """Why ``spec.cls(**kwargs)`` would fail to bind, or None when it binds."""
+    try:
+        inspect.signature(spec.cls).bind(**kwargs)
+    except TypeError as exc:
+        return f"{spec.cls.__name__}({', '.join(kwargs)}): {exc}"
+    return None
+
+
+def build_runtime(
+    spec: ModelSpec,
+    kwargs: Mapping[str, Any],
+    weights_path: Any,
+    device: torch.device,
+    *,
+    strict: bool = True,
+    checkpoint_key: str | None = None,
+) -> ModelRuntime:
+    """Build the module, load the file into it, switch to eval() and smoke-test it.
+
+    Raises a WeightsError subclass when the file cannot serve; nothing half-built escapes.
+    """
+    weights = inspect_file(weights_path)
+    state_dict = read_state_dict(weights, device, checkpoint_key)
+    check_finite(state_dict)
+    with device:
+        module = spec.cls(**kwargs)
+    fitting, report = match_state_dict(module, state_dict, strict)
+    module.load_state_dict(fitting, strict=False)
+    module.eval()
+    runtime = ModelRuntime(spec, kwargs, module, device, weights, report, datetime.now(UTC))
+    smoke_test(runtime)
+    return runtime
+
+
+def smoke_test(runtime: ModelRuntime) -> None:
+    """Run the example input; the output must be finite and of the expected shape."""
+    spec, kwargs = runtime.spec, runtime.kwargs
+    batch = to_batch([spec.example(kwargs)], spec.sample_shape(kwargs), spec.input_dtype)
+    try:
+        output = runtime.forward(batch)
+    except SmokeTestFailed:
+        raise
+    except Exception as exc:  # any failure of user model code on its own example
+        raise SmokeTestFailed(f"the example input failed: {type(exc).__name__}: {exc}") from None
+    expected = spec.output_sample_shape(kwargs)
+    found = tuple(output.shape)
+    if found[:1] != (1,) or (expected is not None and found[1:] != expected):
+        want = f"[1, {', '.join(map(str, expected))}]" if expected is not None else "[1, ...]"
+        raise SmokeTestFailed(
+            f"the example input gave an output of shape {list(found)}; expected {want}"
+        )
+    if output.is_floating_point() and not torch.isfinite(output).all():
+        raise SmokeTestFailed("the example input gave a non-finite output (NaN or infinity)")

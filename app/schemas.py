@@ -1,0 +1,185 @@
+"""Pydantic request and response models of the HTTP API (not to be confused with models/)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.inputs import dtype_name
+from app.registry import ServedModel
+
+
+class ErrorResponse(BaseModel):
+    """The one error body of the whole API."""
+
+    error: str = Field(description="What went wrong: what was expected and what was received.")
+    code: str = Field(description="A stable machine-readable error kind, e.g. invalid_input.")
+    detail: dict[str, Any] | None = Field(default=None, description="Structured specifics.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "error": "wrong sample shape: expected 1 sample(s) of shape [10] (float32); "
+                "received shape [1, 3]",
+                "code": "invalid_input",
+            }
+        }
+    )
+
+
+class Liveness(BaseModel):
+    """The process is up."""
+
+    live: Literal[True] = True
+
+
+class Readiness(BaseModel):
+    """Whether every configured model can serve."""
+
+    ready: bool
+    models: dict[str, Literal["ready", "unavailable"]]
+    unavailable: dict[str, str] = Field(
+        default_factory=dict, description="Models that cannot serve, with the reason."
+    )
+
+
+class WeightsInfo(BaseModel):
+    """The weights file a model serves."""
+
+    file: str
+    sha256: str | None = None
+    size: int | None = Field(default=None, description="Bytes.")
+    format: Literal["torch", "safetensors"] | None = None
+
+
+class MismatchInfo(BaseModel):
+    """A key whose tensor does not fit the model."""
+
+    key: str
+    expected_shape: list[int]
+    found_shape: list[int]
+    expected_dtype: str
+    found_dtype: str
+
+
+class LoadReportInfo(BaseModel):
+    """How the file's keys matched the class; skipped keys appear only for non-strict loads."""
+
+    strict: bool
+    loaded_keys: int
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    mismatched: list[MismatchInfo]
+
+
+class ModelInfo(BaseModel):
+    """Everything a client needs to call a served model."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    name: str
+    model_class: str = Field(alias="class", description="The registered class name.")
+    class_path: str = Field(description="Import path of the nn.Module class.")
+    description: str
+    status: Literal["ready", "unavailable"]
+    error: str | None = Field(default=None, description="Why the model cannot serve.")
+    device: str
+    input_shape: list[int] = Field(description="Per-sample input shape (no batch dimension).")
+    input_dtype: str
+    output_shape: list[int] | None = Field(default=None, description="Per-sample output shape.")
+    constructor_kwargs: dict[str, Any] = Field(
+        alias="kwargs", description="Constructor keyword arguments."
+    )
+    example_input: Any = Field(description="One valid sample.")
+    parameter_count: int | None = None
+    version: str | None = Field(default=None, description="Identity of the served weights.")
+    weights: WeightsInfo
+    loaded_at: datetime | None = None
+    load_report: LoadReportInfo | None = None
+
+    @classmethod
+    def of(cls, model: ServedModel) -> ModelInfo:
+        """Describe a served model as it is now."""
+        runtime, spec, init_kwargs = model.runtime, model.spec, model.kwargs
+        output_shape = spec.output_sample_shape(init_kwargs)
+        info = cls(
+            name=model.name,
+            model_class=spec.name,
+            class_path=spec.qualname,
+            description=spec.description,
+            status="unavailable" if runtime is None else "ready",
+            error=model.error,
+            device=str(model.device),
+            input_shape=list(model.sample_shape),
+            input_dtype=dtype_name(spec.input_dtype),
+            output_shape=None if output_shape is None else list(output_shape),
+            constructor_kwargs=init_kwargs,
+            example_input=spec.example(init_kwargs),
+            weights=WeightsInfo(file=model.config.weights.name),
+        )
+        if runtime is None:
+            return info
+        report = runtime.report
+        return info.model_copy(
+            update={
+                "parameter_count": runtime.parameter_count,
+                "version": runtime.version,
+                "weights": WeightsInfo(
+                    file=runtime.weights.path.name,
+                    sha256=runtime.weights.sha256,
+                    size=runtime.weights.size,
+                    format=runtime.weights.format,
+                ),
+                "loaded_at": runtime.loaded_at,
+                "load_report": LoadReportInfo.model_validate(report, from_attributes=True),
+            }
+        )
+
+
+class ModelList(BaseModel):
+    """All served models."""
+
+    models: list[ModelInfo]
+
+
+class ModelPredictRequest(BaseModel):
+    """A predict body. Documents the endpoint; the body itself is decoded by a faster path."""
+
+    inputs: list[Any] = Field(
+        description="One or more samples, each of the model's per-sample input shape.",
+        min_length=1,
+    )
+
+
+class PredictRequest(ModelPredictRequest):
+    """A ``POST /predict`` body: the inputs and, optionally, the model."""
+
+    model: str | None = Field(
+        default=None,
+        description="Model to use; optional when one model is served or a default is configured.",
+    )
+
+
+class PredictResponse(BaseModel):
+    """Outputs in input order, and the version that computed them."""
+
+    model: str
+    version: str = Field(description="Identity of the weights that served this request.")
+    outputs: list[Any]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "model": "digits",
+                "version": "3f9a1c0b7d2e",
+                "outputs": [
+                    {
+                        "label": 0,
+                        "probabilities": [0.99, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.01],
+                    }
+                ],
+            }
+        }
+    )

@@ -1,0 +1,1 @@
+"""Registered model classes: one ``nn.Module`` per module, each decorated with ``@register``."""
