@@ -20,6 +20,7 @@ async def get_liveness() -> Liveness:
 @router.get(
     "/ready",
     summary="Every configured model can serve",
+    response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Some model cannot serve"}},
 )
 async def get_readiness(registry: RegistryDep) -> JSONResponse:

@@ -1,0 +1,115 @@
+"""Shared test helpers: config files on tmp_path, in-process clients, real server processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+from asgi_lifespan import LifespanManager
+
+from app.config import Settings
+from app.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ROOT / "weights"
+LINEAR = {"name": "linear", "class": "linear", "weights": str(WEIGHTS / "linear.pth")}
+DIGITS = {"name": "digits", "class": "digits", "weights": str(WEIGHTS / "digits.pth")}
+
+
+def write_config(directory: Path, *models: dict[str, Any]) -> Path:
+    """Write a TOML file serving ``models`` and return its path."""
+    path = directory / "modelport.toml"
+    path.write_text(tomli_w.dumps({"models": list(models)}), encoding="utf-8")
+    return path
+
+
+def make_settings(directory: Path, *models: dict[str, Any], **overrides: Any) -> Settings:
+    """Settings serving ``models`` (default: the two bundled ones) from a config on ``directory``."""
+    config = write_config(directory, *(models or (LINEAR, DIGITS)))
+    return Settings(config=config, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan run, behind an httpx client (no sockets)."""
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://modelport") as client:
+            yield client
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """``python -m app`` (or any command) as a real process on 127.0.0.1."""
+
+    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until ``/health/ready`` answers 200; fail with the server's log otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}:\n{self.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        """Everything the process wrote so far."""
+        return self._path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal the process and wait for it; returns its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def run_server(
+    tmp_path: Path, config: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """Start ``python -m app`` on a free port serving ``config``; stop it afterwards."""
+    port = free_port()
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+    server_env.update(env or {})
+    args = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config), *extra]
+    server = ServerProcess(args, server_env, port, tmp_path / f"server-{port}.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,101 @@
+"""Real server processes on 127.0.0.1: the digits accuracy over HTTP, restarts, the launchers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.helpers import ROOT, ServerProcess, free_port, run_server
+
+BUNDLED_CONFIG = ROOT / "modelport.toml"
+HELDOUT = ROOT / "models" / "data" / "digits_heldout.npz"
+SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
+
+
+def test_digits_heldout_split_over_http_is_at_least_95_percent_accurate(tmp_path: Path) -> None:
+    with np.load(HELDOUT, allow_pickle=False) as data:
+        images, labels = data["images"], data["labels"]
+    assert len(labels) >= 300
+    predicted: list[int] = []
+    with run_server(tmp_path, BUNDLED_CONFIG) as server, httpx.Client(base_url=server.url) as http:
+        for start in range(0, len(images), 50):
+            batch = images[start : start + 50].tolist()
+            response = http.post("/v1/models/digits/predict", json={"inputs": batch})
+            assert response.status_code == 200, response.text
+            predicted += [output["label"] for output in response.json()["outputs"]]
+    accuracy = float(np.mean(np.array(predicted) == labels))
+    assert accuracy >= 0.95, f"held-out accuracy over HTTP: {accuracy:.4f}"
+
+
+def test_restarted_server_serves_the_same_version_and_outputs(tmp_path: Path) -> None:
+    answers = []
+    for _ in range(2):
+        with run_server(tmp_path, BUNDLED_CONFIG) as server:
+            response = httpx.post(f"{server.url}/predict", json={"model": "linear", "inputs": [SAMPLE]})
+            answers.append((response.json()["version"], response.json()["outputs"]))
+            # uvicorn re-raises SIGTERM after its graceful shutdown, so the status names it
+            assert server.stop() in (0, -signal.SIGTERM)
+            assert "Application shutdown complete" in server.output()
+    assert answers[0] == answers[1]
+
+
+def test_server_killed_with_sigkill_starts_again_and_serves(tmp_path: Path) -> None:
+    with run_server(tmp_path, BUNDLED_CONFIG) as server:
+        assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    with run_server(tmp_path, BUNDLED_CONFIG) as server:
+        response = httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+        assert response.status_code == 200
+
+
+def test_garbage_over_a_real_socket_never_stops_the_process(tmp_path: Path) -> None:
+    with run_server(tmp_path, BUNDLED_CONFIG) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
+            raw.recv(1024)
+        oversized = httpx.post(f"{server.url}/predict", content=b"[" * (17 * 1024 * 1024))
+        malformed = httpx.post(f"{server.url}/predict", content=b'{"inputs": [')
+        ok = httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+    assert oversized.status_code == 413
+    assert malformed.status_code == 400
+    assert ok.status_code == 200
+
+
+def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+    env["MODELPORT_CONFIG"] = str(BUNDLED_CONFIG)
+    args = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(port)]
+    server = ServerProcess(args, env, port, tmp_path / "uvicorn.log")
+    try:
+        server.wait_ready()
+        response = httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+        assert response.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
+    with run_server(tmp_path, BUNDLED_CONFIG, "--workers", "2") as server:
+        for _ in range(10):
+            response = httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+            assert response.status_code == 200
+        log = server.output()
+    assert log.count("model digits serving digits.pth") == 2
+
+
+def test_launcher_flags_and_environment_choose_host_and_port(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+    env |= {"MODELPORT_PORT": str(port), "MODELPORT_CONFIG": str(BUNDLED_CONFIG)}
+    server = ServerProcess([sys.executable, "-m", "app"], env, port, tmp_path / "env.log")
+    try:
+        server.wait_ready()
+        assert "Uvicorn running on http://127.0.0.1:" in server.output()
+    finally:
+        server.stop()
