@@ -177,7 +177,7 @@ def _check_entry(config: ServedModelConfig) -> tuple[ModelSpec, torch.device]:
         known = ", ".join(registered_names()) or "none"
         raise ConfigError(f"{where}: unknown class {config.model_class!r} (registered: {known})")
     if not config.weights.is_file():
-        raise ConfigError(f"{where}: weights file not found: {config.weights}")
+        raise ConfigError(f"{where}: weights file not found: {str(config.weights)!r}")
     problem = check_constructor_kwargs(spec, spec.constructor_kwargs(config.kwargs))
     if problem:
         raise ConfigError(f"{where}: bad kwargs: {problem}")

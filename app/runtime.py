@@ -90,10 +90,10 @@ def build_runtime(
     Raises a WeightsError subclass when the file cannot serve; nothing half-built escapes.
     """
     weights = inspect_file(weights_path)
-    state_dict = read_state_dict(weights, device, checkpoint_key)
-    check_finite(state_dict)
     with device:
         module = spec.cls(**kwargs)
+    state_dict = read_state_dict(weights, device, checkpoint_key, module.state_dict().keys())
+    check_finite(state_dict)
     fitting, report = match_state_dict(module, state_dict, strict)
     module.load_state_dict(fitting, strict=False)
     module.eval()

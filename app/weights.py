@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +103,10 @@ def _detect_format(head: bytes, size: int) -> WeightsFormat:
 
 
 def read_state_dict(
-    file: WeightsFile, device: torch.device, checkpoint_key: str | None = None
+    file: WeightsFile,
+    device: torch.device,
+    checkpoint_key: str | None = None,
+    model_keys: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the file without executing code, unwrap a checkpoint, strip wrapper prefixes."""
     if file.format == "safetensors":
@@ -112,7 +115,7 @@ def read_state_dict(
         _refuse_compressed_zip(file.path)
         loaded = _load_torch(file.path, device)
     state_dict = _unwrap(loaded, checkpoint_key)
-    return strip_wrapper_prefixes(state_dict)
+    return strip_wrapper_prefixes(state_dict, model_keys)
 
 
 def _load_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -140,7 +143,10 @@ def _refuse_compressed_zip(path: Path) -> None:
 
 def _load_torch(path: Path, device: torch.device) -> object:
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        # A stream, not the path: torch picks its safetensors reader for a *.safetensors name,
+        # and only the content may decide the format.
+        with path.open("rb") as stream:
+            return torch.load(stream, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
         raise _pickled_object_error(path) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, IndexError... on bad bytes
@@ -217,15 +223,27 @@ def _preview(mapping: Mapping[Any, Any], limit: int = 8) -> str:
     return "[" + ", ".join(keys) + (", ...]" if len(mapping) > limit else "]")
 
 
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(
+    state_dict: Mapping[str, torch.Tensor], model_keys: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Remove ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes that
-    every key carries, repeatedly, so a compiled DDP model's keys come out plain."""
-    result = dict(state_dict)
-    while True:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in result)), None)
-        if prefix is None:
-            return result
-        result = {key.removeprefix(prefix): value for key, value in result.items()}
+    every key carries, repeatedly, so a compiled DDP model's keys come out plain.
+
+    Given the model's own keys, the stripping stops where most keys fit (ties: stripped
+    further), so a model whose own submodule is called ``module`` keeps its keys.
+    """
+    candidates = [dict(state_dict)]
+    while prefix := _common_wrapper_prefix(candidates[-1]):
+        candidates.append({k.removeprefix(prefix): v for k, v in candidates[-1].items()})
+    if model_keys is None:
+        return candidates[-1]
+    expected = set(model_keys)
+    return max(reversed(candidates), key=lambda keys: len(expected.intersection(keys)))
+
+
+def _common_wrapper_prefix(keys: Collection[str]) -> str | None:
+    return next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
+
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:

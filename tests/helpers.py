@@ -34,7 +34,7 @@ def write_config(directory: Path, *models: dict[str, Any]) -> Path:
 
 
 def make_settings(directory: Path, *models: dict[str, Any], **overrides: Any) -> Settings:
-    """Settings serving ``models`` (default: the two bundled ones) from a config on ``directory``."""
+    """Settings serving ``models`` (default: the bundled two) from a config in ``directory``."""
     config = write_config(directory, *(models or (LINEAR, DIGITS)))
     return Settings(config=config, **overrides)
 

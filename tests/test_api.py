@@ -110,7 +110,12 @@ async def test_one_class_serves_several_shapes_through_kwargs(tmp_path: Path) ->
     from models.digits import DigitsCNN
 
     torch.save(DigitsCNN(num_classes=3).state_dict(), tmp_path / "three.pth")
-    three = {"name": "three", "class": "digits", "weights": "three.pth", "kwargs": {"num_classes": 3}}
+    three = {
+        "name": "three",
+        "class": "digits",
+        "weights": "three.pth",
+        "kwargs": {"num_classes": 3},
+    }
     async with serve_in_process(make_settings(tmp_path, DIGITS, three)) as client:
         info = (await client.get("/v1/models/three")).json()
         predict = await client.post("/v1/models/three/predict", json={"inputs": [[[0] * 8] * 8]})

@@ -95,15 +95,11 @@ BAD_INPUTS = [
     pytest.param(b'{"inputs": 3}', 422, "must be a list", id="not-a-list"),
     pytest.param(b'{"inputs": [[1, 2, 3]]}', 422, "expected 1 sample(s) of shape [10]", id="shape"),
     pytest.param(b'{"inputs": [1, 2]}', 422, "received shape [2]", id="missing-batch-dim"),
-    pytest.param(
-        b'{"inputs": [[1,2,3,4,5,6,7,8,9,10], [1]]}', 422, "ragged", id="ragged-samples"
-    ),
+    pytest.param(b'{"inputs": [[1,2,3,4,5,6,7,8,9,10], [1]]}', 422, "ragged", id="ragged-samples"),
     pytest.param(
         b'{"inputs": [["a","b","c","d","e","f","g","h","i","j"]]}', 422, "strings", id="strings"
     ),
-    pytest.param(
-        b'{"inputs": [[1,2,3,4,5,6,7,8,9,null]]}', 422, "non-numeric", id="null-value"
-    ),
+    pytest.param(b'{"inputs": [[1,2,3,4,5,6,7,8,9,null]]}', 422, "non-numeric", id="null-value"),
     pytest.param(
         b'{"inputs": [[true,true,true,true,true,true,true,true,true,true]]}',
         422,

@@ -37,7 +37,9 @@ def test_restarted_server_serves_the_same_version_and_outputs(tmp_path: Path) ->
     answers = []
     for _ in range(2):
         with run_server(tmp_path, BUNDLED_CONFIG) as server:
-            response = httpx.post(f"{server.url}/predict", json={"model": "linear", "inputs": [SAMPLE]})
+            response = httpx.post(
+                f"{server.url}/predict", json={"model": "linear", "inputs": [SAMPLE]}
+            )
             answers.append((response.json()["version"], response.json()["outputs"]))
             # uvicorn re-raises SIGTERM after its graceful shutdown, so the status names it
             assert server.stop() in (0, -signal.SIGTERM)
@@ -70,7 +72,15 @@ def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
     env["MODELPORT_CONFIG"] = str(BUNDLED_CONFIG)
-    args = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "app.main:create_app",
+        "--port",
+        str(port),
+    ]
     server = ServerProcess(args, env, port, tmp_path / "uvicorn.log")
     try:
         server.wait_ready()
@@ -83,7 +93,9 @@ def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
 def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
     with run_server(tmp_path, BUNDLED_CONFIG, "--workers", "2") as server:
         for _ in range(10):
-            response = httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+            response = httpx.post(
+                f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]}
+            )
             assert response.status_code == 200
         log = server.output()
     assert log.count("model digits serving digits.pth") == 2

@@ -339,12 +339,12 @@ def test_raw_pickle_file_is_unreadable_and_never_executed(
     with path.open("wb") as stream:
         pickle.dump(RunsCodeWhenUnpickled(marker), stream)
 
-    with pytest.raises(WeightsUnreadable, match="not a torch.save or safetensors file"):
+    with pytest.raises(WeightsUnreadable, match=r"not a torch\.save or safetensors file"):
         build(linear_spec, path)
 
     assert not marker.exists()
     # Control: the file really is dangerous for a plain unpickler.
-    pickle.loads(path.read_bytes())  # noqa: S301 - the point of the control
+    pickle.loads(path.read_bytes())
     assert marker.exists()
 
 
@@ -674,3 +674,31 @@ def test_bundled_weights_load_strictly(name: str) -> None:
     assert runtime.report.strict
     assert runtime.report.complete
     assert runtime.report.loaded_keys == len(runtime.module.state_dict())
+
+
+@register("test-weights-own-module", input_shape=(3,), output_shape=(2,))
+class OwnModuleNamedModule(nn.Module):
+    """A model whose only submodule is called ``module``, like a DataParallel wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["own-keys", "wrapped-in-ddp"])
+def test_a_model_whose_submodule_is_called_module_keeps_its_own_keys(
+    tmp_path: Path, wrapped: bool
+) -> None:
+    spec = get_spec("test-weights-own-module")
+    assert spec is not None
+    model = fresh_model(spec)
+    state_dict = nn.DataParallel(model).state_dict() if wrapped else model.state_dict()
+    path = save_state_dict(state_dict, tmp_path / "own.pth")
+
+    runtime = build(spec, path)
+
+    assert runtime.report.complete
+    assert_serves_like(runtime, model)
