@@ -245,7 +245,6 @@ def _common_wrapper_prefix(keys: Collection[str]) -> str | None:
     return next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
 
 
-
 def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
     """Refuse tensors holding NaN or infinity, naming them."""
     bad = [
