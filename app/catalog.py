@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,27 @@ class DuplicateRegistration(ValueError):
 
 
 @dataclass(frozen=True)
+class Acceptance:
+    """The score of candidate weights on a model's acceptance check, and the bar they must meet."""
+
+    metric: str
+    score: float
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        """Whether the score meets the threshold."""
+        return self.score >= self.threshold
+
+
+Forward = Callable[[np.ndarray], torch.Tensor]
+"""A candidate model's forward: a checked input batch in, the raw output batch (CPU) out."""
+
+AcceptanceCheck = Callable[[Forward], Acceptance]
+"""Scores candidate weights before they may serve (e.g. accuracy on a held-out split)."""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What the service needs to know to build, feed and smoke-test one registered class."""
 
@@ -43,6 +65,7 @@ class ModelSpec:
     postprocess: Postprocess | None = None
     allow_non_finite_input: bool = False
     description: str = ""
+    acceptance: AcceptanceCheck | None = None
 
     @property
     def qualname(self) -> str:
@@ -87,11 +110,13 @@ def register(
     postprocess: Postprocess | None = None,
     allow_non_finite_input: bool = False,
     description: str = "",
+    acceptance: AcceptanceCheck | None = None,
 ) -> Callable[[ModuleT], ModuleT]:
     """Register an ``nn.Module`` class under ``name`` so a config can serve it.
 
-    ``input_shape`` is per sample (no batch dimension). Registering a second class under a name
-    already taken raises :class:`DuplicateRegistration` at import time.
+    ``input_shape`` is per sample (no batch dimension). ``acceptance``, when given, must pass
+    before uploaded weights may serve. Registering a second class under a name already taken
+    raises :class:`DuplicateRegistration` at import time.
     """
 
     def decorator(cls: ModuleT) -> ModuleT:
@@ -107,6 +132,7 @@ def register(
             postprocess=postprocess,
             allow_non_finite_input=allow_non_finite_input,
             description=description or (cls.__doc__ or "").strip().split("\n")[0],
+            acceptance=acceptance,
         )
         existing = _CATALOG.get(name)
         if existing is not None and existing.qualname != spec.qualname:

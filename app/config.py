@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -43,6 +43,29 @@ class Settings(BaseSettings):
 
     max_samples_per_request: int = Field(default=256, ge=1)
     """Most samples one predict request may carry (422 beyond)."""
+
+    store_dir: Path = PROJECT_ROOT / "store"
+    """Where uploaded weight versions and the active-version records live (share it between
+    replicas); the bundled weights files are never modified."""
+
+    admin_token: SecretStr | None = Field(default=None, min_length=32)
+    """Bearer token for management endpoints (upload, activate, rollback, delete); unset
+    leaves them disabled. At least 32 characters: ``python -c 'import secrets;
+    print(secrets.token_urlsafe(32))'``."""
+
+    api_token: SecretStr | None = Field(default=None, min_length=32)
+    """When set, predict and model-metadata endpoints require this bearer token (or the
+    admin token); health stays open for probes."""
+
+    max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
+    """Largest weights upload accepted, in bytes (413 beyond, nothing kept)."""
+
+    keep_versions: int = Field(default=10, ge=1)
+    """Uploaded versions kept per model; older ones are removed (never the active or the
+    previous one)."""
+
+    require_finite_weights: bool = True
+    """Refuse weights holding NaN or infinity."""
 
     default_model: str | None = None
     """Model that ``POST /predict`` uses when the body names none (optional with one model)."""

@@ -57,6 +57,40 @@ class Forbidden(ModelportError):
     code = "forbidden"
 
 
+class ManagementDisabled(ModelportError):
+    """No admin token is configured, so management endpoints are off."""
+
+    status = 403
+    code = "management_disabled"
+
+
+class DigestMismatch(ModelportError):
+    """The uploaded bytes do not have the sha256 the caller said they have."""
+
+    status = 400
+    code = "digest_mismatch"
+
+
+class VersionConflict(ModelportError):
+    """The version operation conflicts with the model's state (e.g. deleting the active one)."""
+
+    status = 409
+    code = "version_conflict"
+
+
+class VersionNotFound(ModelportError):
+    """The model has no version with this id."""
+
+    status = 404
+    code = "version_not_found"
+
+
+class StoreCorrupt(ModelportError):
+    """A record in the weight store cannot be read."""
+
+    code = "store_corrupt"
+
+
 class ModelNotFound(ModelportError):
     """No served model has this name."""
 
@@ -126,6 +160,12 @@ class SmokeTestFailed(WeightsError):
     """The model built with these weights gave no finite output of the expected shape."""
 
     code = "smoke_test_failed"
+
+
+class AcceptanceFailed(WeightsError):
+    """The weights load and run but score below the model's registered acceptance threshold."""
+
+    code = "acceptance_failed"
 
 
 def error_body(message: str, code: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:

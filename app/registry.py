@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import torch
 
 from app.catalog import ModelSpec, discover, get_spec, registered_names
 from app.config import ServedModelConfig, Settings
-from app.errors import ConfigError, InvalidInput, ModelNotFound, ModelUnavailable, WeightsError
-from app.runtime import ModelRuntime, build_runtime, check_constructor_kwargs
+from app.errors import ConfigError, InvalidInput, ModelNotFound
+from app.runtime import check_constructor_kwargs
+from app.served import ServedModel
+from app.store import WeightStore
 
 logger = logging.getLogger(__name__)
 
@@ -37,67 +35,6 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-@dataclass
-class ServedModel:
-    """One configured model: its registration, device, active runtime (or why it has none)."""
-
-    config: ServedModelConfig
-    spec: ModelSpec
-    device: torch.device
-    executor: ThreadPoolExecutor
-    runtime: ModelRuntime | None = None
-    error: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """The served name."""
-        return self.config.name
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Per-sample input shape for this model's constructor kwargs."""
-        return self.spec.sample_shape(self.kwargs)
-
-    def load(self) -> None:
-        """Build the runtime from the configured weights; on refusal keep the reason."""
-        try:
-            self.runtime = build_runtime(
-                self.spec,
-                self.kwargs,
-                self.config.weights,
-                self.device,
-                strict=self.config.strict,
-                checkpoint_key=self.config.checkpoint_key,
-            )
-        except WeightsError as exc:
-            self.error = f"{self.config.weights.name}: {exc.message}"
-            logger.error("model %s cannot serve: %s", self.name, self.error)
-            return
-        self.error = None
-        logger.info(
-            "model %s serving %s (version %s) on %s",
-            self.name,
-            self.config.weights.name,
-            self.runtime.version,
-            self.device,
-        )
-
-    def active(self) -> ModelRuntime:
-        """The runtime serving now, or ModelUnavailable saying why there is none."""
-        runtime = self.runtime
-        if runtime is None:
-            raise ModelUnavailable(f"model {self.name!r} cannot serve: {self.error}")
-        return runtime
-
-    async def predict(self, batch: np.ndarray) -> tuple[ModelRuntime, list[Any]]:
-        """Run a checked batch on the inference thread; returns the runtime that served it."""
-        runtime = self.active()  # read once: the whole request runs on this version
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self.executor, runtime.predict, batch)
-        return runtime, outputs
-
-
 class ModelRegistry:
     """All served models by name."""
 
@@ -112,6 +49,7 @@ class ModelRegistry:
         Raises ConfigError with one line naming the model and the problem.
         """
         discover()
+        store = _open_store(settings)
         threads = settings.torch_threads
         models = []
         for config in configs:
@@ -119,8 +57,18 @@ class ModelRegistry:
             executor = ThreadPoolExecutor(
                 1, thread_name_prefix=f"infer-{config.name}", initializer=_thread_setup(threads)
             )
-            kwargs = spec.constructor_kwargs(config.kwargs)
-            models.append(ServedModel(config, spec, device, executor, kwargs=kwargs))
+            models.append(
+                ServedModel(
+                    config,
+                    spec,
+                    device,
+                    executor,
+                    store,
+                    kwargs=spec.constructor_kwargs(config.kwargs),
+                    require_finite=settings.require_finite_weights,
+                    keep_versions=settings.keep_versions,
+                )
+            )
         default = settings.default_model
         if default is not None and default not in {c.name for c in configs}:
             raise ConfigError(f"MODELPORT_DEFAULT_MODEL names {default!r}, which is not served")
@@ -161,6 +109,16 @@ class ModelRegistry:
         """Stop the inference threads after their current work."""
         for model in self:
             model.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _open_store(settings: Settings) -> WeightStore:
+    try:
+        settings.store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"MODELPORT_STORE_DIR {str(settings.store_dir)!r}: {exc.strerror}"
+        ) from None
+    return WeightStore(settings.store_dir)
 
 
 def _thread_setup(threads: int | None) -> Callable[[], None] | None:

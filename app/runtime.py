@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from app.catalog import ModelSpec
-from app.errors import SmokeTestFailed
+from app.catalog import Acceptance, ModelSpec
+from app.errors import AcceptanceFailed, SmokeTestFailed
 from app.inputs import to_batch
 from app.weights import (
     LoadReport,
@@ -79,27 +80,61 @@ def check_constructor_kwargs(spec: ModelSpec, kwargs: Mapping[str, Any]) -> str 
 def build_runtime(
     spec: ModelSpec,
     kwargs: Mapping[str, Any],
-    weights_path: Any,
+    weights_path: Path,
     device: torch.device,
     *,
     strict: bool = True,
     checkpoint_key: str | None = None,
+    require_finite: bool = True,
+    load_device: torch.device | None = None,
 ) -> ModelRuntime:
     """Build the module, load the file into it, switch to eval() and smoke-test it.
 
+    The file is read onto ``load_device`` (default: ``device``; uploads read onto the CPU).
     Raises a WeightsError subclass when the file cannot serve; nothing half-built escapes.
     """
     weights = inspect_file(weights_path)
     with device:
         module = spec.cls(**kwargs)
-    state_dict = read_state_dict(weights, device, checkpoint_key, module.state_dict().keys())
-    check_finite(state_dict)
+    state_dict = read_state_dict(
+        weights, load_device or device, checkpoint_key, module.state_dict().keys()
+    )
+    if require_finite:
+        check_finite(state_dict)
     fitting, report = match_state_dict(module, state_dict, strict)
     module.load_state_dict(fitting, strict=False)
     module.eval()
     runtime = ModelRuntime(spec, kwargs, module, device, weights, report, datetime.now(UTC))
     smoke_test(runtime)
     return runtime
+
+
+def check_acceptance(runtime: ModelRuntime) -> Acceptance | None:
+    """Run the model's registered acceptance check, if any; AcceptanceFailed below the bar."""
+    check = runtime.spec.acceptance
+    if check is None:
+        return None
+    try:
+        result = check(runtime.forward)
+    except Exception as exc:  # user check code failing on these weights refuses them
+        raise AcceptanceFailed(
+            f"the acceptance check failed: {type(exc).__name__}: {exc}"
+        ) from None
+    if not result.passed:
+        raise AcceptanceFailed(
+            f"{result.metric} {result.score:.4f} is below the required {result.threshold:.4f}",
+            {"acceptance": asdict(result)},
+        )
+    return result
+
+
+def validation_report(runtime: ModelRuntime, acceptance: Acceptance | None) -> dict[str, Any]:
+    """What was checked before these weights could serve, as stored with the version."""
+    return {
+        **asdict(runtime.report),
+        "smoke_test": "passed",
+        "acceptance": None if acceptance is None else asdict(acceptance),
+    }
 
 
 def smoke_test(runtime: ModelRuntime) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.inputs import dtype_name
-from app.registry import ServedModel
+from app.served import ServedModel
 
 
 class ErrorResponse(BaseModel):

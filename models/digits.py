@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from app.catalog import register
+from app.catalog import Acceptance, Forward, register
 
 PIXEL_MAX = 16.0
+HELDOUT = Path(__file__).resolve().parent / "data" / "digits_heldout.npz"
+ACCEPTANCE_THRESHOLD = 0.9
 # The first sample of scikit-learn's digits data set, a "0".
 EXAMPLE_ZERO = [
     [0, 0, 5, 13, 9, 1, 0, 0],
@@ -43,6 +47,15 @@ def _classes(kwargs: Mapping[str, Any]) -> tuple[int, ...]:
     return (int(kwargs["num_classes"]),)
 
 
+def heldout_accuracy(forward: Forward) -> Acceptance:
+    """Accuracy on the committed held-out split; uploads must reach 0.9 to serve."""
+    with np.load(HELDOUT, allow_pickle=False) as data:
+        images, labels = data["images"].astype(np.float32), data["labels"]
+    predicted = forward(images).argmax(dim=1).numpy()
+    score = float((predicted == labels).mean())
+    return Acceptance("held-out accuracy", round(score, 4), ACCEPTANCE_THRESHOLD)
+
+
 @register(
     "digits",
     input_shape=(8, 8),
@@ -51,6 +64,7 @@ def _classes(kwargs: Mapping[str, Any]) -> tuple[int, ...]:
     example_input=EXAMPLE_ZERO,
     preprocess=to_network_input,
     postprocess=to_label_and_probabilities,
+    acceptance=heldout_accuracy,
 )
 class DigitsCNN(nn.Module):
     """Two 3x3 convolutions and two linear layers: 8x8 digit images to class logits."""

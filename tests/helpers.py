@@ -36,6 +36,7 @@ def write_config(directory: Path, *models: dict[str, Any]) -> Path:
 def make_settings(directory: Path, *models: dict[str, Any], **overrides: Any) -> Settings:
     """Settings serving ``models`` (default: the bundled two) from a config in ``directory``."""
     config = write_config(directory, *(models or (LINEAR, DIGITS)))
+    overrides.setdefault("store_dir", directory / "store")
     return Settings(config=config, **overrides)
 
 
@@ -47,6 +48,12 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[httpx.AsyncClien
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://modelport") as client:
             yield client
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """This process's environment without MODELPORT_* variables, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+    return env | variables
 
 
 def free_port() -> int:
@@ -104,7 +111,7 @@ def run_server(
 ) -> Iterator[ServerProcess]:
     """Start ``python -m app`` on a free port serving ``config``; stop it afterwards."""
     port = free_port()
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+    server_env = clean_env(MODELPORT_STORE_DIR=str(tmp_path / "store"))
     server_env.update(env or {})
     args = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config), *extra]
     server = ServerProcess(args, server_env, port, tmp_path / f"server-{port}.log")

@@ -17,7 +17,16 @@ from app.config import DEFAULT_CONFIG, Settings, load_service_config
 from app.errors import ConfigError
 from app.main import create_app, load_settings
 from app.registry import ModelRegistry
-from tests.helpers import DIGITS, LINEAR, ROOT, WEIGHTS, free_port, make_settings, write_config
+from tests.helpers import (
+    DIGITS,
+    LINEAR,
+    ROOT,
+    WEIGHTS,
+    clean_env,
+    free_port,
+    make_settings,
+    write_config,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -328,9 +337,7 @@ def bad_config(tmp_path: Path) -> Path:
 
 
 def process_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
-    env.update(extra)
-    return env
+    return clean_env(**extra)
 
 
 def run_process(

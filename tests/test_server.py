@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.helpers import ROOT, ServerProcess, free_port, run_server
+from tests.helpers import ROOT, ServerProcess, clean_env, free_port, run_server
 
 BUNDLED_CONFIG = ROOT / "modelport.toml"
 HELDOUT = ROOT / "models" / "data" / "digits_heldout.npz"
@@ -70,8 +69,7 @@ def test_garbage_over_a_real_socket_never_stops_the_process(tmp_path: Path) -> N
 
 def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
-    env["MODELPORT_CONFIG"] = str(BUNDLED_CONFIG)
+    env = clean_env(MODELPORT_CONFIG=str(BUNDLED_CONFIG), MODELPORT_STORE_DIR=str(tmp_path))
     args = [
         sys.executable,
         "-m",
@@ -98,13 +96,16 @@ def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
             )
             assert response.status_code == 200
         log = server.output()
-    assert log.count("model digits serving digits.pth") == 2
+    assert log.count("model digits serving version") == 2
 
 
 def test_launcher_flags_and_environment_choose_host_and_port(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
-    env |= {"MODELPORT_PORT": str(port), "MODELPORT_CONFIG": str(BUNDLED_CONFIG)}
+    env = clean_env(
+        MODELPORT_PORT=str(port),
+        MODELPORT_CONFIG=str(BUNDLED_CONFIG),
+        MODELPORT_STORE_DIR=str(tmp_path),
+    )
     server = ServerProcess([sys.executable, "-m", "app"], env, port, tmp_path / "env.log")
     try:
         server.wait_ready()

@@ -16,8 +16,8 @@ from starlette.responses import Response
 from app.deps import RegistryDep, SettingsDep
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge
 from app.inputs import to_batch
-from app.registry import ServedModel
 from app.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
+from app.served import ServedModel
 
 VERSION_HEADER = "X-Model-Version"
 
