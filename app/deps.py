@@ -1,13 +1,26 @@
-"""Annotated dependency aliases for routes."""
+"""Annotated dependency aliases for routes, and bearer-token authentication."""
 
 from __future__ import annotations
 
+import hmac
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from app.config import Settings
+from app.errors import Forbidden, ManagementDisabled, ModelportError, Unauthorized
 from app.registry import ModelRegistry
+
+audit = logging.getLogger("app.audit")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="`Authorization: Bearer <token>`: MODELPORT_ADMIN_TOKEN for management, "
+    "MODELPORT_API_TOKEN (when set) for prediction and metadata.",
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 def get_registry(request: Request) -> ModelRegistry:
@@ -24,3 +37,53 @@ def get_settings(request: Request) -> Settings:
 
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is not None and credentials.credentials:
+        return credentials.credentials
+    if "authorization" in request.headers:
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
+    raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
+
+
+def _matches(token: str, secret: SecretStr | None) -> bool:
+    """Constant-time comparison, so the time taken tells nothing about the token."""
+    if secret is None:
+        return False
+    return hmac.compare_digest(token.encode(), secret.get_secret_value().encode())
+
+
+def require_admin(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
+    """Management needs the admin token; with none configured it is disabled. Refusals are
+    audited like every other management outcome."""
+    try:
+        if settings.admin_token is None:
+            raise ManagementDisabled(
+                "management endpoints are disabled: start the service with MODELPORT_ADMIN_TOKEN "
+                "set to a secret of 32+ characters to enable them"
+            )
+        if not _matches(_token(request, credentials), settings.admin_token):
+            raise Forbidden("the admin token is wrong")
+    except ModelportError as exc:
+        audit.warning(
+            "%s %s client=%s outcome=refused:%s",
+            request.method,
+            request.url.path,
+            request.client.host if request.client else "-",
+            exc.code,
+        )
+        raise
+
+
+def require_api(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
+    """Prediction and metadata are open unless MODELPORT_API_TOKEN is set."""
+    if settings.api_token is None:
+        return
+    token = _token(request, credentials)
+    if not (_matches(token, settings.api_token) or _matches(token, settings.admin_token)):
+        raise Forbidden("the API token is wrong")
+
+
+AdminDep = Depends(require_admin)
+ApiDep = Depends(require_api)

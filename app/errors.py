@@ -20,6 +20,7 @@ class ModelportError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -48,6 +49,7 @@ class Unauthorized(ModelportError):
 
     status = 401
     code = "unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ModelportError):
@@ -182,7 +184,7 @@ def _json(status: int, body: dict[str, Any], headers: Mapping[str, str] | None =
 
 async def _modelport_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ModelportError)
-    return _json(exc.status, error_body(exc.message, exc.code, exc.detail))
+    return _json(exc.status, error_body(exc.message, exc.code, exc.detail), exc.headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:

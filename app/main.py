@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from app.config import Settings, load_service_config, settings_error_line
 from app.errors import ConfigError, install_error_handlers
 from app.registry import ModelRegistry
-from app.routes import health, models
+from app.routes import admin, health, models
 from app.routes.predict import predict_router
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.include_router(admin.router)
     app.include_router(predict_router({m.name: m.spec.example(m.kwargs) for m in registry}))
     return app
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.inputs import dtype_name
 from app.served import ServedModel
+from app.store import VersionRecord
 
 
 class ErrorResponse(BaseModel):
@@ -98,6 +99,13 @@ class ModelInfo(BaseModel):
     weights: WeightsInfo
     loaded_at: datetime | None = None
     load_report: LoadReportInfo | None = None
+    previous_version: str | None = Field(
+        default=None, description="The rollback target, kept loaded."
+    )
+    fallback: str | None = Field(
+        default=None,
+        description="Why this replica serves another version than the recorded active one.",
+    )
 
     @classmethod
     def of(cls, model: ServedModel) -> ModelInfo:
@@ -118,6 +126,7 @@ class ModelInfo(BaseModel):
             constructor_kwargs=init_kwargs,
             example_input=spec.example(init_kwargs),
             weights=WeightsInfo(file=model.config.weights.name),
+            fallback=model.fallback,
         )
         if runtime is None:
             return info
@@ -133,6 +142,7 @@ class ModelInfo(BaseModel):
                     format=runtime.weights.format,
                 ),
                 "loaded_at": runtime.loaded_at,
+                "previous_version": model.previous.version if model.previous else None,
                 "load_report": LoadReportInfo.model_validate(report, from_attributes=True),
             }
         )
@@ -183,3 +193,51 @@ class PredictResponse(BaseModel):
             }
         }
     )
+
+
+class VersionInfo(BaseModel):
+    """One weights version of a model."""
+
+    version: str = Field(description="The id: the first 12 hex digits of the sha256.")
+    sha256: str
+    size: int = Field(description="Bytes.")
+    format: str = Field(description="torch or safetensors, as read from the content.")
+    created_at: str
+    filename: str | None = Field(description="The name the file was uploaded under.")
+    source: Literal["upload", "bundled"]
+    active: bool = Field(description="Serving now.")
+    previous: bool = Field(description="The rollback target, kept loaded.")
+    report: dict[str, Any] = Field(description="What was checked before it could serve.")
+
+    @classmethod
+    def of(cls, model: ServedModel, record: VersionRecord) -> VersionInfo:
+        """Describe a version of ``model``."""
+        runtime, previous = model.runtime, model.previous
+        return cls(
+            version=record.id,
+            sha256=record.sha256,
+            size=record.size,
+            format=record.format,
+            created_at=record.created_at,
+            filename=record.filename,
+            source="bundled" if record.source == "bundled" else "upload",
+            active=runtime is not None and runtime.version == record.id,
+            previous=previous is not None and previous.version == record.id,
+            report=record.report,
+        )
+
+
+class VersionList(BaseModel):
+    """The versions of one model, oldest first."""
+
+    model: str
+    active: str | None
+    previous: str | None
+    versions: list[VersionInfo]
+
+
+class UploadResponse(VersionInfo):
+    """An accepted upload: the version it became and whether it serves."""
+
+    model: str
+    created: bool = Field(description="False when identical bytes were already a version.")

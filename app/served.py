@@ -190,13 +190,15 @@ class ServedModel:
     def _build(self, version: str, *, load_device: torch.device | None = None) -> ModelRuntime:
         return self._build_file(self._path(version), load_device=load_device)
 
-    def _build_file(self, path: Path, *, load_device: torch.device | None = None) -> ModelRuntime:
+    def _build_file(
+        self, path: Path, *, load_device: torch.device | None = None, strict: bool | None = None
+    ) -> ModelRuntime:
         return build_runtime(
             self.spec,
             self.kwargs,
             path,
             self.device,
-            strict=self.config.strict,
+            strict=self.config.strict if strict is None else strict,
             checkpoint_key=self.config.checkpoint_key,
             require_finite=self.require_finite,
             load_device=load_device,
@@ -256,7 +258,8 @@ class ServedModel:
             return None
 
     def _validate(self, path: Path) -> tuple[ModelRuntime, dict[str, Any]]:
-        runtime = self._build_file(path, load_device=CPU)
+        """Uploads are always checked strictly, whatever the startup config allows."""
+        runtime = self._build_file(path, load_device=CPU, strict=True)
         acceptance = check_acceptance(runtime)
         return runtime, validation_report(runtime, acceptance)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import RegistryDep
+from app.deps import ApiDep, RegistryDep
 from app.schemas import ErrorResponse, ModelInfo, ModelList
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ApiDep])
 
 
 @router.get("", summary="List the served models")

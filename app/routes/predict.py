@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.deps import RegistryDep, SettingsDep
+from app.deps import ApiDep, RegistryDep, SettingsDep
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge
 from app.inputs import to_batch
 from app.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
@@ -23,6 +23,8 @@ VERSION_HEADER = "X-Model-Version"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
+    401: {"model": ErrorResponse, "description": "MODELPORT_API_TOKEN is set; no bearer token"},
+    403: {"model": ErrorResponse, "description": "Wrong bearer token"},
     404: {"model": ErrorResponse, "description": "No model of that name"},
     413: {"model": ErrorResponse, "description": "Body over the configured size limit"},
     422: {"model": ErrorResponse, "description": "Inputs do not fit the model"},
@@ -43,7 +45,7 @@ _OK: dict[int | str, dict[str, Any]] = {
 
 def predict_router(examples: dict[str, Any]) -> APIRouter:
     """The predict routes, documented with one example body per served model."""
-    router = APIRouter(tags=["predict"], responses={**_OK, **_ERRORS})
+    router = APIRouter(tags=["predict"], responses={**_OK, **_ERRORS}, dependencies=[ApiDep])
 
     @router.post(
         "/v1/models/{name}/predict",

@@ -1,0 +1,191 @@
+"""Weight management: upload, list, activate, roll back and delete versions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from starlette.responses import Response
+
+from app.config import NAME_PATTERN
+from app.deps import AdminDep, ApiDep, RegistryDep, SettingsDep
+from app.errors import ModelportError, PayloadTooLarge
+from app.schemas import ErrorResponse, UploadResponse, VersionInfo, VersionList
+from app.store import VERSION_PATTERN
+from app.uploads import UploadBody
+
+logger = logging.getLogger("app.audit")
+
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN, description="A served model.")]
+VersionId = Annotated[
+    str, Path(pattern=VERSION_PATTERN.pattern, description="A version id (12 hex digits).")
+]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in (401, 403, 404, *statuses)}
+
+
+router = APIRouter(prefix="/v1/models/{name}", tags=["weights"])
+
+
+@contextmanager
+def _audited(action: str, model: str, request: Request) -> Iterator[dict[str, str]]:
+    """Log every management action: action, model, version, sha256, client, outcome."""
+    facts: dict[str, str] = {}
+    client = request.client.host if request.client else "-"
+    try:
+        yield facts
+    except ModelportError as exc:
+        logger.warning(
+            "%s model=%s version=%s sha256=%s client=%s outcome=refused:%s",
+            action,
+            model,
+            facts.get("version", "-"),
+            facts.get("sha256", "-"),
+            client,
+            exc.code,
+        )
+        raise
+    logger.info(
+        "%s model=%s version=%s sha256=%s client=%s outcome=%s",
+        action,
+        model,
+        facts.get("version", "-"),
+        facts.get("sha256", "-"),
+        client,
+        facts.get("outcome", "ok"),
+    )
+
+
+@router.put(
+    "/weights",
+    summary="Upload new weights (validated, stored as a version, activated by default)",
+    dependencies=[AdminDep],
+    status_code=201,
+    responses={
+        200: {"model": UploadResponse, "description": "Identical bytes: the existing version"},
+        **_errors(400, 409, 413, 422),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "required": ["file"],
+                    }
+                },
+            },
+        }
+    },
+)
+async def upload_weights(
+    name: ModelName,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    activate: Annotated[bool, Query(description="Switch to the new version once valid.")] = True,
+    sha256: Annotated[str | None, Query(description="Expected sha256 of the body.")] = None,
+    filename: Annotated[str | None, Query(description="Name to record for the file.")] = None,
+    x_content_sha256: Annotated[str | None, Header(description="Expected sha256.")] = None,
+) -> Response:
+    """The body is the weights file, raw (`curl -T new.pth`) or as the multipart field `file`;
+    torch or safetensors, told apart by content. It is streamed to the store with a size cap and
+    hashed, checked against an expected sha256 if given, then validated beside the serving
+    version (load without code, key/shape/dtype fit, finite values, smoke test, acceptance
+    check) before it is stored and, unless `activate=false`, switched to."""
+    model = registry.get(name)
+    with _audited("upload", name, request) as facts:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > settings.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}"
+            )
+        body = UploadBody(request, filename)
+        staged = await model.store.receive(name, body.chunks(), settings.max_upload_bytes)
+        facts["sha256"] = staged.sha256
+        outcome = await model.upload(staged, body.filename, sha256 or x_content_sha256, activate)
+        facts["version"] = outcome.record.id
+        facts["outcome"] = "created" if outcome.created else "existing"
+    answer = UploadResponse(
+        **VersionInfo.of(model, outcome.record).model_dump(), model=name, created=outcome.created
+    )
+    return Response(
+        answer.model_dump_json(), 201 if outcome.created else 200, media_type="application/json"
+    )
+
+
+@router.get(
+    "/versions",
+    summary="List the versions of a model",
+    dependencies=[ApiDep],
+    responses=_errors(),
+)
+async def list_versions(name: ModelName, registry: RegistryDep) -> VersionList:
+    """The bundled weights and every stored version, oldest first, with which one serves."""
+    model = registry.get(name)
+    runtime, previous = model.runtime, model.previous
+    return VersionList(
+        model=name,
+        active=runtime.version if runtime else None,
+        previous=previous.version if previous else None,
+        versions=[VersionInfo.of(model, record) for record in model.versions()],
+    )
+
+
+@router.post(
+    "/versions/{version}/activate",
+    summary="Serve a stored version",
+    dependencies=[AdminDep],
+    responses=_errors(422),
+)
+async def activate_version(
+    name: ModelName, version: VersionId, request: Request, registry: RegistryDep
+) -> VersionInfo:
+    """Build and smoke-test the version beside the serving one, then switch to it."""
+    model = registry.get(name)
+    with _audited("activate", name, request) as facts:
+        facts["version"] = version
+        record = await model.activate(version)
+        facts["sha256"] = record.sha256
+    return VersionInfo.of(model, record)
+
+
+@router.post(
+    "/rollback",
+    summary="Switch back to the previously active version",
+    dependencies=[AdminDep],
+    responses=_errors(409),
+)
+async def rollback_version(name: ModelName, request: Request, registry: RegistryDep) -> VersionInfo:
+    """Instant: the previous version is kept loaded."""
+    model = registry.get(name)
+    with _audited("rollback", name, request) as facts:
+        record = await model.rollback()
+        facts |= {"version": record.id, "sha256": record.sha256}
+    return VersionInfo.of(model, record)
+
+
+@router.delete(
+    "/versions/{version}",
+    summary="Delete a version that is not active",
+    dependencies=[AdminDep],
+    status_code=204,
+    responses=_errors(409),
+)
+async def delete_version(
+    name: ModelName, version: VersionId, request: Request, registry: RegistryDep
+) -> Response:
+    """Remove a stored version's file and record; the active one and the bundled weights stay."""
+    model = registry.get(name)
+    with _audited("delete", name, request) as facts:
+        facts["version"] = version
+        await model.delete(version)
+    return Response(status_code=204)
