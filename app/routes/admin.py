@@ -66,6 +66,7 @@ def _audited(action: str, model: str, request: Request) -> Iterator[dict[str, st
     summary="Upload new weights (validated, stored as a version, activated by default)",
     dependencies=[AdminDep],
     status_code=201,
+    response_model=UploadResponse,
     responses={
         200: {"model": UploadResponse, "description": "Identical bytes: the existing version"},
         **_errors(400, 409, 413, 422),
