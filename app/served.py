@@ -99,33 +99,27 @@ class ServedModel:
             self.bundled = self._bundled_record()
         except WeightsError as exc:
             self.error = f"{self.config.weights.name}: {exc.message}"
-        try:
-            recorded = self.store.read_active(self.name)
-        except StoreCorrupt as exc:
-            recorded = None
-            self.fallback = exc.message
-            logger.error("model %s: %s; falling back", self.name, exc.message)
-        wanted = recorded.version if recorded else self._bundled_id()
+        recorded = self._read_active()
+        # An unreadable record names nothing: the newest valid stored version comes first.
+        wanted = recorded.version if recorded else None if self.fallback else self._bundled_id()
         for candidate in self._startup_candidates(wanted):
             try:
                 self.runtime = self._build(candidate)
             except (WeightsError, VersionNotFound) as exc:
-                reason = f"version {candidate}: {exc.message}"
-                self.error = reason
+                self.error = f"version {candidate}: {exc.message}"
+                logger.error("model %s cannot serve %s", self.name, self.error)
                 if candidate == wanted and recorded is not None:
-                    self.fallback = f"recorded active {reason}"
-                logger.error("model %s cannot serve %s", self.name, reason)
+                    self.fallback = f"recorded active {self.error}"
                 continue
             self.error = None
             break
         if self.runtime is None:
             return
-        if self.runtime.version != wanted:
+        if self.fallback:
             logger.error(
-                "model %s serves version %s INSTEAD OF the recorded active %s: %s",
+                "model %s serves version %s INSTEAD OF the recorded active one: %s",
                 self.name,
                 self.runtime.version,
-                wanted,
                 self.fallback,
             )
         elif recorded is not None and recorded.previous and recorded.previous != wanted:
@@ -133,6 +127,14 @@ class ServedModel:
         logger.info(
             "model %s serving version %s on %s", self.name, self.runtime.version, self.device
         )
+
+    def _read_active(self) -> ActiveRecord | None:
+        try:
+            return self.store.read_active(self.name)
+        except StoreCorrupt as exc:
+            self.fallback = exc.message
+            logger.error("model %s: %s; falling back", self.name, exc.message)
+            return None
 
     def _bundled_record(self) -> VersionRecord:
         path = self.config.weights
