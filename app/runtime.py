@@ -60,8 +60,11 @@ class ModelRuntime:
         return output.cpu()
 
     def predict(self, batch: np.ndarray) -> list[Any]:
-        """Forward, then one JSON-ready output per sample (the registered postprocess, or lists)."""
-        output = self.forward(batch)
+        """Forward, then one JSON-ready output per sample."""
+        return self.postprocess(self.forward(batch))
+
+    def postprocess(self, output: torch.Tensor) -> list[Any]:
+        """One JSON-ready value per sample: the registered postprocess, or nested lists."""
         if self.spec.postprocess is not None:
             return self.spec.postprocess(output)
         result: list[Any] = output.tolist()

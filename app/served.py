@@ -62,6 +62,8 @@ class ServedModel:
     """Why this replica serves another version than the recorded active one."""
     bundled: VersionRecord | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    on_demand_cache: int = 2
+    _on_demand: list[ModelRuntime] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -83,11 +85,35 @@ class ServedModel:
         return runtime
 
     async def predict(self, batch: np.ndarray) -> tuple[ModelRuntime, list[Any]]:
-        """Run a checked batch on the inference thread; returns the runtime that served it."""
+        """Run a checked batch on the inference thread; returns the runtime that served it and
+        one JSON-ready output per sample."""
         runtime = self.active()  # read once: the whole request runs on this version
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self.executor, runtime.predict, batch)
         return runtime, outputs
+
+    async def infer(
+        self, batch: np.ndarray, version: str | None = None
+    ) -> tuple[ModelRuntime, torch.Tensor]:
+        """Run a checked batch on the inference thread; returns the runtime that served it and
+        the raw output batch on the CPU. ``version`` picks a stored version instead of the
+        active one (see :meth:`runtime_for`)."""
+        runtime = self.active() if version is None else await self.runtime_for(version)
+        loop = asyncio.get_running_loop()
+        output = await loop.run_in_executor(self.executor, runtime.forward, batch)
+        return runtime, output
+
+    async def runtime_for(self, version: str) -> ModelRuntime:
+        """A runtime serving ``version``: the active or previous one if it is either, else the
+        stored version loaded on demand and kept (the last ``on_demand_cache`` of them)."""
+        for runtime in (self.runtime, self.previous, *self._on_demand):
+            if runtime is not None and runtime.version == version:
+                return runtime
+        async with self.lock:
+            self.record(version)  # VersionNotFound for an unknown id
+            runtime = await asyncio.to_thread(self._build, version)
+            self._on_demand = [runtime, *self._on_demand][: self.on_demand_cache]
+            return runtime
 
     # --- startup -------------------------------------------------------------------------
 
