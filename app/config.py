@@ -104,7 +104,7 @@ class ServedModelConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not DEVICE_PATTERN.match(value):
+        if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"unknown device {value!r} (use cpu, cuda, cuda:N, mps or auto)")
         return value
 

@@ -238,7 +238,7 @@ class ServedModel:
         self,
         staged: StagedUpload,
         filename: str | None,
-        expected_sha256: str | None,
+        expected_sha256: list[str],
         activate: bool,
     ) -> UploadOutcome:
         """Validate staged bytes beside the serving version, store them, maybe activate them."""
@@ -249,12 +249,13 @@ class ServedModel:
                 staged.discard()  # a no-op once committed: the bytes were renamed away
 
     async def _upload(
-        self, staged: StagedUpload, filename: str | None, expected: str | None, activate: bool
+        self, staged: StagedUpload, filename: str | None, expected: list[str], activate: bool
     ) -> UploadOutcome:
-        if expected is not None and expected.lower() != staged.sha256:
-            raise DigestMismatch(
-                f"the body's sha256 is {staged.sha256}, not the expected {expected.lower()}"
-            )
+        for digest in expected:
+            if digest.lower() != staged.sha256:
+                raise DigestMismatch(
+                    f"the body's sha256 is {staged.sha256}, not the expected {digest.lower()}"
+                )
         version = version_id(staged.sha256)
         existing = self._existing(version)
         if existing is not None:

@@ -38,7 +38,7 @@ def version_id(sha256: str) -> str:
 
 def check_version_id(version: str) -> str:
     """Return ``version`` if it matches the strict id pattern, else BadRequest."""
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise BadRequest(f"invalid version id {version!r}: expected 12 lowercase hex digits")
     return version
 
@@ -107,7 +107,7 @@ class WeightStore:
         self.root = root
 
     def _model_dir(self, name: str) -> Path:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise BadRequest(f"invalid model name {name!r}")
         return self.root / name
 

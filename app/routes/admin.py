@@ -112,7 +112,8 @@ async def upload_weights(
         body = UploadBody(request, filename)
         staged = await model.store.receive(name, body.chunks(), settings.max_upload_bytes)
         facts["sha256"] = staged.sha256
-        outcome = await model.upload(staged, body.filename, sha256 or x_content_sha256, activate)
+        expected = [digest for digest in (sha256, x_content_sha256) if digest]
+        outcome = await model.upload(staged, body.filename, expected, activate)
         facts["version"] = outcome.record.id
         facts["outcome"] = "created" if outcome.created else "existing"
     answer = UploadResponse(
