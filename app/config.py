@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     """Server processes; each loads every model once."""
 
     torch_threads: int | None = Field(default=None, ge=1, le=256)
-    """Intra-op threads for each model's inference thread; unset keeps torch's default."""
+    """Intra-op threads of each model's inference thread; unset: the cores divided by the
+    workers (at least 1)."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest predict request body accepted, in bytes (413 beyond)."""
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
 
     require_finite_weights: bool = True
     """Refuse weights holding NaN or infinity."""
+
+    max_queue: int = Field(default=1024, ge=1)
+    """Requests that may wait per model; beyond, 503 with Retry-After."""
+
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """A predict request not answered by then gets 504 (dropped if its forward has not begun)."""
 
     default_model: str | None = None
     """Model that ``POST /predict`` uses when the body names none (optional with one model)."""
@@ -100,6 +107,16 @@ class ServedModelConfig(BaseModel):
     checkpoint_key: str | None = None
     """Key of a training checkpoint dict that holds the state_dict (default: look for
     ``state_dict`` / ``model_state_dict``)."""
+
+    batching: bool = True
+    """Gather concurrent requests into one forward pass."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    """Most samples in one forward pass."""
+
+    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    """Longest a batch keeps collecting after its first request (it closes at once when no
+    other request waits)."""
 
     @field_validator("device")
     @classmethod

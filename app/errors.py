@@ -121,6 +121,28 @@ class ModelUnavailable(ModelportError):
     code = "model_unavailable"
 
 
+class QueueFull(ModelportError):
+    """Too many requests wait for this model; the client should retry shortly."""
+
+    status = 503
+    code = "queue_full"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class InferenceTimeout(ModelportError):
+    """The request was not answered within the configured timeout."""
+
+    status = 504
+    code = "timeout"
+
+
+class InferenceFailed(ModelportError):
+    """The model's forward raised on inputs that passed the shape and dtype checks."""
+
+    status = 422
+    code = "inference_failed"
+
+
 class WeightsError(ModelportError):
     """A weights file was refused; nothing from it serves."""
 

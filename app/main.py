@@ -29,6 +29,7 @@ and what was received."""
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry: ModelRegistry = app.state.registry
     await asyncio.to_thread(registry.load_all)
+    registry.start()
     try:
         yield
     finally:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections.abc import Iterator
 
 import torch
 
+from app.batching import BatchPolicy
 from app.catalog import ModelSpec, discover, get_spec, registered_names
 from app.config import ServedModelConfig, Settings
 from app.errors import ConfigError, InvalidInput, ModelNotFound
@@ -50,23 +51,22 @@ class ModelRegistry:
         """
         discover()
         store = _open_store(settings)
-        threads = settings.torch_threads
+        # Default: share the cores between the worker processes, one model thread each.
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         models = []
         for config in configs:
             spec, device = _check_entry(config)
-            executor = ThreadPoolExecutor(
-                1, thread_name_prefix=f"infer-{config.name}", initializer=_thread_setup(threads)
-            )
             models.append(
                 ServedModel(
                     config,
                     spec,
                     device,
-                    executor,
                     store,
+                    _policy(config, settings),
                     kwargs=spec.constructor_kwargs(config.kwargs),
                     require_finite=settings.require_finite_weights,
                     keep_versions=settings.keep_versions,
+                    torch_threads=threads,
                 )
             )
         default = settings.default_model
@@ -105,10 +105,15 @@ class ModelRegistry:
         """Models that cannot serve now, with the reason."""
         return {m.name: m.error or "not loaded" for m in self if m.runtime is None}
 
-    def close(self) -> None:
-        """Stop the inference threads after their current work."""
+    def start(self) -> None:
+        """Start every model's inference thread."""
         for model in self:
-            model.executor.shutdown(wait=True, cancel_futures=True)
+            model.batcher.start()
+
+    def close(self) -> None:
+        """Stop the inference threads after their current batch."""
+        for model in self:
+            model.batcher.stop()
 
 
 def _open_store(settings: Settings) -> WeightStore:
@@ -121,11 +126,13 @@ def _open_store(settings: Settings) -> WeightStore:
     return WeightStore(settings.store_dir)
 
 
-def _thread_setup(threads: int | None) -> Callable[[], None] | None:
-    """Torch's thread count is per thread: set it inside the inference thread itself."""
-    if threads is None:
-        return None
-    return lambda: torch.set_num_threads(threads)
+def _policy(config: ServedModelConfig, settings: Settings) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch_size=config.max_batch_size if config.batching else 1,
+        max_batch_delay_s=config.max_batch_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        timeout_s=settings.request_timeout_s,
+    )
 
 
 def _check_entry(config: ServedModelConfig) -> tuple[ModelSpec, torch.device]:

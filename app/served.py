@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.batching import BatchPolicy, DynamicBatcher
 from app.catalog import ModelSpec
 from app.config import ServedModelConfig
 from app.errors import (
@@ -48,8 +48,8 @@ class ServedModel:
     config: ServedModelConfig
     spec: ModelSpec
     device: torch.device
-    executor: ThreadPoolExecutor
     store: WeightStore
+    batching: BatchPolicy
     kwargs: dict[str, Any] = field(default_factory=dict)
     require_finite: bool = True
     keep_versions: int = 10
@@ -62,8 +62,13 @@ class ServedModel:
     """Why this replica serves another version than the recorded active one."""
     bundled: VersionRecord | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    torch_threads: int | None = None
     on_demand_cache: int = 2
     _on_demand: list[ModelRuntime] = field(default_factory=list)
+    batcher: DynamicBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batcher = DynamicBatcher(self.name, self.active, self.batching, self.torch_threads)
 
     @property
     def name(self) -> str:
@@ -85,11 +90,10 @@ class ServedModel:
         return runtime
 
     async def predict(self, batch: np.ndarray) -> tuple[ModelRuntime, list[Any]]:
-        """Run a checked batch on the inference thread; returns the runtime that served it and
-        one JSON-ready output per sample."""
-        runtime = self.active()  # read once: the whole request runs on this version
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self.executor, runtime.predict, batch)
+        """Run a checked batch through the batcher on the active version; returns the runtime
+        that served it and one JSON-ready output per sample."""
+        self.active()  # fail fast, before queueing, when no version can serve
+        runtime, outputs = await self.batcher.submit(batch)
         return runtime, outputs
 
     async def infer(
@@ -98,9 +102,10 @@ class ServedModel:
         """Run a checked batch on the inference thread; returns the runtime that served it and
         the raw output batch on the CPU. ``version`` picks a stored version instead of the
         active one (see :meth:`runtime_for`)."""
-        runtime = self.active() if version is None else await self.runtime_for(version)
-        loop = asyncio.get_running_loop()
-        output = await loop.run_in_executor(self.executor, runtime.forward, batch)
+        pinned = None if version is None else await self.runtime_for(version)
+        if pinned is None:
+            self.active()  # fail fast, before queueing, when no version can serve
+        runtime, output = await self.batcher.submit(batch, runtime=pinned, postprocess=False)
         return runtime, output
 
     async def runtime_for(self, version: str) -> ModelRuntime:

@@ -1,0 +1,238 @@
+"""DynamicBatcher: one inference thread per model gathering concurrent requests into one forward.
+
+The event loop only validates, enqueues and awaits; the thread takes the next batch the moment
+it is free (so the next batch is collected while the current one computes), runs it, and hands
+each request its own rows back through its future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.errors import InferenceFailed, InferenceTimeout, ModelportError, QueueFull
+from app.runtime import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+Result = tuple[ModelRuntime, Any]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When a batch closes, and how much may wait."""
+
+    max_batch_size: int = 32
+    """Samples per forward; 1 turns batching off."""
+    max_batch_delay_s: float = 0.002
+    """Longest a batch keeps collecting once it has its first request."""
+    max_queue: int = 1024
+    """Requests that may wait; beyond, 503 with Retry-After."""
+    timeout_s: float = 30.0
+    """A request not answered by then gets 504; if its forward has not started it is dropped."""
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: np.ndarray
+    runtime: ModelRuntime | None  # a pinned version; None: whichever is active when it runs
+    postprocess: bool
+    future: asyncio.Future[Result]
+    loop: asyncio.AbstractEventLoop
+    cancelled: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class _Batch:
+    runtime: ModelRuntime
+    requests: list[_Request] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(request.size for request in self.requests)
+
+
+class DynamicBatcher:
+    """Gathers requests for one model into batches run on its dedicated inference thread."""
+
+    def __init__(
+        self,
+        name: str,
+        active: Callable[[], ModelRuntime],
+        policy: BatchPolicy,
+        torch_threads: int | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._active = active
+        self._torch_threads = torch_threads
+        self._queue: deque[_Request] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=f"infer-{name}", daemon=True)
+        self.batches = 0
+        self.samples = 0
+
+    def start(self) -> None:
+        """Start the inference thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the batch in progress, fail what still waits, and end the thread."""
+        with self._ready:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._ready.notify()
+        for request in waiting:
+            _resolve(request, error=QueueFull(f"model {self.name!r} is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._queue)
+
+    async def submit(
+        self, inputs: np.ndarray, *, runtime: ModelRuntime | None = None, postprocess: bool = True
+    ) -> Result:
+        """Queue a checked input batch; returns the runtime that served it and its outputs
+        (one JSON-ready value per sample, or the raw output rows with ``postprocess=False``)."""
+        loop = asyncio.get_running_loop()
+        request = _Request(inputs, runtime, postprocess, loop.create_future(), loop)
+        with self._ready:
+            if self._stopping:
+                raise QueueFull(f"model {self.name!r} is shutting down")
+            if len(self._queue) >= self.policy.max_queue:
+                raise QueueFull(
+                    f"model {self.name!r} has {len(self._queue)} requests waiting; retry shortly"
+                )
+            self._queue.append(request)
+            self._ready.notify()
+        try:
+            return await asyncio.wait_for(asyncio.shield(request.future), self.policy.timeout_s)
+        except TimeoutError:
+            request.cancelled = True  # the thread drops it unless its forward already started
+            raise InferenceTimeout(
+                f"model {self.name!r} did not answer within {self.policy.timeout_s:g} s"
+            ) from None
+
+    # --- the inference thread ------------------------------------------------------------
+
+    def _work(self) -> None:
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)  # per thread: must be set in this one
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> _Batch | None:
+        """Wait for a request, then take what is waiting: up to max_batch_size samples of one
+        version, closing early when nothing else waits or once the delay has passed."""
+        with self._ready:
+            batch = None
+            while batch is None:
+                while not self._queue and not self._stopping:
+                    self._ready.wait()
+                if self._stopping:
+                    return None
+                batch = self._open(self._queue.popleft())
+            deadline = time.monotonic() + self.policy.max_batch_delay_s
+            while self._queue and time.monotonic() < deadline:
+                candidate = self._queue[0]
+                if candidate.cancelled:
+                    self._queue.popleft()  # timed out before its forward: dropped
+                    continue
+                if (candidate.runtime or batch.runtime) is not batch.runtime:
+                    break  # another version: it starts the next batch
+                if batch.size + candidate.size > self.policy.max_batch_size:
+                    break
+                batch.requests.append(self._queue.popleft())
+            return batch
+
+    def _open(self, first: _Request) -> _Batch | None:
+        """A batch around its first request, on the version that serves it; None if the
+        request timed out already or no version can serve."""
+        if first.cancelled:
+            return None
+        try:
+            runtime = first.runtime or self._active()
+        except ModelportError as exc:
+            _resolve(first, error=exc)
+            return None
+        return _Batch(runtime, [first])
+
+    def _run(self, batch: _Batch) -> None:
+        try:
+            self._forward(batch.runtime, batch.requests)
+        except Exception:
+            # one request's inputs may break the model: retry each alone so only it fails
+            for request in batch.requests:
+                self._forward(batch.runtime, [request])
+
+    def _forward(self, runtime: ModelRuntime, requests: list[_Request]) -> None:
+        """Run the requests as one forward; a single request's failure is its answer, a
+        batch's failure is raised for :meth:`_run` to split."""
+        inputs = (
+            requests[0].inputs
+            if len(requests) == 1
+            else np.concatenate([request.inputs for request in requests])
+        )
+        try:
+            output = runtime.forward(inputs)
+        except Exception as exc:
+            if len(requests) > 1:
+                raise
+            logger.warning("model %s: forward failed: %s: %s", self.name, type(exc).__name__, exc)
+            _resolve(requests[0], error=InferenceFailed(_failure(exc)))
+            return
+        self.batches += 1
+        self.samples += len(inputs)
+        offset = 0
+        for request in requests:
+            rows = output[offset : offset + request.size]
+            offset += request.size
+            try:
+                value: Any = runtime.postprocess(rows) if request.postprocess else rows
+            except Exception as exc:
+                _resolve(request, error=InferenceFailed(f"postprocess failed: {_failure(exc)}"))
+                continue
+            _resolve(request, result=(runtime, value))
+
+
+def _failure(exc: BaseException) -> str:
+    return f"the model failed on this input: {type(exc).__name__}: {exc}"
+
+
+def _resolve(
+    request: _Request, *, result: Result | None = None, error: ModelportError | None = None
+) -> None:
+    """Complete a request's future from any thread."""
+
+    def complete() -> None:
+        if request.future.done() or request.cancelled:
+            return  # a timed-out request's answer goes nowhere
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)  # type: ignore[arg-type]
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        request.loop.call_soon_threadsafe(complete)
