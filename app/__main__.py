@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-import uvicorn
-
+from app import server
 from app.errors import ConfigError
+from app.logs import configure_logging
 from app.main import create_app, load_settings
 
 
@@ -26,7 +26,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the settings and config, then run uvicorn with the app factory."""
+    """Check the settings and config, then serve them."""
     args = _parse_args(argv)
     # Worker processes build their app from the environment, so flags travel there.
     for name, value in vars(args).items():
@@ -38,15 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"modelport: config error: {exc.message}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-    )
-    return 0
+    configure_logging(settings.log_level, settings.log_format)
+    return server.run(settings)
 
 
 if __name__ == "__main__":

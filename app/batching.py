@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from app.errors import InferenceFailed, InferenceTimeout, ModelportError, QueueFull
+from app.metrics import Metrics
 from app.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class _Request:
     postprocess: bool
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
     @property
@@ -74,18 +76,21 @@ class DynamicBatcher:
         name: str,
         active: Callable[[], ModelRuntime],
         policy: BatchPolicy,
+        metrics: Metrics,
         torch_threads: int | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
+        self.metrics = metrics
+        self._depth = metrics.queue_depth.labels(name)
+        self._waited = metrics.queue_wait_seconds.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
         self._active = active
         self._torch_threads = torch_threads
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name=f"infer-{name}", daemon=True)
-        self.batches = 0
-        self.samples = 0
 
     def start(self) -> None:
         """Start the inference thread."""
@@ -97,6 +102,7 @@ class DynamicBatcher:
             self._stopping = True
             waiting = list(self._queue)
             self._queue.clear()
+            self._depth.dec(len(waiting))
             self._ready.notify()
         for request in waiting:
             _resolve(request, error=QueueFull(f"model {self.name!r} is shutting down"))
@@ -123,6 +129,7 @@ class DynamicBatcher:
                     f"model {self.name!r} has {len(self._queue)} requests waiting; retry shortly"
                 )
             self._queue.append(request)
+            self._depth.inc()
             self._ready.notify()
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), self.policy.timeout_s)
@@ -153,19 +160,26 @@ class DynamicBatcher:
                     self._ready.wait()
                 if self._stopping:
                     return None
-                batch = self._open(self._queue.popleft())
+                batch = self._open(self._take())
             deadline = time.monotonic() + self.policy.max_batch_delay_s
             while self._queue and time.monotonic() < deadline:
                 candidate = self._queue[0]
                 if candidate.cancelled:
-                    self._queue.popleft()  # timed out before its forward: dropped
+                    self._take()  # timed out before its forward: dropped
                     continue
                 if (candidate.runtime or batch.runtime) is not batch.runtime:
                     break  # another version: it starts the next batch
                 if batch.size + candidate.size > self.policy.max_batch_size:
                     break
-                batch.requests.append(self._queue.popleft())
-            return batch
+                batch.requests.append(self._take())
+        now = time.perf_counter()
+        for request in batch.requests:
+            self._waited.observe(now - request.enqueued)
+        return batch
+
+    def _take(self) -> _Request:
+        self._depth.dec()
+        return self._queue.popleft()
 
     def _open(self, first: _Request) -> _Batch | None:
         """A batch around its first request, on the version that serves it; None if the
@@ -190,6 +204,7 @@ class DynamicBatcher:
     def _forward(self, runtime: ModelRuntime, requests: list[_Request]) -> None:
         """Run the requests as one forward; a single request's failure is its answer, a
         batch's failure is raised for :meth:`_run` to split."""
+        started = time.perf_counter()
         inputs = (
             requests[0].inputs
             if len(requests) == 1
@@ -203,8 +218,7 @@ class DynamicBatcher:
             logger.warning("model %s: forward failed: %s: %s", self.name, type(exc).__name__, exc)
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
-        self.batches += 1
-        self.samples += len(inputs)
+        self._batch_size.observe(len(inputs))
         offset = 0
         for request in requests:
             rows = output[offset : offset + request.size]
@@ -215,6 +229,8 @@ class DynamicBatcher:
                 _resolve(request, error=InferenceFailed(f"postprocess failed: {_failure(exc)}"))
                 continue
             _resolve(request, result=(runtime, value))
+        compute = self.metrics.compute_seconds.labels(self.name, runtime.version)
+        compute.observe(time.perf_counter() - started)
 
 
 def _failure(exc: BaseException) -> str:

@@ -6,11 +6,14 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 Shape = tuple[int, ...]
 ShapeRule = Shape | Callable[[Mapping[str, Any]], Shape]
@@ -21,6 +24,10 @@ Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
 Postprocess = Callable[[torch.Tensor], list[Any]]
 """Turns a CPU output batch into one JSON-ready value per sample."""
+
+ImageToInput = Callable[["Image"], Any]
+"""Turns a decoded image (a PIL image, any mode or size) into one input sample (nested lists),
+so that clients such as ``modelport predict --input photo.png`` can feed image models."""
 
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
@@ -66,6 +73,7 @@ class ModelSpec:
     allow_non_finite_input: bool = False
     description: str = ""
     acceptance: AcceptanceCheck | None = None
+    image_to_input: ImageToInput | None = None
 
     @property
     def qualname(self) -> str:
@@ -111,11 +119,13 @@ def register(
     allow_non_finite_input: bool = False,
     description: str = "",
     acceptance: AcceptanceCheck | None = None,
+    image_to_input: ImageToInput | None = None,
 ) -> Callable[[ModuleT], ModuleT]:
     """Register an ``nn.Module`` class under ``name`` so a config can serve it.
 
     ``input_shape`` is per sample (no batch dimension). ``acceptance``, when given, must pass
-    before uploaded weights may serve. Registering a second class under a name already taken
+    before uploaded weights may serve. ``image_to_input`` turns an image into one sample for
+    clients that send pictures. Registering a second class under a name already taken
     raises :class:`DuplicateRegistration` at import time.
     """
 
@@ -133,6 +143,7 @@ def register(
             allow_non_finite_input=allow_non_finite_input,
             description=description or (cls.__doc__ or "").strip().split("\n")[0],
             acceptance=acceptance,
+            image_to_input=image_to_input,
         )
         existing = _CATALOG.get(name)
         if existing is not None and existing.qualname != spec.qualname:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +79,20 @@ class Settings(BaseSettings):
 
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug)$")
     """Logging level of the service and uvicorn."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``text``: human-readable lines; ``json``: one JSON object per line."""
+
+    access_log: bool = True
+    """One log line per request (method, path, status, latency, client), health and metrics
+    excluded."""
+
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight requests (queued ones included) may take to finish."""
+
+    sync_interval_s: float = Field(default=2.0, ge=0)
+    """How often each replica reads the store's active-version records and follows a version
+    activated (or rolled back) by another replica; 0 turns this off."""
 
 
 class ServedModelConfig(BaseModel):

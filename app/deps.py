@@ -39,12 +39,14 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
-    if credentials is not None and credentials.credentials:
-        return credentials.credentials
-    if "authorization" in request.headers:
+def bearer_token(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header; Unauthorized otherwise."""
+    if header is None:
+        raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
-    raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
+    return token.strip()
 
 
 def _matches(token: str, secret: SecretStr | None) -> bool:
@@ -54,7 +56,7 @@ def _matches(token: str, secret: SecretStr | None) -> bool:
     return hmac.compare_digest(token.encode(), secret.get_secret_value().encode())
 
 
-def require_admin(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
+def require_admin(request: Request, settings: SettingsDep, _: Credentials) -> None:
     """Management needs the admin token; with none configured it is disabled. Refusals are
     audited like every other management outcome."""
     try:
@@ -63,7 +65,7 @@ def require_admin(request: Request, settings: SettingsDep, credentials: Credenti
                 "management endpoints are disabled: start the service with MODELPORT_ADMIN_TOKEN "
                 "set to a secret of 32+ characters to enable them"
             )
-        if not _matches(_token(request, credentials), settings.admin_token):
+        if not _matches(bearer_token(request.headers.get("authorization")), settings.admin_token):
             raise Forbidden("the admin token is wrong")
     except ModelportError as exc:
         audit.warning(
@@ -76,11 +78,16 @@ def require_admin(request: Request, settings: SettingsDep, credentials: Credenti
         raise
 
 
-def require_api(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
+def require_api(request: Request, settings: SettingsDep, _: Credentials) -> None:
     """Prediction and metadata are open unless MODELPORT_API_TOKEN is set."""
+    authorize_api(request.headers.get("authorization"), settings)
+
+
+def authorize_api(header: str | None, settings: Settings) -> None:
+    """Accept the API token or the admin token when MODELPORT_API_TOKEN is set."""
     if settings.api_token is None:
         return
-    token = _token(request, credentials)
+    token = bearer_token(header)
     if not (_matches(token, settings.api_token) or _matches(token, settings.admin_token)):
         raise Forbidden("the API token is wrong")
 

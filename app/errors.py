@@ -107,6 +107,21 @@ class PayloadTooLarge(ModelportError):
     code = "payload_too_large"
 
 
+class MethodNotAllowed(ModelportError):
+    """The path exists but not for this method."""
+
+    status = 405
+    code = "method_not_allowed"
+    headers: ClassVar[dict[str, str]] = {"Allow": "POST"}
+
+
+class UnsupportedMediaType(ModelportError):
+    """The body's Content-Type is not one the endpoint reads."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class InvalidInput(ModelportError):
     """The inputs do not fit the model: shape, dtype, values or count."""
 

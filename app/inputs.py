@@ -54,17 +54,31 @@ def to_batch(
     """
     if not isinstance(inputs, list):
         raise InvalidInput(f"'inputs' must be a list of samples; received {type(inputs).__name__}")
-    if not inputs:
-        raise InvalidInput("'inputs' is empty; send at least one sample")
-    if max_samples is not None and len(inputs) > max_samples:
-        raise InvalidInput(f"too many samples: received {len(inputs)}, the limit is {max_samples}")
-    expected = f"{len(inputs)} sample(s) of shape {list(sample_shape)} ({dtype_name(dtype)})"
+    _check_count(len(inputs), max_samples)
     try:
         array = np.asarray(inputs)
     except (ValueError, OverflowError, TypeError):
+        expected = _expected(len(inputs), sample_shape, dtype)
         raise InvalidInput(
             f"samples are ragged or malformed; expected {expected}", {"expected": expected}
         ) from None
+    return check_array(array, sample_shape, dtype, allow_non_finite=allow_non_finite)
+
+
+def check_array(
+    array: np.ndarray,
+    sample_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    max_samples: int | None = None,
+    allow_non_finite: bool = False,
+) -> np.ndarray:
+    """Check an input array whose first dimension is the batch; returns it C-contiguous in
+    the model's dtype, or raises InvalidInput saying what was expected and what was received."""
+    if array.ndim == 0:
+        raise InvalidInput("the inputs are a scalar; send a batch of samples")
+    _check_count(len(array), max_samples)
+    expected = _expected(len(array), sample_shape, dtype)
     _check_kind(array, dtype)
     if array.shape[1:] != sample_shape:
         raise InvalidInput(
@@ -82,6 +96,17 @@ def to_batch(
             "this model accepts finite numbers only"
         )
     return batch
+
+
+def _check_count(count: int, max_samples: int | None) -> None:
+    if count == 0:
+        raise InvalidInput("'inputs' is empty; send at least one sample")
+    if max_samples is not None and count > max_samples:
+        raise InvalidInput(f"too many samples: received {count}, the limit is {max_samples}")
+
+
+def _expected(count: int, sample_shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    return f"{count} sample(s) of shape {list(sample_shape)} ({dtype_name(dtype)})"
 
 
 def _check_kind(array: np.ndarray, dtype: torch.dtype) -> None:

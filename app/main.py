@@ -7,15 +7,22 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
 
 from app.config import Settings, load_service_config, settings_error_line
 from app.errors import ConfigError, install_error_handlers
+from app.fastpath import PredictEndpoint
+from app.lifecycle import ShutdownGate
+from app.logs import configure_logging
+from app.metrics import Metrics
+from app.middleware import RequestObserver
 from app.registry import ModelRegistry
-from app.routes import admin, health, models
-from app.routes.predict import predict_router
+from app.routes import admin, health, models, v2
+from app.routes.predict import add_predict_paths
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +35,17 @@ and what was received."""
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry: ModelRegistry = app.state.registry
+    settings: Settings = app.state.settings
     await asyncio.to_thread(registry.load_all)
     registry.start()
+    follower = None
+    if settings.sync_interval_s > 0:
+        follower = asyncio.create_task(registry.follow_store(settings.sync_interval_s))
     try:
         yield
     finally:
+        if follower is not None:
+            follower.cancel()
         registry.close()
 
 
@@ -44,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     if settings is None:
         return _create_app_or_exit()
-    registry = ModelRegistry.from_settings(settings, load_service_config(settings.config))
+    metrics = Metrics(lambda: registry.active_versions())
+    registry = ModelRegistry.from_settings(settings, load_service_config(settings.config), metrics)
     app = FastAPI(
         title="modelport",
         version="0.1.0",
@@ -53,12 +67,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(health.metrics_router)
     app.include_router(models.router)
     app.include_router(admin.router)
-    app.include_router(predict_router({m.name: m.spec.example(m.kwargs) for m in registry}))
+    app.include_router(v2.router)
+    app.add_middleware(PredictEndpoint)
+    app.add_middleware(ShutdownGate)
+    app.add_middleware(RequestObserver, metrics=metrics, access_log=settings.access_log)
+    _document_predict(app, {m.name: m.spec.example(m.kwargs) for m in registry})
     return app
+
+
+def _document_predict(app: FastAPI, examples: dict[str, Any]) -> None:
+    """Generate the OpenAPI document with the predict endpoints the middleware serves."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            add_predict_paths(schema, examples)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def load_settings() -> Settings:
@@ -69,17 +107,10 @@ def load_settings() -> Settings:
         raise ConfigError(settings_error_line(exc)) from None
 
 
-def configure_logging(level: str) -> None:
-    """Plain one-line log records for the service's own loggers."""
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def _create_app_or_exit() -> FastAPI:
     try:
         settings = load_settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         return create_app(settings)
     except ConfigError as exc:
         print(f"modelport: config error: {exc.message}", file=sys.stderr)

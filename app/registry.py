@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from app.batching import BatchPolicy
 from app.catalog import ModelSpec, discover, get_spec, registered_names
 from app.config import ServedModelConfig, Settings
 from app.errors import ConfigError, InvalidInput, ModelNotFound
+from app.metrics import Metrics
 from app.runtime import check_constructor_kwargs
 from app.served import ServedModel
 from app.store import WeightStore
@@ -44,7 +46,9 @@ class ModelRegistry:
         self._default = default_model
 
     @classmethod
-    def from_settings(cls, settings: Settings, configs: list[ServedModelConfig]) -> ModelRegistry:
+    def from_settings(
+        cls, settings: Settings, configs: list[ServedModelConfig], metrics: Metrics
+    ) -> ModelRegistry:
         """Check every entry (class, weights file, kwargs, device) without loading weights.
 
         Raises ConfigError with one line naming the model and the problem.
@@ -63,6 +67,7 @@ class ModelRegistry:
                     device,
                     store,
                     _policy(config, settings),
+                    metrics,
                     kwargs=spec.constructor_kwargs(config.kwargs),
                     require_finite=settings.require_finite_weights,
                     keep_versions=settings.keep_versions,
@@ -101,9 +106,24 @@ class ModelRegistry:
         served = ", ".join(sorted(self._models))
         raise InvalidInput(f"several models are served ({served}); name one in 'model'")
 
+    def active_versions(self) -> list[tuple[str, str, str]]:
+        """(model, version, sha256) of every model that serves."""
+        return [
+            (m.name, m.runtime.version, m.runtime.weights.sha256)
+            for m in self
+            if m.runtime is not None
+        ]
+
     def unavailable(self) -> dict[str, str]:
         """Models that cannot serve now, with the reason."""
         return {m.name: m.error or "not loaded" for m in self if m.runtime is None}
+
+    async def follow_store(self, interval_s: float) -> None:
+        """Every ``interval_s``, follow versions activated by other replicas sharing the store."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for model in self:
+                await model.follow_store()
 
     def start(self) -> None:
         """Start every model's inference thread."""

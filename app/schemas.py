@@ -40,6 +40,7 @@ class Readiness(BaseModel):
     """Whether every configured model can serve."""
 
     ready: bool
+    draining: bool = Field(default=False, description="Shutting down: no new work accepted.")
     models: dict[str, Literal["ready", "unavailable"]]
     unavailable: dict[str, str] = Field(
         default_factory=dict, description="Models that cannot serve, with the reason."

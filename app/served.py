@@ -24,6 +24,7 @@ from app.errors import (
     VersionNotFound,
     WeightsError,
 )
+from app.metrics import Metrics
 from app.runtime import ModelRuntime, build_runtime, check_acceptance, validation_report
 from app.store import ActiveRecord, StagedUpload, VersionRecord, WeightStore, version_id
 from app.weights import inspect_file
@@ -50,6 +51,7 @@ class ServedModel:
     device: torch.device
     store: WeightStore
     batching: BatchPolicy
+    metrics: Metrics
     kwargs: dict[str, Any] = field(default_factory=dict)
     require_finite: bool = True
     keep_versions: int = 10
@@ -65,10 +67,13 @@ class ServedModel:
     torch_threads: int | None = None
     on_demand_cache: int = 2
     _on_demand: list[ModelRuntime] = field(default_factory=list)
+    _unfollowable: str | None = None
     batcher: DynamicBatcher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.batcher = DynamicBatcher(self.name, self.active, self.batching, self.torch_threads)
+        self.batcher = DynamicBatcher(
+            self.name, self.active, self.batching, self.metrics, self.torch_threads
+        )
 
     @property
     def name(self) -> str:
@@ -111,9 +116,9 @@ class ServedModel:
     async def runtime_for(self, version: str) -> ModelRuntime:
         """A runtime serving ``version``: the active or previous one if it is either, else the
         stored version loaded on demand and kept (the last ``on_demand_cache`` of them)."""
-        for runtime in (self.runtime, self.previous, *self._on_demand):
-            if runtime is not None and runtime.version == version:
-                return runtime
+        loaded = self._loaded(version)
+        if loaded is not None:
+            return loaded
         async with self.lock:
             self.record(version)  # VersionNotFound for an unknown id
             runtime = await asyncio.to_thread(self._build, version)
@@ -236,6 +241,53 @@ class ServedModel:
             require_finite=self.require_finite,
             load_device=load_device,
         )
+
+    # --- following the shared store ------------------------------------------------------
+
+    async def follow_store(self) -> None:
+        """Serve the version the store records as active when another replica changed it:
+        loaded and smoke-tested beside the serving one, then the same one-reference swap."""
+        try:
+            recorded = self.store.read_active(self.name)
+        except StoreCorrupt:
+            return  # the record is being replaced or damaged: keep serving, read it next time
+        if recorded is None or self._is_active(recorded.version):
+            return
+        if recorded.version == self._unfollowable:
+            return
+        async with self.lock:
+            if self._is_active(recorded.version):
+                return
+            runtime = self._loaded(recorded.version)
+            try:
+                if runtime is None:
+                    runtime = await asyncio.to_thread(
+                        self._build, recorded.version, load_device=CPU
+                    )
+            except (WeightsError, VersionNotFound) as exc:
+                self._unfollowable = recorded.version
+                logger.error(
+                    "model %s cannot follow the store to version %s: %s",
+                    self.name,
+                    recorded.version,
+                    exc.message,
+                )
+                return
+            current = self.runtime
+            keep_current = current is not None and current.version == recorded.previous
+            self.previous = current if keep_current else self._loaded(recorded.previous)
+            self.runtime = runtime  # the swap: one reference assignment
+            self.fallback = self.error = None
+            logger.info(
+                "model %s follows the store: now serving version %s", self.name, runtime.version
+            )
+
+    def _loaded(self, version: str | None) -> ModelRuntime | None:
+        """A runtime of ``version`` this process already holds."""
+        for runtime in (self.runtime, self.previous, *self._on_demand):
+            if runtime is not None and runtime.version == version:
+                return runtime
+        return None
 
     # --- management (each holds the model's lock) ----------------------------------------
 

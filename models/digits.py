@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from app.catalog import Acceptance, Forward, register
@@ -43,6 +44,19 @@ def to_label_and_probabilities(logits: torch.Tensor) -> list[dict[str, Any]]:
     ]
 
 
+def image_to_pixels(image: Image.Image) -> list[list[float]]:
+    """Any picture of one digit -> 8x8 pixel values 0-16, bright ink on a dark ground as in the
+    training data: transparency goes onto white, and dark ink on a light ground is inverted."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    gray = np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BOX), np.float32)
+    if gray.mean() > 127.5:  # mostly light: the ground is light and the ink dark
+        gray = 255.0 - gray
+    pixels: list[list[float]] = (gray * (PIXEL_MAX / 255.0)).round(2).tolist()
+    return pixels
+
+
 def _classes(kwargs: Mapping[str, Any]) -> tuple[int, ...]:
     return (int(kwargs["num_classes"]),)
 
@@ -65,6 +79,7 @@ def heldout_accuracy(forward: Forward) -> Acceptance:
     preprocess=to_network_input,
     postprocess=to_label_and_probabilities,
     acceptance=heldout_accuracy,
+    image_to_input=image_to_pixels,
 )
 class DigitsCNN(nn.Module):
     """Two 3x3 convolutions and two linear layers: 8x8 digit images to class logits."""

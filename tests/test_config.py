@@ -16,6 +16,7 @@ import torch
 from app.config import DEFAULT_CONFIG, Settings, load_service_config
 from app.errors import ConfigError
 from app.main import create_app, load_settings
+from app.metrics import Metrics
 from app.registry import ModelRegistry
 from tests.helpers import (
     DIGITS,
@@ -39,7 +40,8 @@ def no_modelport_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def check_config(settings: Settings) -> ModelRegistry:
     """What startup does before loading weights: read the file, check every entry."""
-    registry = ModelRegistry.from_settings(settings, load_service_config(settings.config))
+    configs = load_service_config(settings.config)
+    registry = ModelRegistry.from_settings(settings, configs, Metrics(list))
     registry.close()
     return registry
 

@@ -34,12 +34,15 @@ router = APIRouter(prefix="/v1/models/{name}", tags=["weights"])
 
 @contextmanager
 def _audited(action: str, model: str, request: Request) -> Iterator[dict[str, str]]:
-    """Log every management action: action, model, version, sha256, client, outcome."""
+    """Log and count every management action: action, model, version, sha256, client,
+    outcome (a refusal's outcome is its error code)."""
     facts: dict[str, str] = {}
     client = request.client.host if request.client else "-"
+    counter = request.app.state.metrics.management
     try:
         yield facts
     except ModelportError as exc:
+        counter.labels(model, action, f"refused:{exc.code}").inc()
         logger.warning(
             "%s model=%s version=%s sha256=%s client=%s outcome=refused:%s",
             action,
@@ -59,6 +62,7 @@ def _audited(action: str, model: str, request: Request) -> Iterator[dict[str, st
         client,
         facts.get("outcome", "ok"),
     )
+    counter.labels(model, action, facts.get("outcome", "ok")).inc()
 
 
 @router.put(

@@ -1,11 +1,13 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus scrape."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app.deps import RegistryDep
+from app.lifecycle import draining
+from app.metrics import Metrics
 from app.schemas import Liveness, Readiness
 
 router = APIRouter(prefix="/health", tags=["health"])
@@ -24,11 +26,31 @@ async def get_liveness() -> Liveness:
     responses={503: {"model": Readiness, "description": "Some model cannot serve"}},
 )
 async def get_readiness(registry: RegistryDep) -> JSONResponse:
-    """200 only when every configured model can serve; else 503 naming those that cannot."""
+    """200 only when every configured model can serve; else 503 naming those that cannot.
+    503 as well from SIGTERM on, while the process drains."""
     unavailable = registry.unavailable()
+    is_draining = draining.is_set()
     readiness = Readiness(
-        ready=not unavailable,
+        ready=not unavailable and not is_draining,
+        draining=is_draining,
         models={m.name: "unavailable" if m.name in unavailable else "ready" for m in registry},
         unavailable=unavailable,
     )
-    return JSONResponse(readiness.model_dump(), status_code=503 if unavailable else 200)
+    return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
+
+
+metrics_router = APIRouter(tags=["health"])
+
+
+@metrics_router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def get_metrics(request: Request) -> Response:
+    """Requests, latency (queue wait and compute apart), batch sizes, queue depth, the active
+    version of each model and management outcomes, in the Prometheus text format."""
+    metrics: Metrics = request.app.state.metrics
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,152 +1,132 @@
-"""Prediction: ``POST /v1/models/{name}/predict`` and ``POST /predict``.
+"""The OpenAPI description of the predict endpoints, which :mod:`app.fastpath` serves.
 
-The body is read with a byte cap and decoded with orjson + numpy rather than pydantic, which
-costs per element on large nested lists; the pydantic models only document the endpoints.
+They are not framework routes (routing and dependency injection cost more than the whole
+request on a small model), so their path items are written here from the same pydantic models.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import orjson
-from fastapi import APIRouter, Request
-from starlette.responses import Response
-
-from app.deps import ApiDep, RegistryDep, SettingsDep
-from app.errors import BadRequest, InvalidInput, PayloadTooLarge
-from app.inputs import to_batch
+from app.fastpath import VERSION_HEADER
 from app.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
-from app.served import ServedModel
+from app.tensors import DTYPE_HEADER, DTYPES, NPY, RAW, SHAPE_HEADER
 
-VERSION_HEADER = "X-Model-Version"
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    401: {"model": ErrorResponse, "description": "MODELPORT_API_TOKEN is set; no bearer token"},
-    403: {"model": ErrorResponse, "description": "Wrong bearer token"},
-    404: {"model": ErrorResponse, "description": "No model of that name"},
-    413: {"model": ErrorResponse, "description": "Body over the configured size limit"},
-    422: {"model": ErrorResponse, "description": "Inputs do not fit the model"},
-    503: {"model": ErrorResponse, "description": "The model cannot serve"},
+_REF = "#/components/schemas/{model}"
+_ERRORS = {
+    "400": "Malformed JSON, or a raw body without its shape/dtype headers",
+    "401": "MODELPORT_API_TOKEN is set and no bearer token was sent",
+    "403": "Wrong bearer token",
+    "404": "No model of that name",
+    "413": "Body over MODELPORT_MAX_BODY_BYTES",
+    "415": "A Content-Type other than JSON, raw tensor bytes or .npy",
+    "422": "Inputs do not fit the model (shape, dtype, values, count)",
+    "503": "The model cannot serve, or its queue is full (Retry-After)",
+    "504": "Not answered within MODELPORT_REQUEST_TIMEOUT_S",
 }
-_OK: dict[int | str, dict[str, Any]] = {
-    200: {
-        "model": PredictResponse,
-        "headers": {
-            VERSION_HEADER: {
-                "description": "Version that served the request",
-                "schema": {"type": "string"},
-            }
-        },
+_TENSOR_HEADERS = {
+    SHAPE_HEADER: {"description": "Comma-separated shape, e.g. 2,10", "schema": {"type": "string"}},
+    DTYPE_HEADER: {
+        "description": f"One of {', '.join(DTYPES)}",
+        "schema": {"type": "string", "enum": DTYPES},
+    },
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def add_predict_paths(schema: dict[str, Any], examples: dict[str, Any]) -> None:
+    """Add ``POST /v1/models/{name}/predict`` and ``POST /predict`` to an OpenAPI document,
+    with one example body per served model."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ModelPredictRequest, PredictRequest, PredictResponse, ErrorResponse):
+        model_schema = model.model_json_schema(ref_template=_REF)
+        components.update(model_schema.pop("$defs", {}))
+        components[model.__name__] = model_schema
+    per_model = {n: {"value": {"inputs": [x]}} for n, x in examples.items()}
+    named = {n: {"value": {"model": n, "inputs": [x]}} for n, x in examples.items()}
+    schema["paths"]["/v1/models/{name}/predict"] = {
+        "post": _operation(
+            "predict",
+            "Predict with one model",
+            "ModelPredictRequest",
+            per_model,
+            [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        )
     }
-}
+    schema["paths"]["/predict"] = {
+        "post": _operation(
+            "predict_default",
+            "Predict with the named, default or only model",
+            "PredictRequest",
+            named,
+            [
+                {
+                    "name": "model",
+                    "in": "query",
+                    "required": False,
+                    "description": "The model, for raw or .npy bodies (JSON names it in 'model')",
+                    "schema": {"type": "string"},
+                }
+            ],
+        )
+    }
 
 
-def predict_router(examples: dict[str, Any]) -> APIRouter:
-    """The predict routes, documented with one example body per served model."""
-    router = APIRouter(tags=["predict"], responses={**_OK, **_ERRORS}, dependencies=[ApiDep])
-
-    @router.post(
-        "/v1/models/{name}/predict",
-        summary="Predict with one model",
-        openapi_extra=_request_body(
-            ModelPredictRequest, {n: {"value": {"inputs": [x]}} for n, x in examples.items()}
-        ),
-    )
-    async def predict(
-        name: str, request: Request, registry: RegistryDep, settings: SettingsDep
-    ) -> Response:
-        """Run the samples of ``inputs`` through the model; outputs come back in input order."""
-        body = await _read_json(request, settings.max_body_bytes, {"inputs"})
-        return await _run(registry.get(name), body["inputs"], settings.max_samples_per_request)
-
-    @router.post(
-        "/predict",
-        summary="Predict with the named, default or only model",
-        openapi_extra=_request_body(
-            PredictRequest,
-            {n: {"value": {"model": n, "inputs": [x]}} for n, x in examples.items()},
-        ),
-    )
-    async def predict_default(
-        request: Request, registry: RegistryDep, settings: SettingsDep
-    ) -> Response:
-        """Like the per-model route; ``model`` may be left out when one model is served or a
-        default model is configured."""
-        body = await _read_json(request, settings.max_body_bytes, {"inputs", "model"})
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InvalidInput(f"'model' must be a string; received {type(model).__name__}")
-        served = registry.resolve(model)
-        return await _run(served, body["inputs"], settings.max_samples_per_request)
-
-    return router
-
-
-async def _run(model: ServedModel, inputs: Any, max_samples: int) -> Response:
-    batch = to_batch(
-        inputs,
-        model.sample_shape,
-        model.spec.input_dtype,
-        max_samples=max_samples,
-        allow_non_finite=model.spec.allow_non_finite_input,
-    )
-    runtime, outputs = await model.predict(batch)
-    body = {"model": model.name, "version": runtime.version, "outputs": outputs}
-    return Response(
-        orjson.dumps(body),
-        media_type="application/json",
-        headers={VERSION_HEADER: runtime.version},
-    )
-
-
-async def _read_json(request: Request, limit: int, fields: set[str]) -> dict[str, Any]:
-    """The body as a JSON object holding ``inputs`` and no keys outside ``fields``."""
-    body = await _read_capped(request, limit)
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        parsed = _parse_with_non_finite(body, exc)
-    if not isinstance(parsed, dict):
-        raise BadRequest(f"the body must be a JSON object; received {type(parsed).__name__}")
-    if "inputs" not in parsed:
-        raise InvalidInput("the body has no 'inputs': send {\"inputs\": [sample, ...]}")
-    unknown = sorted(set(parsed) - fields)
-    if unknown:
-        raise InvalidInput(f"unknown field(s) {unknown}; expected {sorted(fields)}")
-    return parsed
-
-
-def _parse_with_non_finite(body: bytes, error: orjson.JSONDecodeError) -> Any:
-    """Strict JSON failed; Python's json also reads NaN/Infinity (as json.dumps writes them),
-    so such inputs reach the finite check and get a precise answer instead of 'malformed'."""
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(f"malformed JSON: {error}") from None
-
-
-async def _read_capped(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _request_body(model: type[ModelPredictRequest], examples: dict[str, Any]) -> dict[str, Any]:
+def _operation(
+    operation_id: str,
+    summary: str,
+    request: str,
+    examples: dict[str, Any],
+    parameters: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
+        "tags": ["predict"],
+        "summary": summary,
+        "operationId": operation_id,
+        "description": (
+            "Run the samples of `inputs` through the model (gathered with concurrent requests "
+            "into one forward pass); outputs come back in input order with the version that "
+            f"computed them (body and `{VERSION_HEADER}`). Large tensors can be sent as raw "
+            f"little-endian bytes (`{RAW}` with `{SHAPE_HEADER}` and `{DTYPE_HEADER}`) or as "
+            f"`{NPY}`; `Accept: {RAW}` or `{NPY}` answers the raw output tensor in that form."
+        ),
+        "parameters": parameters,
+        "security": [{"HTTPBearer": []}],
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": model.model_json_schema(), "examples": examples}
+                "application/json": {
+                    "schema": {"$ref": _REF.format(model=request)},
+                    "examples": examples,
+                },
+                RAW: _BINARY,
+                NPY: _BINARY,
             },
-        }
+        },
+        "responses": {
+            "200": {
+                "description": "Outputs in input order",
+                "headers": {
+                    VERSION_HEADER: {
+                        "description": "The version that served the request",
+                        "schema": {"type": "string"},
+                    },
+                    **_TENSOR_HEADERS,
+                },
+                "content": {
+                    "application/json": {"schema": {"$ref": _REF.format(model="PredictResponse")}},
+                    RAW: _BINARY,
+                    NPY: _BINARY,
+                },
+            },
+            **{
+                status: {
+                    "description": description,
+                    "content": {
+                        "application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}
+                    },
+                }
+                for status, description in _ERRORS.items()
+            },
+        },
     }

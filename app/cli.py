@@ -1,0 +1,283 @@
+"""The ``modelport`` command: serve, predict, upload, versions, activate, rollback, health.
+
+The server URL and token come from flags or the environment (``MODELPORT_URL``,
+``MODELPORT_ADMIN_TOKEN``, else ``MODELPORT_API_TOKEN``). A failure prints one line to stderr
+and exits 1; ``--json`` prints the server's answer as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tqdm import tqdm
+
+from app.client import DEFAULT_URL, ModelportClient, ModelportClientError
+
+
+class CliSettings(BaseSettings):
+    """Where the server is and how to authenticate, from ``MODELPORT_*`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPORT_", extra="ignore")
+
+    url: str = DEFAULT_URL
+    """The server's base URL."""
+
+    admin_token: SecretStr | None = None
+    """Sent as the bearer token when set (management needs it; it also works for predict)."""
+
+    api_token: SecretStr | None = None
+    """Sent when no admin token is set, for servers that protect prediction."""
+
+
+class CliError(Exception):
+    """A problem on this side (an unreadable input file, a model that takes no images)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"server URL (env MODELPORT_URL, default {DEFAULT_URL})")
+    common.add_argument(
+        "--token", help="bearer token (env MODELPORT_ADMIN_TOKEN, else MODELPORT_API_TOKEN)"
+    )
+    common.add_argument("--json", action="store_true", help="print the answer as JSON")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+
+    parser = argparse.ArgumentParser(
+        prog="modelport", description="Serve PyTorch models, and talk to a modelport server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server (flags override MODELPORT_* env)")
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--config", help="TOML file of served models")
+    serve.add_argument("--workers", type=int, help="server processes (default 1)")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+
+    predict = commands.add_parser(
+        "predict", parents=[common], help="run inputs from a file through a model"
+    )
+    predict.add_argument("model")
+    predict.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help='.json (samples, one sample, or {"inputs": ...}), .npy, or an image (PNG, JPEG) '
+        "for models that register an image_to_input hook",
+    )
+
+    upload = commands.add_parser(
+        "upload", parents=[common], help="upload weights: validated, stored, activated"
+    )
+    upload.add_argument("model")
+    upload.add_argument("file", type=Path)
+    upload.add_argument(
+        "--no-activate", action="store_true", help="store the version without serving it"
+    )
+    upload.add_argument("--sha256", help="expected sha256 of the file")
+
+    versions = commands.add_parser("versions", parents=[common], help="list a model's versions")
+    versions.add_argument("model")
+
+    activate = commands.add_parser("activate", parents=[common], help="serve a stored version")
+    activate.add_argument("model")
+    activate.add_argument("version")
+
+    rollback = commands.add_parser(
+        "rollback", parents=[common], help="switch back to the previous version"
+    )
+    rollback.add_argument("model")
+
+    commands.add_parser("health", parents=[common], help="is every model ready (exit 1 if not)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 1 on failure, 2 on a usage error."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    settings = CliSettings()
+    secret = settings.admin_token or settings.api_token
+    token = args.token or (secret.get_secret_value() if secret else None)
+    try:
+        with ModelportClient(args.url or settings.url, token, timeout=args.timeout) as client:
+            return _COMMANDS[args.command](client, args)
+    except (ModelportClientError, CliError) as exc:
+        print(f"modelport: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.__main__ import main as launch  # the server's imports are for this command only
+
+    flags = ("host", "port", "config", "workers", "log_level")
+    argv = [
+        item
+        for name in flags
+        if getattr(args, name) is not None
+        for item in (f"--{name.replace('_', '-')}", str(getattr(args, name)))
+    ]
+    return launch(argv)
+
+
+def _print(args: argparse.Namespace, answer: Any, text: str) -> None:
+    print(json.dumps(answer) if args.json else text)
+
+
+def _predict(client: ModelportClient, args: argparse.Namespace) -> int:
+    info = client.model(args.model)
+    inputs = read_inputs(args.input, info)
+    answer = client.predict(args.model, inputs)
+    lines = [f"{answer['model']} (version {answer['version']})"]
+    lines += [f"[{i}] {json.dumps(out)}" for i, out in enumerate(answer["outputs"])]
+    _print(args, answer, "\n".join(lines))
+    return 0
+
+
+def read_inputs(path: Path, model: dict[str, Any]) -> Any:
+    """A batch of samples from a JSON, ``.npy`` or image file, for the model described by
+    ``model`` (its ``GET /v1/models/{name}`` answer). A single sample becomes a batch of one."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "inputs" in data:
+                data = data["inputs"]
+        elif suffix == ".npy":
+            data = np.load(path, allow_pickle=False).tolist()
+        else:
+            return [image_sample(path, model)]
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    try:
+        shape = np.shape(data)
+    except ValueError:  # ragged: the server says exactly what is wrong
+        return data
+    return [data] if list(shape) == model["input_shape"] else data
+
+
+def image_sample(path: Path, model: dict[str, Any]) -> Any:
+    """One sample from an image, by the model class's registered ``image_to_input`` hook."""
+    from PIL import Image, UnidentifiedImageError
+
+    from app.catalog import discover, get_spec
+
+    discover()
+    spec = get_spec(model["class"])
+    if spec is None or spec.image_to_input is None:
+        raise CliError(
+            f"model {model['name']!r} takes no images (class {model['class']!r} registers no "
+            "image_to_input hook); send a .json or .npy file"
+        )
+    try:
+        with Image.open(path) as image:
+            return spec.image_to_input(image)
+    except UnidentifiedImageError:
+        raise CliError(f"cannot read {path}: not .json, .npy or an image") from None
+
+
+def _upload(client: ModelportClient, args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    # disable=None: the bar shows on a terminal only, so logs and pipes get clean lines.
+    with tqdm(
+        total=path.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        desc=path.name,
+        file=sys.stderr,
+        disable=None,
+    ) as bar:
+
+        def progress(sent: int, _total: int) -> None:
+            bar.update(sent - bar.n)
+
+        answer = client.upload(
+            args.model, path, activate=not args.no_activate, sha256=args.sha256, progress=progress
+        )
+    _print(args, answer, upload_report(answer))
+    return 0
+
+
+def upload_report(answer: dict[str, Any]) -> str:
+    """What an upload became and what was checked before it could serve."""
+    state = "active" if answer["active"] else "stored, not active"
+    novelty = "new version" if answer["created"] else "identical to an existing version"
+    report = answer["report"]
+    lines = [
+        f"{answer['model']}: version {answer['version']} ({novelty}, {state})",
+        f"  sha256      {answer['sha256']}",
+        f"  size        {answer['size']} bytes ({answer['format']})",
+    ]
+    if "loaded_keys" in report:
+        strict = "strict" if report.get("strict") else "non-strict"
+        lines.append(f"  keys        {report['loaded_keys']} loaded ({strict})")
+    if "smoke_test" in report:
+        lines.append(f"  smoke test  {report['smoke_test']}")
+    acceptance = report.get("acceptance")
+    if acceptance:
+        lines.append(
+            f"  acceptance  {acceptance['metric']} {acceptance['score']} "
+            f"(required {acceptance['threshold']})"
+        )
+    return "\n".join(lines)
+
+
+def _versions(client: ModelportClient, args: argparse.Namespace) -> int:
+    answer = client.versions(args.model)
+    rows = [("VERSION", "SOURCE", "CREATED", "FILE", "")]
+    for v in answer["versions"]:
+        flag = "active" if v["active"] else "previous" if v["previous"] else ""
+        rows.append((v["version"], v["source"], v["created_at"][:19], v["filename"] or "-", flag))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    text = "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip()
+        for row in rows
+    )
+    _print(args, answer, text)
+    return 0
+
+
+def _activate(client: ModelportClient, args: argparse.Namespace) -> int:
+    answer = client.activate(args.model, args.version)
+    _print(args, answer, f"{args.model}: version {answer['version']} is active")
+    return 0
+
+
+def _rollback(client: ModelportClient, args: argparse.Namespace) -> int:
+    answer = client.rollback(args.model)
+    _print(args, answer, f"{args.model}: rolled back to version {answer['version']}")
+    return 0
+
+
+def _health(client: ModelportClient, args: argparse.Namespace) -> int:
+    answer = client.health()
+    unavailable = answer.get("unavailable", {})
+    lines = ["ready" if answer["ready"] else "not ready"]
+    lines += [
+        f"  {name}: {state}" + (f": {unavailable[name]}" if name in unavailable else "")
+        for name, state in answer["models"].items()
+    ]
+    _print(args, answer, "\n".join(lines))
+    return 0 if answer["ready"] else 1
+
+
+_COMMANDS: dict[str, Callable[[ModelportClient, argparse.Namespace], int]] = {
+    "predict": _predict,
+    "upload": _upload,
+    "versions": _versions,
+    "activate": _activate,
+    "rollback": _rollback,
+    "health": _health,
+}

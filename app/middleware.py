@@ -1,0 +1,98 @@
+"""RequestObserver: a request id on every request (and log line), the access log, and the
+request metrics. Pure ASGI, around everything else, so the predict hot path has them too."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import request_id
+from app.metrics import Metrics
+
+access_logger = logging.getLogger("app.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+VERSION_HEADER = b"x-model-version"
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_UNOBSERVED = ("/health/", "/v2/health/", "/metrics")
+ROUTE_KEY = "modelport.route"
+"""Scope key where a handler outside the router (the predict hot path) names its route."""
+
+
+def _unobserved(path: str) -> bool:
+    """Probes and scrapes are not traffic."""
+    return path.startswith(_UNOBSERVED)
+
+
+class RequestObserver:
+    """Request id, access log line with latency, request count and latency by endpoint."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _incoming_id(scope["headers"]) or secrets.token_hex(8)
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        answer = {"status": 500, "version": ""}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                answer["status"] = message["status"]
+                for name, value in headers:
+                    if name.lower() == VERSION_HEADER:
+                        answer["version"] = value.decode("latin-1")
+                headers.append((REQUEST_ID_HEADER, rid.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, answer, time.perf_counter() - started)
+            request_id.reset(token)
+
+    def _record(self, scope: Scope, answer: dict[str, object], elapsed: float) -> None:
+        path: str = scope["path"]
+        if _unobserved(path):
+            return
+        status = str(answer["status"])
+        endpoint = _endpoint(scope)
+        model = str(scope.get("path_params", {}).get("name", ""))
+        self.metrics.requests.labels(model, answer["version"], endpoint, status).inc()
+        self.metrics.request_seconds.labels(model, endpoint).observe(elapsed)
+        if self.access_log:
+            access_logger.info(
+                '%s %s %s %.1fms "%s"',
+                scope["method"],
+                path,
+                status,
+                elapsed * 1000,
+                scope["client"][0] if scope.get("client") else "-",
+            )
+
+
+def _incoming_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER and _VALID_ID.fullmatch(value):
+            return value.decode("latin-1")
+    return None
+
+
+def _endpoint(scope: Scope) -> str:
+    """The route template (``/v1/models/{name}/predict``), never the raw path, so that the
+    metric's labels stay few."""
+    if ROUTE_KEY in scope:
+        return str(scope[ROUTE_KEY])
+    route = scope.get("route")
+    return str(getattr(route, "path", "unmatched"))

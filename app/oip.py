@@ -1,0 +1,369 @@
+"""Open Inference Protocol (V2) tensors: datatypes, request decoding (JSON and the binary tensor
+data extension, gzip/deflate bodies) and response encoding. No HTTP framework here."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from app.errors import BadRequest, InvalidInput, PayloadTooLarge
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+PLATFORM = "pytorch_statedict"
+EXTENSIONS = ["binary_tensor_data"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+"""Wire datatypes numpy holds natively; BF16 (which numpy lacks) travels as float32 here."""
+
+_TORCH: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "UINT8",
+    torch.uint16: "UINT16",
+    torch.uint32: "UINT32",
+    torch.uint64: "UINT64",
+    torch.int8: "INT8",
+    torch.int16: "INT16",
+    torch.int32: "INT32",
+    torch.int64: "INT64",
+    torch.float16: "FP16",
+    torch.bfloat16: "BF16",
+    torch.float32: "FP32",
+    torch.float64: "FP64",
+}
+DATATYPES = [*_NUMPY, "BF16", "BYTES"]
+_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "floating-point numbers"}
+
+
+def datatype_of(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``FP32``."""
+    try:
+        return _TORCH[dtype]
+    except KeyError:
+        raise TypeError(f"{dtype} has no Open Inference Protocol datatype") from None
+
+
+class TensorMetadata(BaseModel):
+    """A model input or output: name, datatype and shape (-1 for the batch dimension)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerLive(BaseModel):
+    """``GET /v2/health/live``."""
+
+    live: bool
+
+
+class ServerReady(BaseModel):
+    """``GET /v2/health/ready``; a 503 adds ``error`` naming the models that cannot serve."""
+
+    ready: bool
+    error: str | None = None
+
+
+class ModelReady(BaseModel):
+    """``GET /v2/models/{name}[/versions/{version}]/ready``; a 503 adds ``error``."""
+
+    name: str
+    ready: bool
+    error: str | None = None
+
+
+class ServerMetadata(BaseModel):
+    """``GET /v2``."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    """``GET /v2/models/{name}[/versions/{version}]``."""
+
+    name: str
+    versions: list[str] = Field(description="Every version that can serve, oldest first.")
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    """One input tensor of an inference request: ``data`` in JSON, or binary after the header
+    (``parameters.binary_data_size`` bytes)."""
+
+    name: str
+    shape: list[int] = Field(description="Whole-batch shape; entries fit in uint64.")
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Any = Field(default=None, description="Row-major values, flat or nested.")
+
+
+class RequestOutput(BaseModel):
+    """An output the client wants; ``parameters.binary_data`` asks for it in binary."""
+
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferenceRequest(BaseModel):
+    """The JSON part of ``POST /v2/models/{name}[/versions/{version}]/infer``."""
+
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = Field(
+        default=None, description="Absent or empty: every output."
+    )
+
+
+class ResponseOutput(BaseModel):
+    """One output tensor: ``data``, or ``parameters.binary_data_size`` bytes after the header."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    """The JSON part of an inference answer."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """An inference request with its input tensors decoded (BF16 as float32)."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestOutput] | None
+    binary_output: bool
+    """Whether outputs not named in ``outputs`` come back binary."""
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo a ``Content-Encoding`` of gzip or deflate, never growing past ``limit`` bytes."""
+    coding = (encoding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding not in ("gzip", "deflate"):
+        raise BadRequest(f"unsupported Content-Encoding {coding!r}; send gzip, deflate or none")
+    # deflate is zlib-wrapped on the wire (RFC 9110) and tritonclient sends it so;
+    # 47 = 32 + 15 detects a gzip or zlib header.
+    inflater = zlib.decompressobj(47 if coding == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes")
+        if not inflater.eof:
+            raise BadRequest(f"the {coding} body is truncated")
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not valid {coding}: {exc}") from None
+    return data
+
+
+def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
+    """Split the body into the JSON header and the binary tensors, and decode every input.
+
+    Without ``Inference-Header-Content-Length`` the whole body is JSON. A length of 0 (a raw
+    binary request) is the caller's to handle, since only the model knows its one input.
+    """
+    split = len(body) if header_length is None else _header_length(header_length, len(body))
+    request = _parse_header(body[:split])
+    binary = memoryview(body)[split:]
+    offset = 0
+    inputs: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        if tensor.name in inputs:
+            raise InvalidInput(f"input {tensor.name!r} is given twice")
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            if tensor.data is None:
+                raise InvalidInput(
+                    f"input {tensor.name!r} has neither 'data' nor 'parameters.binary_data_size'"
+                )
+            inputs[tensor.name] = from_json(tensor.data, tensor.datatype, tensor.shape, tensor.name)
+            continue
+        if tensor.data is not None:
+            raise InvalidInput(f"input {tensor.name!r} has both 'data' and 'binary_data_size'")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"input {tensor.name!r}: binary_data_size must be a byte count")
+        if offset + size > len(binary):
+            raise InvalidInput(
+                f"input {tensor.name!r} declares {size} bytes of binary data but only "
+                f"{len(binary) - offset} follow the JSON header"
+            )
+        raw = binary[offset : offset + size]
+        offset += size
+        inputs[tensor.name] = from_bytes(raw, tensor.datatype, tensor.shape, tensor.name)
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes follow the JSON header that no input's "
+            "binary_data_size accounts for"
+        )
+    binary_output = request.parameters.get("binary_data_output") is True
+    return DecodedRequest(request.id, inputs, request.outputs, binary_output)
+
+
+def _header_length(value: str, body_length: int) -> int:
+    if not value.strip().isdigit():
+        raise BadRequest(f"{HEADER_LENGTH} must be a byte count; received {value!r}")
+    length = int(value)
+    if length > body_length:
+        raise BadRequest(
+            f"{HEADER_LENGTH} is {length} but the (decompressed) body has {body_length} bytes"
+        )
+    return length
+
+
+def _parse_header(data: bytes) -> InferenceRequest:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        try:
+            # Python's json also reads NaN/Infinity, which then meet the finite check.
+            parsed = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest(f"malformed JSON in the inference request: {error}") from None
+    if not isinstance(parsed, dict):
+        kind = type(parsed).__name__
+        raise BadRequest(f"the inference request must be a JSON object; received {kind}")
+    try:
+        return InferenceRequest.model_validate(parsed)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise InvalidInput(f"invalid inference request: {'; '.join(problems)}") from None
+
+
+def _check_shape(shape: list[int], name: str) -> int:
+    if any(dim < 0 or dim >= 2**64 for dim in shape):
+        raise InvalidInput(f"input {name!r}: shape {shape} must hold non-negative integers")
+    return math.prod(shape)
+
+
+def _wire_dtype(datatype: str, name: str) -> np.dtype[Any]:
+    if datatype == "BF16":
+        return np.dtype("<u2")
+    if datatype == "BYTES":
+        raise InvalidInput(
+            f"input {name!r} is BYTES; this model takes numeric tensors (see its metadata)"
+        )
+    try:
+        return _NUMPY[datatype]
+    except KeyError:
+        raise InvalidInput(
+            f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}"
+        ) from None
+
+
+def from_bytes(raw: bytes | memoryview, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """Little-endian row-major bytes -> an array of ``shape`` (BF16 widened to float32)."""
+    count = _check_shape(shape, name)
+    wire = _wire_dtype(datatype, name)
+    if len(raw) != count * wire.itemsize:
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} of {datatype} needs {count * wire.itemsize} bytes; "
+            f"received {len(raw)}"
+        )
+    array = np.frombuffer(raw, np.uint8 if datatype == "BOOL" else wire)
+    if datatype == "BOOL":
+        array = array != 0
+    elif datatype == "BF16":
+        # A bfloat16 is the upper half of a float32: shift the bits back into place.
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array.reshape(shape)
+
+
+def from_json(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """Flat or nested JSON values -> an array of ``shape`` in ``datatype`` (BF16 as float32)."""
+    count = _check_shape(shape, name)
+    wire = np.dtype(np.float32) if datatype == "BF16" else _wire_dtype(datatype, name)
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: 'data' is ragged or malformed") from None
+    if array.size == 0:
+        array = array.astype(wire)
+    allowed = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}[wire.kind]
+    if array.dtype.kind not in allowed:
+        expected = {"b": "booleans", "f": "numbers"}.get(wire.kind, "integers")
+        received = _KINDS.get(array.dtype.kind, "mixed or non-numeric values")
+        raise InvalidInput(f"input {name!r}: {datatype} data must hold {expected}; got {received}")
+    if array.size != count:
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} holds {count} values; 'data' holds {array.size}"
+        )
+    if wire.kind in "iu" and array.size:
+        info = np.iinfo(wire.str)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(
+                f"input {name!r}: values must lie in [{info.min}, {info.max}] for {datatype}"
+            )
+    with np.errstate(over="ignore", invalid="ignore"):
+        return array.astype(wire).reshape(shape)
+
+
+def encode_response(
+    response: InferenceResponse, tensors: list[tuple[ResponseOutput, torch.Tensor, bool]]
+) -> tuple[bytes, int | None]:
+    """The body of an inference answer and, when some output is binary, its JSON header length.
+
+    Each tensor goes as JSON ``data`` or, when its flag is set, as raw bytes after the header
+    in output order, with ``parameters.binary_data_size``.
+    """
+    chunks: list[bytes] = []
+    for meta, tensor, binary in tensors:
+        if binary:
+            chunk = to_bytes(tensor)
+            meta.parameters = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            values = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+            meta.data = values.reshape(-1).tolist()
+        response.outputs.append(meta)
+    header = orjson.dumps(response.model_dump(exclude_none=True))
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def to_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor as little-endian row-major bytes (BF16: its 2-byte bit patterns)."""
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+    wire = _NUMPY[datatype_of(tensor.dtype)]
+    return np.ascontiguousarray(tensor.numpy(), dtype=wire).tobytes()

@@ -1,0 +1,350 @@
+"""Open Inference Protocol (V2) REST endpoints, as tritonclient and KServe's client speak them.
+
+Every error here answers ``{"error": "..."}``: 400 for bad input, 404 for an unknown model or
+version, 503 when it cannot serve. A ``/versions/{version}`` route serves that stored version:
+the active or previous one as they are, any other loaded on demand and kept in a small cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+
+from app.config import Settings
+from app.deps import ApiDep, RegistryDep, SettingsDep
+from app.errors import (
+    InvalidInput,
+    ModelportError,
+    PayloadTooLarge,
+    VersionNotFound,
+    WeightsError,
+)
+from app.inputs import to_batch
+from app.oip import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PLATFORM,
+    DecodedRequest,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    ResponseOutput,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    TensorMetadata,
+    datatype_of,
+    decode_request,
+    decompress,
+    encode_response,
+    from_bytes,
+)
+from app.served import ServedModel
+from app.store import VERSION_PATTERN
+
+VERSION_HEADER = "X-Model-Version"
+
+
+def _v2_error(exc: ModelportError) -> Response:
+    """The protocol's error body; input problems are 400 and weights that cannot load are 503."""
+    status = exc.status
+    if isinstance(exc, WeightsError):
+        status = 503
+    elif status == 422:
+        status = 400
+    return _json({"error": exc.message}, status, exc.headers)
+
+
+class V2Route(APIRoute):
+    """A route whose errors answer ``{"error": "..."}``, whatever raised them below."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ModelportError as exc:
+                return _v2_error(exc)
+
+        return handle
+
+
+_DESCRIPTIONS = {
+    400: "Bad input",
+    401: "MODELPORT_API_TOKEN is set; no bearer token",
+    404: "Unknown model or version",
+    413: "Body over MODELPORT_MAX_BODY_BYTES",
+    503: "Cannot serve",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the protocol's error answers."""
+    return {
+        status: {
+            "description": _DESCRIPTIONS[status],
+            "content": {"application/json": {"example": {"error": "..."}}},
+        }
+        for status in statuses
+    }
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+@router.get("", summary="Server metadata")
+async def get_server_metadata(request: Request) -> ServerMetadata:
+    """Name, version and the protocol extensions served."""
+    return ServerMetadata(name="modelport", version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", summary="Server live", response_model=ServerLive)
+async def get_server_live() -> Response:
+    """``{"live": true}`` while the process runs."""
+    return _json({"live": True})
+
+
+@router.get(
+    "/health/ready", summary="Server ready", response_model=ServerReady, responses=_errors(503)
+)
+async def get_server_ready(registry: RegistryDep) -> Response:
+    """``{"ready": true}`` when every model can serve; else 503 naming those that cannot."""
+    unavailable = registry.unavailable()
+    if not unavailable:
+        return _json({"ready": True})
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in unavailable.items())
+    return _json({"ready": False, "error": f"models cannot serve: {reasons}"}, 503)
+
+
+@router.get(
+    "/models/{name}/ready",
+    summary="Model ready",
+    response_model=ModelReady,
+    responses=_errors(404, 503),
+)
+async def get_model_ready(name: str, registry: RegistryDep) -> Response:
+    """``{"name": ..., "ready": true}`` when the model serves; else 503 with the reason."""
+    return _model_ready(registry.get(name), None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model version ready",
+    response_model=ModelReady,
+    responses=_errors(404, 503),
+)
+async def get_model_version_ready(name: str, version: str, registry: RegistryDep) -> Response:
+    """Ready when the version is loaded or loads now (it is then kept for inference)."""
+    model = registry.get(name)
+    try:
+        await model.runtime_for(_checked(model, version))
+    except WeightsError as exc:
+        return _model_ready(model, exc.message)
+    return _model_ready(model, None)
+
+
+def _model_ready(model: ServedModel, problem: str | None) -> Response:
+    if problem is None and model.runtime is None:
+        problem = model.error or "not loaded"
+    if problem is None:
+        return _json({"name": model.name, "ready": True})
+    return _json({"name": model.name, "ready": False, "error": problem}, 503)
+
+
+@router.get(
+    "/models/{name}",
+    summary="Model metadata",
+    dependencies=[ApiDep],
+    responses=_errors(401, 404, 503),
+)
+async def get_model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
+    """Input and output tensors (-1 for the batch dimension), platform and versions."""
+    return await _metadata(registry.get(name), None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model version metadata",
+    dependencies=[ApiDep],
+    responses=_errors(401, 404, 503),
+)
+async def get_model_version_metadata(
+    name: str, version: str, registry: RegistryDep
+) -> ModelMetadata:
+    """Like the model's metadata, for one stored version (loaded on demand)."""
+    return await _metadata(registry.get(name), version)
+
+
+async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
+    """The output's datatype and shape are those of a forward of the registered example, so
+    they are exact whatever the model returns."""
+    spec = model.spec
+    example = to_batch([spec.example(model.kwargs)], model.sample_shape, spec.input_dtype)
+    _, output = await model.infer(example, None if version is None else _checked(model, version))
+    return ModelMetadata(
+        name=model.name,
+        versions=[record.id for record in model.versions()],
+        platform=PLATFORM,
+        inputs=[
+            TensorMetadata(
+                name=INPUT_NAME,
+                datatype=datatype_of(spec.input_dtype),
+                shape=[-1, *model.sample_shape],
+            )
+        ],
+        outputs=[
+            TensorMetadata(
+                name=OUTPUT_NAME, datatype=datatype_of(output.dtype), shape=[-1, *output.shape[1:]]
+            )
+        ],
+    )
+
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": InferenceRequest.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"The JSON header ({HEADER_LENGTH} bytes), then the tensors.",
+            },
+        },
+    }
+}
+_INFER_OK: dict[int | str, dict[str, Any]] = {
+    200: {"model": InferenceResponse, "description": "JSON, or JSON header + binary outputs"},
+    **_errors(400, 401, 404, 413, 503),
+}
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference",
+    dependencies=[ApiDep],
+    responses=_INFER_OK,
+    openapi_extra=_INFER_BODY,
+)
+async def infer(
+    name: str, request: Request, registry: RegistryDep, settings: SettingsDep
+) -> Response:
+    """JSON or binary tensors in (with or without a Content-Type, optionally gzip/deflate),
+    the raw forward output out, as JSON or binary per ``binary_data`` / ``binary_data_output``."""
+    return await _infer(registry.get(name), None, request, settings)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference with one version",
+    dependencies=[ApiDep],
+    responses=_INFER_OK,
+    openapi_extra=_INFER_BODY,
+)
+async def infer_version(
+    name: str, version: str, request: Request, registry: RegistryDep, settings: SettingsDep
+) -> Response:
+    """Like inference, served by the given stored version (loaded on demand)."""
+    model = registry.get(name)
+    await model.runtime_for(_checked(model, version))  # 404 (or loaded) before the body is read
+    return await _infer(model, version, request, settings)
+
+
+async def _infer(
+    model: ServedModel, version: str | None, request: Request, settings: Settings
+) -> Response:
+    limit = settings.max_body_bytes
+    body = decompress(
+        await _read_capped(request, limit), request.headers.get("content-encoding"), limit
+    )
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None and header_length.strip() == "0":
+        decoded = _raw_request(model, body)
+    else:
+        decoded = decode_request(body, header_length)
+    array = _model_input(model, decoded)
+    batch = to_batch(
+        list(array),
+        model.sample_shape,
+        model.spec.input_dtype,
+        max_samples=settings.max_samples_per_request,
+        allow_non_finite=model.spec.allow_non_finite_input,
+    )
+    runtime, output = await model.infer(batch, version=version)
+    binary = decoded.binary_output
+    for wanted in decoded.outputs or []:
+        if wanted.name != OUTPUT_NAME:
+            raise InvalidInput(
+                f"model {model.name!r} has no output {wanted.name!r}; its output is {OUTPUT_NAME!r}"
+            )
+        binary = wanted.parameters.get("binary_data", binary) is True
+    meta = ResponseOutput(
+        name=OUTPUT_NAME, datatype=datatype_of(output.dtype), shape=list(output.shape)
+    )
+    answer = InferenceResponse(
+        model_name=model.name, model_version=runtime.version, id=decoded.id, outputs=[]
+    )
+    content, json_length = encode_response(answer, [(meta, output, binary)])
+    headers = {VERSION_HEADER: runtime.version}
+    if json_length is None:
+        return Response(content, headers=headers, media_type="application/json")
+    headers[HEADER_LENGTH] = str(json_length)
+    return Response(content, headers=headers, media_type="application/octet-stream")
+
+
+def _checked(model: ServedModel, version: str) -> str:
+    """A version id of the right form, or VersionNotFound (the protocol's 404)."""
+    if not VERSION_PATTERN.fullmatch(version):
+        raise VersionNotFound(f"model {model.name!r} has no version {version!r}")
+    return version
+
+
+def _raw_request(model: ServedModel, body: bytes) -> DecodedRequest:
+    """``Inference-Header-Content-Length: 0``: the body is one sample of the model's one input,
+    and every output comes back binary."""
+    shape = [1, *model.sample_shape]
+    datatype = datatype_of(model.spec.input_dtype)
+    array = from_bytes(body, datatype, shape, INPUT_NAME)
+    return DecodedRequest(None, {INPUT_NAME: array}, None, binary_output=True)
+
+
+def _model_input(model: ServedModel, decoded: DecodedRequest) -> np.ndarray:
+    names = list(decoded.inputs)
+    if names != [INPUT_NAME]:
+        raise InvalidInput(
+            f"model {model.name!r} takes one input named {INPUT_NAME!r}; received {names}"
+        )
+    array = decoded.inputs[INPUT_NAME]
+    if array.ndim == 0:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} has shape []; expected [-1, "
+            f"{', '.join(map(str, model.sample_shape))}] (the batch dimension first)"
+        )
+    return array
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

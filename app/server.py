@@ -1,0 +1,155 @@
+"""Running the service: one uvicorn process, or several, each accepting on its own
+``SO_REUSEPORT`` socket so that the kernel spreads connections evenly between them (with one
+shared listening socket, one busy worker tends to accept nearly every connection)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
+
+from app.config import Settings
+from app.lifecycle import draining
+from app.metrics import MULTIPROC_ENV
+
+logger = logging.getLogger(__name__)
+APP = "app.main:create_app"
+QUICK_EXIT_S = 5.0
+MAX_QUICK_EXITS = 3
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, draining on SIGTERM: readiness turns 503 and new requests are refused at once
+    (:mod:`app.lifecycle`); once the requests already accepted have finished, queued ones
+    included, or the grace period is over, the usual shutdown follows and the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
+        super().__init__(config)
+        self.grace_s = grace_s
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.drain_deadline is None:
+            draining.set()
+            self.drain_deadline = time.monotonic() + self.grace_s
+            return  # not recorded as a captured signal: the exit status stays 0
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn calls this every 0.1 s; its open request tasks are the work in flight
+        if self.drain_deadline is not None and not self.should_exit:
+            idle = not self.server_state.tasks
+            self.should_exit = idle or time.monotonic() >= self.drain_deadline
+        return await super().on_tick(counter)
+
+
+def _server(settings: Settings) -> DrainingServer:
+    config = uvicorn.Config(
+        APP,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # app.logs configures every logger, uvicorn's included
+        access_log=False,  # the service writes its own access lines, with the request id
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+    )
+    return DrainingServer(config, settings.shutdown_grace_s)
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    if settings.workers == 1:
+        _server(settings).run()
+        return 0
+    with tempfile.TemporaryDirectory(prefix="modelport-metrics-") as metrics_dir:
+        # The workers (spawned, so they import afresh) share their metrics through this folder.
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        return _Supervisor(settings).run()
+
+
+def _worker(settings: Settings) -> None:
+    """One worker process: its own socket on the shared port, then uvicorn."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    _server(settings).run(sockets=[sock])
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    started_at: float
+
+
+class _Supervisor:
+    """Starts the workers, replaces one that dies, and stops them all on a signal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = threading.Event()
+        self._quick_exits = 0
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        workers = [self._start() for _ in range(self.settings.workers)]
+        while not self._stop.wait(0.2):
+            for index, worker in enumerate(workers):
+                if worker.process.is_alive():
+                    continue
+                if self._keeps_failing(worker):
+                    self._shutdown(workers)
+                    return 1
+                mark_process_dead(worker.process.pid)  # type: ignore[no-untyped-call]
+                logger.error(
+                    "worker %s exited with status %s; starting another",
+                    worker.process.pid,
+                    worker.process.exitcode,
+                )
+                workers[index] = self._start()
+        self._shutdown(workers)
+        return 0
+
+    def _start(self) -> _Worker:
+        process = self._context.Process(target=_worker, args=(self.settings,))
+        process.start()
+        return _Worker(process, time.monotonic())
+
+    def _keeps_failing(self, worker: _Worker) -> bool:
+        """A worker that keeps dying right after it starts will not get better by restarts."""
+        if time.monotonic() - worker.started_at < QUICK_EXIT_S:
+            self._quick_exits += 1
+        if self._quick_exits < MAX_QUICK_EXITS:
+            return False
+        logger.error(
+            "workers keep exiting at start (last status %s); stopping", worker.process.exitcode
+        )
+        return True
+
+    def _on_signal(self, signum: int, _: FrameType | None) -> None:
+        self._stop.set()
+
+    def _shutdown(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.terminate()  # SIGTERM: each worker drains, then exits
+        for worker in workers:
+            worker.process.join(self.settings.shutdown_grace_s + 10)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()

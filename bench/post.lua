@@ -1,0 +1,20 @@
+-- wrk script: POST the body in $BODY_FILE with $CONTENT_TYPE (and optional $TENSOR_SHAPE /
+-- $TENSOR_DTYPE headers for raw tensor bodies); print one JSON summary line at the end.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
+if os.getenv("TENSOR_SHAPE") then
+  wrk.headers["X-Tensor-Shape"] = os.getenv("TENSOR_SHAPE")
+  wrk.headers["X-Tensor-Dtype"] = os.getenv("TENSOR_DTYPE")
+end
+local file = assert(io.open(os.getenv("BODY_FILE"), "rb"))
+wrk.body = file:read("*a")
+file:close()
+
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    'WRK {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    errors.connect, errors.read, errors.write, errors.status, errors.timeout))
+end

@@ -1,0 +1,373 @@
+"""Benchmark modelport against the tutorial FastAPI baseline and the in-process limit.
+
+Starts both servers as real processes on 127.0.0.1, drives them with wrk (an external load
+generator, not a Python client competing for the cores), and measures the same models' forward
+with no HTTP. Prints a table and writes it, with the machine's description, to --out.
+
+    make bench            # or: .venv/bin/python bench/run.py --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.bench import CNN, MLP, Tiny  # noqa: E402
+
+MODELS = {"tiny": (Tiny, (10,)), "mlp": (MLP, (784,)), "cnn": (CNN, (3, 64, 64))}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    """One measured point."""
+
+    model: str
+    server: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    rss_mib: float
+    cpu_cores: float
+    per_worker_cpu: list[float] = field(default_factory=list)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in _children(pid):
+        pids += _tree(child)
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _is_tracker(pid: int) -> bool:
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        total += int(match.group(1)) if match else 0
+    return total / 1024
+
+
+class Server:
+    """A server process whose tree's CPU and memory can be read."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], ready_url: str) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    time.sleep(1)  # let every worker finish starting
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise SystemExit(f"{name} exited with {self.process.returncode}")
+            time.sleep(0.2)
+        raise SystemExit(f"{name} not ready after 120 s")
+
+    def pids(self) -> list[int]:
+        return _tree(self.process.pid)
+
+    def workers(self) -> list[int]:
+        """The processes that serve: the tree's leaves but multiprocessing's resource tracker
+        (the process itself when it serves alone)."""
+        leaves = [pid for pid in self.pids() if not _children(pid) and not _is_tracker(pid)]
+        return leaves or [self.process.pid]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def run_wrk(
+    server: Server, url: str, body: Path, concurrency: int, seconds: int, env: dict[str, str]
+) -> Row:
+    """One wrk run; samples the server tree's memory while it lasts."""
+    workers = server.workers()
+    cpu_before = {pid: _cpu_seconds(pid) for pid in server.pids()}
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            peak[0] = max(peak[0], _rss_mib(server.pids()))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    result = subprocess.run(
+        ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds}s", "--timeout",
+         "10s", "-s", str(ROOT / "bench" / "post.lua"), url],
+        env={**os.environ, **env, "BODY_FILE": str(body)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    elapsed = time.monotonic() - started
+    done.set()
+    sampler.join()
+    line = next(x for x in result.stdout.splitlines() if x.startswith("WRK "))
+    stats = json.loads(line[4:])
+    errors = sum(stats[k] for k in ("connect", "read", "write", "status", "timeout"))
+    cpu = {pid: _cpu_seconds(pid) - cpu_before.get(pid, 0.0) for pid in server.pids()}
+    return Row(
+        model="",
+        server=server.name,
+        concurrency=concurrency,
+        rps=stats["requests"] / (stats["duration_us"] / 1e6),
+        p50_ms=stats["p50_us"] / 1000,
+        p99_ms=stats["p99_us"] / 1000,
+        errors=errors,
+        rss_mib=peak[0],
+        cpu_cores=sum(cpu.values()) / elapsed,
+        per_worker_cpu=[cpu.get(pid, 0.0) / elapsed for pid in workers],
+    )
+
+
+# --- in-process limit -------------------------------------------------------------------------
+
+
+def _forward_loop(name: str, weights: str, batch: int, seconds: float, threads: int,
+                  out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    torch.set_num_threads(threads)
+    cls, shape = MODELS[name]
+    model = cls()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    x = torch.randn(batch, *shape)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        count, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            model(x)
+            count += batch
+    out.put(count / seconds)
+
+
+def in_process(name: str, weights: Path, batch: int, processes: int, threads: int,
+               seconds: float = 3.0) -> float:
+    """Samples/s of ``processes`` concurrent forward loops: the server's compute ceiling."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    workers = [
+        context.Process(target=_forward_loop, args=(name, str(weights), batch, seconds, threads,
+                                                    out))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    total = sum(out.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    return total
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def prepare(directory: Path) -> dict[str, dict[str, Path]]:
+    """Seeded weights, the modelport config, and the request bodies."""
+    rng = np.random.default_rng(0)
+    files: dict[str, dict[str, Path]] = {}
+    entries = []
+    for seed, (name, (cls, shape)) in enumerate(MODELS.items()):
+        torch.manual_seed(seed)
+        weights = directory / f"{name}.pth"
+        torch.save(cls().state_dict(), weights)
+        sample = rng.normal(size=(1, *shape)).astype(np.float32)
+        body = directory / f"{name}.json"
+        body.write_text(json.dumps({"inputs": sample.round(4).tolist()}))
+        raw = directory / f"{name}.bin"
+        raw.write_bytes(sample.tobytes())
+        files[name] = {"weights": weights, "json": body, "raw": raw}
+        entries.append(f'[[models]]\nname = "{name}"\nclass = "bench-{name}"\n'
+                       f'weights = "{weights}"\n')
+    (directory / "bench.toml").write_text("\n".join(entries))
+    return files
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| model | server | conc | req/s | p50 ms | p99 ms | errors | peak RSS MiB | server CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        spread = " (" + " + ".join(f"{c:.2f}" for c in r.per_worker_cpu) + ")" if len(
+            r.per_worker_cpu) > 1 else ""
+        lines.append(
+            f"| {r.model} | {r.server} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.errors} | {r.rss_mib:,.0f} | {r.cpu_cores:.2f}{spread} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--models", default="tiny,mlp,cnn")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    names = args.models.split(",")
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    python = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        files = prepare(directory)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+        ours_port, base_port = 18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)
+        ours_env = env | {"MODELPORT_STORE_DIR": str(directory / "store"),
+                          "MODELPORT_LOG_LEVEL": "warning"}
+        rows: list[Row] = []
+        servers = [
+            ("modelport", [python, "-m", "app", "--port", str(ours_port), "--config",
+                           str(directory / "bench.toml"), "--workers", str(args.workers)],
+             ours_env, f"http://127.0.0.1:{ours_port}/health/ready",
+             lambda n: f"http://127.0.0.1:{ours_port}/v1/models/{n}/predict"),
+            ("tutorial", [python, "bench/tutorial_server.py", tmp, str(base_port)], env,
+             f"http://127.0.0.1:{base_port}/openapi.json",
+             lambda n: f"http://127.0.0.1:{base_port}/predict/{n}"),
+        ]
+        for label, command, server_env, ready, url in servers:
+            server = Server(label, command, server_env, ready)
+            try:
+                for name in names:
+                    for concurrency in concurrencies:
+                        row = run_wrk(server, url(name), files[name]["json"], concurrency,
+                                      args.duration, {"CONTENT_TYPE": "application/json"})
+                        row.model = name
+                        rows.append(row)
+                        print(table([row]).splitlines()[-1], flush=True)
+                    if label == "modelport" and name == "cnn":
+                        shape = ",".join(str(d) for d in (1, *MODELS[name][1]))
+                        for concurrency in concurrencies:
+                            row = run_wrk(server, url(name), files[name]["raw"], concurrency,
+                                          args.duration,
+                                          {"CONTENT_TYPE": "application/octet-stream",
+                                           "TENSOR_SHAPE": shape, "TENSOR_DTYPE": "float32"})
+                            row.model, row.server = name, "modelport (binary)"
+                            rows.append(row)
+                            print(table([row]).splitlines()[-1], flush=True)
+            finally:
+                server.stop()
+        limits = {
+            name: {batch: in_process(name, files[name]["weights"], batch, args.workers, threads)
+                   for batch in (1, 8, 32)}
+            for name in names
+        }
+    report = render(rows, limits, args, threads)
+    print(report)
+    args.out.write_text(report)
+
+
+def render(rows: list[Row], limits: dict[str, dict[int, float]], args: argparse.Namespace,
+           threads: int) -> str:
+    limit_lines = ["| model | batch 1 | batch 8 | batch 32 |", "|---|--:|--:|--:|"]
+    for name, by_batch in limits.items():
+        limit_lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in by_batch.values())
+                           + " |")
+    ratios = ["| model | conc | modelport / tutorial req/s | p99 modelport / tutorial |",
+              "|---|--:|--:|--:|"]
+    for row in rows:
+        if row.server != "modelport":
+            continue
+        base = next(r for r in rows if r.server == "tutorial" and r.model == row.model
+                    and r.concurrency == row.concurrency)
+        ratios.append(f"| {row.model} | {row.concurrency} | {row.rps / base.rps:.1f}x | "
+                      f"{row.p99_ms / base.p99_ms:.2f} |")
+    binary = [r for r in rows if r.server == "modelport (binary)"]
+    best = max(limits.get("cnn", {0: 0.0}).values())
+    cnn_line = (f"\ncnn binary path at its best concurrency: {max(r.rps for r in binary):,.0f} "
+                f"req/s = {max(r.rps for r in binary) / best:.0%} of the in-process limit "
+                f"({best:,.0f} samples/s)\n" if binary and best else "")
+    return (
+        f"# modelport benchmark\n\nMachine: {machine()}\n\n"
+        f"Command: `.venv/bin/python bench/run.py --duration {args.duration} --concurrency "
+        f"{args.concurrency} --models {args.models} --workers {args.workers}`; modelport with "
+        f"{args.workers} worker processes x {threads} torch thread(s), batching on (defaults); "
+        f"tutorial: 1 uvicorn worker, default settings. One sample per request. Server CPU is "
+        f"in cores (per worker in brackets).\n\n"
+        f"{table(rows)}\n\n## Ratios\n\n" + "\n".join(ratios) + "\n"
+        f"\n## In-process limit (samples/s, {args.workers} processes x {threads} thread(s), "
+        f"no HTTP)\n\n" + "\n".join(limit_lines) + "\n" + cnn_line
+    )
+
+
+if __name__ == "__main__":
+    main()

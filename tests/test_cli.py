@@ -1,0 +1,271 @@
+"""The installed ``modelport`` console script against a server it started (``modelport serve``)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.digits import HELDOUT
+from models.linear import MyModel
+from tests.helpers import (
+    DIGITS,
+    LINEAR,
+    WEIGHTS,
+    ServerProcess,
+    clean_env,
+    free_port,
+    write_config,
+)
+
+MODELPORT = Path(sys.executable).parent / "modelport"
+TOKEN = secrets.token_urlsafe(32)
+SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
+# The upload walkthrough changes this copy of linear, so the other tests see the bundled one.
+COPY = {**LINEAR, "name": "linear-cli"}
+# A model whose weights do not fit its class: unavailable until fitting weights are uploaded.
+BROKEN = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``modelport serve`` itself; live (not ready: one model is broken on purpose)."""
+    directory = tmp_path_factory.mktemp("cli-server")
+    config = write_config(directory, LINEAR, DIGITS, COPY, BROKEN)
+    port = free_port()
+    env = clean_env(MODELPORT_ADMIN_TOKEN=TOKEN, MODELPORT_STORE_DIR=str(directory / "store"))
+    args = [str(MODELPORT), "serve", "--port", str(port), "--config", str(config)]
+    process = ServerProcess(args, env, port, directory / "server.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not _live(process.url):
+            assert process.process.poll() is None, process.output()
+            assert time.monotonic() < deadline, process.output()
+            time.sleep(0.1)
+        yield process
+    finally:
+        process.stop()
+
+
+def _live(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{url}/health/live", timeout=2).status_code == 200
+    return False
+
+
+def modelport(
+    server: ServerProcess | None, *args: str, stderr: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    """Run the console script with the server's URL and the admin token in its environment."""
+    env = {"MODELPORT_URL": server.url, "MODELPORT_ADMIN_TOKEN": TOKEN} if server else {}
+    return subprocess.run(
+        [str(MODELPORT), *args],
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def concurrently(
+    server: ServerProcess | None, *commands: list[str]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Independent commands at once, to keep the suite fast; results in order."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: modelport(server, *args), commands))
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The failure's message: exit 1, and exactly one line on stderr."""
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("modelport: ")
+    return lines[0]
+
+
+def bundled_linear(batch: list[list[float]]) -> np.ndarray:
+    model = MyModel().eval()
+    model.load_state_dict(torch.load(WEIGHTS / "linear.pth", weights_only=True))
+    with torch.inference_mode():
+        return model(torch.tensor(batch)).numpy()
+
+
+def test_health_exits_1_naming_a_model_that_cannot_serve_until_fitting_weights_arrive(
+    server: ServerProcess,
+) -> None:
+    before, before_json = concurrently(server, ["health"], ["health", "--json"])
+    fixed = modelport(server, "upload", "broken", str(WEIGHTS / "linear.pth"))
+    after, after_json = concurrently(server, ["health"], ["health", "--json"])
+
+    assert before.returncode == 1
+    assert before.stdout.splitlines()[:4] == [
+        "not ready",
+        "  linear: ready",
+        "  digits: ready",
+        "  linear-cli: ready",
+    ]
+    assert before.stdout.splitlines()[4].startswith("  broken: unavailable: ")
+    assert "missing keys" in before.stdout
+    assert json.loads(before_json.stdout)["unavailable"]["broken"]
+    assert fixed.returncode == 0, fixed.stderr
+    assert after.returncode == 0
+    assert after.stdout.splitlines() == [
+        "ready",
+        "  linear: ready",
+        "  digits: ready",
+        "  linear-cli: ready",
+        "  broken: ready",
+    ]
+    assert as_json(after_json)["ready"] is True
+
+
+def test_predict_reads_json_and_npy_files_with_a_batch_or_one_sample(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    batch = [SAMPLE, [1.0] * 10]
+    (tmp_path / "batch.json").write_text(json.dumps(batch))
+    (tmp_path / "body.json").write_text(json.dumps({"inputs": batch}))
+    (tmp_path / "one.json").write_text(json.dumps(SAMPLE))
+    np.save(tmp_path / "batch.npy", np.array(batch, np.float32))
+    files = ["batch.json", "body.json", "one.json", "batch.npy"]
+
+    *answers, text = concurrently(
+        server,
+        *(["predict", "linear", "--input", str(tmp_path / name), "--json"] for name in files),
+        ["predict", "linear", "--input", str(tmp_path / "one.json")],
+    )
+
+    for name, answer in zip(files, answers, strict=True):
+        expected = bundled_linear(batch if name != "one.json" else [SAMPLE])
+        assert np.allclose(as_json(answer)["outputs"], expected, atol=1e-6), name
+    version = as_json(answers[2])["version"]
+    assert text.stdout.splitlines()[0] == f"linear (version {version})"
+    assert text.stdout.splitlines()[1].startswith("[0] [0.0888")
+
+
+def test_predict_turns_png_and_jpeg_pictures_into_the_digits_input(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    with np.load(HELDOUT) as data:
+        images, labels = data["images"][:2].astype(np.float64), data["labels"][:2].tolist()
+    paths = []
+    for index, (pixels, image_format) in enumerate(zip(images, ["PNG", "JPEG"], strict=True)):
+        # Dark ink on a light ground, 32x32: the digit as a person would draw or scan it.
+        ink = (255 - np.round(pixels * 255 / 16)).astype(np.uint8)
+        picture = Image.fromarray(ink, "L").resize((32, 32), Image.Resampling.NEAREST)
+        paths.append(tmp_path / f"digit{index}.{image_format.lower()}")
+        picture.convert("RGB").save(paths[-1], image_format)
+
+    answers = concurrently(
+        server, *(["predict", "digits", "--input", str(path), "--json"] for path in paths)
+    )
+
+    assert [as_json(answer)["outputs"][0]["label"] for answer in answers] == labels
+
+
+def test_upload_shows_the_report_then_versions_activate_and_rollback(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    torch.manual_seed(1)
+    torch.save(MyModel().state_dict(), tmp_path / "retrained.pth")
+
+    upload = modelport(server, "upload", "linear-cli", str(tmp_path / "retrained.pth"))
+    version = upload.stdout.split()[2]
+    versions, listed = concurrently(
+        server, ["versions", "linear-cli"], ["versions", "linear-cli", "--json"]
+    )
+    rollback = modelport(server, "rollback", "linear-cli")
+    activate = as_json(modelport(server, "activate", "linear-cli", version, "--json"))
+
+    assert upload.returncode == 0, upload.stderr
+    assert upload.stderr == ""  # no progress bar when stderr is not a terminal
+    assert upload.stdout.splitlines()[0] == f"linear-cli: version {version} (new version, active)"
+    assert "  smoke test  passed" in upload.stdout.splitlines()
+    assert "  keys        2 loaded (strict)" in upload.stdout.splitlines()
+    header, bundled_row, uploaded_row = versions.stdout.splitlines()
+    assert header.split() == ["VERSION", "SOURCE", "CREATED", "FILE"]
+    assert bundled_row.split()[1::2] == ["bundled", "linear.pth"]
+    assert bundled_row.split()[-1] == "previous"
+    assert uploaded_row.split()[:2] == [version, "upload"]
+    assert uploaded_row.split()[-2:] == ["retrained.pth", "active"]
+    assert as_json(listed)["active"] == version
+    previous = as_json(listed)["previous"]
+    assert rollback.stdout.strip() == f"linear-cli: rolled back to version {previous}"
+    assert activate["version"] == version
+    assert activate["active"] is True
+
+
+def test_upload_draws_a_progress_bar_on_a_terminal(server: ServerProcess) -> None:
+    terminal, child_side = os.openpty()
+    # An 80x24 terminal: tqdm sizes its bar to the window, which a new pty reports as 0x0.
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        upload = modelport(
+            server, "upload", "linear", str(WEIGHTS / "linear.pth"), stderr=child_side
+        )
+        os.close(child_side)
+        drawn = _read_all(terminal)
+    finally:
+        os.close(terminal)
+    assert upload.returncode == 0
+    assert "linear.pth: 100%" in drawn
+    assert "2.01k/2.01k" in drawn
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the writing side is closed and drained
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_failures_print_one_line_and_exit_1(server: ServerProcess, tmp_path: Path) -> None:
+    (tmp_path / "one.json").write_text(json.dumps(SAMPLE))
+    Image.new("L", (8, 8)).save(tmp_path / "picture.png")
+    one = str(tmp_path / "one.json")
+
+    unknown, no_image_hook, missing, wrong_token, refused, usage = concurrently(
+        server,
+        ["predict", "nope", "--input", one],
+        ["predict", "linear", "--input", str(tmp_path / "picture.png")],
+        ["predict", "linear", "--input", str(tmp_path / "absent.json")],
+        ["rollback", "linear", "--token", "x" * 40],
+        ["upload", "digits", str(WEIGHTS / "linear.pth")],
+        ["activate", "linear"],
+    )
+    down = modelport(None, "health", "--url", f"http://127.0.0.1:{free_port()}")
+
+    assert "no model named 'nope'" in one_error_line(unknown)
+    assert "registers no image_to_input hook" in one_error_line(no_image_hook)
+    assert "cannot read" in one_error_line(missing)
+    assert one_error_line(wrong_token).endswith("(forbidden, HTTP 403)")
+    assert "weights do not fit the model" in one_error_line(refused)
+    assert one_error_line(refused).endswith("(weights_incompatible, HTTP 422)")
+    assert "cannot reach the server" in one_error_line(down)
+    assert usage.returncode == 2
