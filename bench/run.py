@@ -159,8 +159,17 @@ def run_wrk(
     sampler.start()
     started = time.monotonic()
     result = subprocess.run(
-        ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds}s", "--timeout",
-         "10s", "-s", str(ROOT / "bench" / "post.lua"), url],
+        [
+            "wrk",
+            f"-t{min(2, concurrency)}",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            url,
+        ],
         env={**os.environ, **env, "BODY_FILE": str(body)},
         capture_output=True,
         text=True,
@@ -190,8 +199,9 @@ def run_wrk(
 # --- in-process limit -------------------------------------------------------------------------
 
 
-def _forward_loop(name: str, weights: str, batch: int, seconds: float, threads: int,
-                  out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _forward_loop(
+    name: str, weights: str, batch: int, seconds: float, threads: int, out: multiprocessing.Queue
+) -> None:  # type: ignore[type-arg]
     torch.set_num_threads(threads)
     cls, shape = MODELS[name]
     model = cls()
@@ -208,14 +218,16 @@ def _forward_loop(name: str, weights: str, batch: int, seconds: float, threads: 
     out.put(count / seconds)
 
 
-def in_process(name: str, weights: Path, batch: int, processes: int, threads: int,
-               seconds: float = 3.0) -> float:
+def in_process(
+    name: str, weights: Path, batch: int, processes: int, threads: int, seconds: float = 3.0
+) -> float:
     """Samples/s of ``processes`` concurrent forward loops: the server's compute ceiling."""
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     workers = [
-        context.Process(target=_forward_loop, args=(name, str(weights), batch, seconds, threads,
-                                                    out))
+        context.Process(
+            target=_forward_loop, args=(name, str(weights), batch, seconds, threads, out)
+        )
         for _ in range(processes)
     ]
     for worker in workers:
@@ -244,18 +256,26 @@ def prepare(directory: Path) -> dict[str, dict[str, Path]]:
         raw = directory / f"{name}.bin"
         raw.write_bytes(sample.tobytes())
         files[name] = {"weights": weights, "json": body, "raw": raw}
-        entries.append(f'[[models]]\nname = "{name}"\nclass = "bench-{name}"\n'
-                       f'weights = "{weights}"\n')
+        entries.append(
+            f'[[models]]\nname = "{name}"\nclass = "bench-{name}"\nweights = "{weights}"\n'
+        )
     (directory / "bench.toml").write_text("\n".join(entries))
     return files
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def table(rows: list[Row]) -> str:
@@ -264,8 +284,11 @@ def table(rows: list[Row]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
-        spread = " (" + " + ".join(f"{c:.2f}" for c in r.per_worker_cpu) + ")" if len(
-            r.per_worker_cpu) > 1 else ""
+        spread = (
+            " (" + " + ".join(f"{c:.2f}" for c in r.per_worker_cpu) + ")"
+            if len(r.per_worker_cpu) > 1
+            else ""
+        )
         lines.append(
             f"| {r.model} | {r.server} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.errors} | {r.rss_mib:,.0f} | {r.cpu_cores:.2f}{spread} |"
@@ -292,43 +315,78 @@ def main() -> None:
         files = prepare(directory)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
         ours_port, base_port = 18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)
-        ours_env = env | {"MODELPORT_STORE_DIR": str(directory / "store"),
-                          "MODELPORT_LOG_LEVEL": "warning"}
+        ours_env = env | {
+            "MODELPORT_STORE_DIR": str(directory / "store"),
+            "MODELPORT_LOG_LEVEL": "warning",
+        }
         rows: list[Row] = []
         servers = [
-            ("modelport", [python, "-m", "app", "--port", str(ours_port), "--config",
-                           str(directory / "bench.toml"), "--workers", str(args.workers)],
-             ours_env, f"http://127.0.0.1:{ours_port}/health/ready",
-             lambda n: f"http://127.0.0.1:{ours_port}/v1/models/{n}/predict"),
-            ("tutorial", [python, "bench/tutorial_server.py", tmp, str(base_port)], env,
-             f"http://127.0.0.1:{base_port}/openapi.json",
-             lambda n: f"http://127.0.0.1:{base_port}/predict/{n}"),
+            (
+                "modelport",
+                [
+                    python,
+                    "-m",
+                    "app",
+                    "--port",
+                    str(ours_port),
+                    "--config",
+                    str(directory / "bench.toml"),
+                    "--workers",
+                    str(args.workers),
+                ],
+                ours_env,
+                f"http://127.0.0.1:{ours_port}/health/ready",
+                lambda n: f"http://127.0.0.1:{ours_port}/v1/models/{n}/predict",
+            ),
+            (
+                "tutorial",
+                [python, "bench/tutorial_server.py", tmp, str(base_port)],
+                env,
+                f"http://127.0.0.1:{base_port}/openapi.json",
+                lambda n: f"http://127.0.0.1:{base_port}/predict/{n}",
+            ),
         ]
         for label, command, server_env, ready, url in servers:
             server = Server(label, command, server_env, ready)
             try:
                 for name in names:
                     for concurrency in concurrencies:
-                        row = run_wrk(server, url(name), files[name]["json"], concurrency,
-                                      args.duration, {"CONTENT_TYPE": "application/json"})
+                        row = run_wrk(
+                            server,
+                            url(name),
+                            files[name]["json"],
+                            concurrency,
+                            args.duration,
+                            {"CONTENT_TYPE": "application/json"},
+                        )
                         row.model = name
                         rows.append(row)
                         print(table([row]).splitlines()[-1], flush=True)
                     if label == "modelport" and name == "cnn":
                         shape = ",".join(str(d) for d in (1, *MODELS[name][1]))
                         for concurrency in concurrencies:
-                            row = run_wrk(server, url(name), files[name]["raw"], concurrency,
-                                          args.duration,
-                                          {"CONTENT_TYPE": "application/octet-stream",
-                                           "TENSOR_SHAPE": shape, "TENSOR_DTYPE": "float32"})
+                            row = run_wrk(
+                                server,
+                                url(name),
+                                files[name]["raw"],
+                                concurrency,
+                                args.duration,
+                                {
+                                    "CONTENT_TYPE": "application/octet-stream",
+                                    "TENSOR_SHAPE": shape,
+                                    "TENSOR_DTYPE": "float32",
+                                },
+                            )
                             row.model, row.server = name, "modelport (binary)"
                             rows.append(row)
                             print(table([row]).splitlines()[-1], flush=True)
             finally:
                 server.stop()
         limits = {
-            name: {batch: in_process(name, files[name]["weights"], batch, args.workers, threads)
-                   for batch in (1, 8, 32)}
+            name: {
+                batch: in_process(name, files[name]["weights"], batch, args.workers, threads)
+                for batch in (1, 8, 32)
+            }
             for name in names
         }
     report = render(rows, limits, args, threads)
@@ -336,26 +394,39 @@ def main() -> None:
     args.out.write_text(report)
 
 
-def render(rows: list[Row], limits: dict[str, dict[int, float]], args: argparse.Namespace,
-           threads: int) -> str:
+def render(
+    rows: list[Row], limits: dict[str, dict[int, float]], args: argparse.Namespace, threads: int
+) -> str:
     limit_lines = ["| model | batch 1 | batch 8 | batch 32 |", "|---|--:|--:|--:|"]
     for name, by_batch in limits.items():
-        limit_lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in by_batch.values())
-                           + " |")
-    ratios = ["| model | conc | modelport / tutorial req/s | p99 modelport / tutorial |",
-              "|---|--:|--:|--:|"]
+        limit_lines.append(
+            f"| {name} | " + " | ".join(f"{v:,.0f}" for v in by_batch.values()) + " |"
+        )
+    ratios = [
+        "| model | conc | modelport / tutorial req/s | p99 modelport / tutorial |",
+        "|---|--:|--:|--:|",
+    ]
     for row in rows:
         if row.server != "modelport":
             continue
-        base = next(r for r in rows if r.server == "tutorial" and r.model == row.model
-                    and r.concurrency == row.concurrency)
-        ratios.append(f"| {row.model} | {row.concurrency} | {row.rps / base.rps:.1f}x | "
-                      f"{row.p99_ms / base.p99_ms:.2f} |")
+        base = next(
+            r
+            for r in rows
+            if r.server == "tutorial" and r.model == row.model and r.concurrency == row.concurrency
+        )
+        ratios.append(
+            f"| {row.model} | {row.concurrency} | {row.rps / base.rps:.1f}x | "
+            f"{row.p99_ms / base.p99_ms:.2f} |"
+        )
     binary = [r for r in rows if r.server == "modelport (binary)"]
     best = max(limits.get("cnn", {0: 0.0}).values())
-    cnn_line = (f"\ncnn binary path at its best concurrency: {max(r.rps for r in binary):,.0f} "
-                f"req/s = {max(r.rps for r in binary) / best:.0%} of the in-process limit "
-                f"({best:,.0f} samples/s)\n" if binary and best else "")
+    cnn_line = (
+        f"\ncnn binary path at its best concurrency: {max(r.rps for r in binary):,.0f} "
+        f"req/s = {max(r.rps for r in binary) / best:.0%} of the in-process limit "
+        f"({best:,.0f} samples/s)\n"
+        if binary and best
+        else ""
+    )
     return (
         f"# modelport benchmark\n\nMachine: {machine()}\n\n"
         f"Command: `.venv/bin/python bench/run.py --duration {args.duration} --concurrency "
