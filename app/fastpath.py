@@ -49,6 +49,8 @@ from app.tensors import (
 VERSION_HEADER = "X-Model-Version"
 PREDICT_PATH = re.compile(r"/v1/models/([^/]+)/predict")
 JSON = "application/json"
+# Read as JSON too: no type, and what `curl -d` sends when not told otherwise.
+_JSON_ALIASES = ("", JSON, "application/x-www-form-urlencoded", "text/plain")
 
 
 @dataclass
@@ -63,7 +65,8 @@ class _Call:
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("content-type", JSON).split(";")[0].strip().lower() or JSON
+        kind = self.headers.get("content-type", "").split(";")[0].strip().lower()
+        return JSON if kind in _JSON_ALIASES else kind
 
     @property
     def accept(self) -> str:

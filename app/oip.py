@@ -183,7 +183,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     inflater = zlib.decompressobj(47 if coding == "gzip" else zlib.MAX_WBITS)
     try:
         data = inflater.decompress(body, limit + 1)
-        if len(data) > limit or inflater.unconsumed_tail:
+        if len(data) > limit:
             raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes")
         if not inflater.eof:
             raise BadRequest(f"the {coding} body is truncated")

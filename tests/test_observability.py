@@ -1,0 +1,139 @@
+"""Request ids, logs and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.logs import JsonFormatter, RequestIdFilter, configure_logging, request_id
+from models.linear import MyModel
+from tests.helpers import LINEAR, make_settings, run_server, serve_in_process, write_config
+
+SAMPLE = [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]]
+TOKEN = secrets.token_urlsafe(32)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rsplit("}", 1)[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_a_caller_request_id_is_echoed_and_one_is_made_otherwise(
+    client: httpx.AsyncClient,
+) -> None:
+    given = await client.post(
+        "/v1/models/linear/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "abc-1"}
+    )
+    made = await client.get("/v1/models/linear")
+    bad = await client.get("/health/live", headers={"X-Request-ID": "no spaces allowed"})
+    assert given.headers["X-Request-ID"] == "abc-1"
+    assert re.fullmatch(r"[0-9a-f]{16}", made.headers["X-Request-ID"])
+    assert bad.headers["X-Request-ID"] != "no spaces allowed"
+
+
+async def test_every_log_line_of_a_request_carries_its_id_and_the_access_line_has_latency(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO):
+        await client.post(
+            "/v1/models/nope/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "req-7"}
+        )
+        await client.get("/health/ready", headers={"X-Request-ID": "probe-1"})
+    access = [r for r in caplog.records if r.name == "app.access"]
+    assert len(access) == 1, "health probes are not logged as traffic"
+    line = access[0].getMessage()
+    assert access[0].request_id == "req-7"  # type: ignore[attr-defined]
+    assert re.fullmatch(r'POST /v1/models/nope/predict 404 \d+\.\dms "127\.0\.0\.1"', line), line
+
+
+def test_json_log_lines_hold_the_request_id_and_never_the_token(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("info", "json")
+    try:
+        token = request_id.set("rid-42")
+        logging.getLogger("app.test").info("loaded %s", "linear", extra={"model": "linear"})
+        request_id.reset(token)
+    finally:
+        logging.getLogger().handlers.clear()
+    entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert entry["request_id"] == "rid-42"
+    assert entry["message"] == "loaded linear"
+    assert entry["model"] == "linear"
+    assert entry["level"] == "INFO"
+    assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
+
+
+async def test_metrics_count_requests_by_model_version_endpoint_and_status(
+    client: httpx.AsyncClient,
+) -> None:
+    version = (await client.get("/v1/models/linear")).json()["version"]
+    for _ in range(3):
+        await client.post("/v1/models/linear/predict", json={"inputs": SAMPLE})
+    await client.post("/v1/models/linear/predict", json={"inputs": [[1, 2]]})
+    await client.post("/predict", json={"model": "linear", "inputs": SAMPLE})
+    for _ in range(5):
+        await client.get("/health/ready")
+        await client.get("/metrics")
+    text = (await client.get("/metrics")).text
+    endpoint = "/v1/models/{name}/predict"
+    ok = metric(text, "modelport_requests_total", model="linear", endpoint=endpoint, status="200")
+    assert ok == 3
+    assert metric(text, "modelport_requests_total", version=version, endpoint=endpoint) == 3
+    assert metric(text, "modelport_requests_total", model="linear", status="422") == 1
+    assert metric(text, "modelport_requests_total", endpoint="/predict", status="200") == 1
+    assert "/health/ready" not in text
+    assert 'endpoint="/metrics"' not in text
+    duration = "modelport_request_duration_seconds_count"
+    assert metric(text, duration, model="linear", endpoint=endpoint) == 4
+    assert metric(text, duration, model="linear", endpoint="/predict") == 1
+    assert metric(text, duration, model="linear", endpoint="/v1/models/{name}") == 1
+    assert metric(text, "modelport_queue_wait_seconds_count", model="linear") == 4
+    assert metric(text, "modelport_compute_seconds_count", model="linear", version=version) >= 1
+    assert metric(text, "modelport_batch_size_count", model="linear") >= 1
+    assert metric(text, "modelport_batch_size_sum", model="linear") == 4
+    assert metric(text, "modelport_queue_depth", model="linear") == 0
+    sha = (await client.get("/v1/models/linear")).json()["weights"]["sha256"]
+    assert metric(text, "modelport_active_version_info", model="linear", sha256=sha) == 1
+
+
+async def test_metrics_count_uploads_and_refusals_by_reason(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    torch.save(MyModel().state_dict(), tmp_path / "new.pth")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with serve_in_process(make_settings(tmp_path, LINEAR, admin_token=TOKEN)) as client:
+        url = "/v1/models/linear/weights"
+        await client.put(url, content=(tmp_path / "new.pth").read_bytes(), headers=auth)
+        await client.put(url, content=b"not weights", headers=auth)
+        await client.post("/v1/models/linear/rollback", headers=auth)
+        text = (await client.get("/metrics")).text
+    total = "modelport_management_total"
+    assert metric(text, total, action="upload", outcome="created") == 1
+    assert metric(text, total, action="upload", outcome="refused:weights_unreadable") == 1
+    assert metric(text, total, action="rollback", outcome="ok") == 1
+
+
+def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config, "--workers", "2") as server:
+        for _ in range(40):
+            # a new connection each time, so that both workers take some
+            httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": SAMPLE})
+        scrapes = [httpx.get(f"{server.url}/metrics").text for _ in range(6)]
+    for text in scrapes:  # whichever worker answers, the count is the whole service's
+        assert metric(text, "modelport_requests_total", model="linear", status="200") == 40
