@@ -131,13 +131,22 @@ class DynamicBatcher:
             self._queue.append(request)
             self._depth.inc()
             self._ready.notify()
+        timer = loop.call_later(self.policy.timeout_s, self._expire, request)
         try:
-            return await asyncio.wait_for(asyncio.shield(request.future), self.policy.timeout_s)
-        except TimeoutError:
-            request.cancelled = True  # the thread drops it unless its forward already started
-            raise InferenceTimeout(
-                f"model {self.name!r} did not answer within {self.policy.timeout_s:g} s"
-            ) from None
+            return await request.future
+        finally:
+            timer.cancel()
+            request.cancelled = request.future.cancelled()  # its client left: drop it
+
+    def _expire(self, request: _Request) -> None:
+        """The timeout: answer 504 now; the thread drops the request unless it has started."""
+        request.cancelled = True
+        if not request.future.done():
+            request.future.set_exception(
+                InferenceTimeout(
+                    f"model {self.name!r} did not answer within {self.policy.timeout_s:g} s"
+                )
+            )
 
     # --- the inference thread ------------------------------------------------------------
 
@@ -219,6 +228,7 @@ class DynamicBatcher:
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
         self._batch_size.observe(len(inputs))
+        answers: list[tuple[_Request, Result | None, ModelportError | None]] = []
         offset = 0
         for request in requests:
             rows = output[offset : offset + request.size]
@@ -226,9 +236,11 @@ class DynamicBatcher:
             try:
                 value: Any = runtime.postprocess(rows) if request.postprocess else rows
             except Exception as exc:
-                _resolve(request, error=InferenceFailed(f"postprocess failed: {_failure(exc)}"))
+                failed = InferenceFailed(f"postprocess failed: {_failure(exc)}")
+                answers.append((request, None, failed))
                 continue
-            _resolve(request, result=(runtime, value))
+            answers.append((request, (runtime, value), None))
+        _resolve_all(requests[0].loop, answers)
         compute = self.metrics.compute_seconds.labels(self.name, runtime.version)
         compute.observe(time.perf_counter() - started)
 
@@ -240,15 +252,24 @@ def _failure(exc: BaseException) -> str:
 def _resolve(
     request: _Request, *, result: Result | None = None, error: ModelportError | None = None
 ) -> None:
-    """Complete a request's future from any thread."""
+    """Complete one request's future from any thread."""
+    _resolve_all(request.loop, [(request, result, error)])
+
+
+def _resolve_all(
+    loop: asyncio.AbstractEventLoop,
+    answers: list[tuple[_Request, Result | None, ModelportError | None]],
+) -> None:
+    """Complete a batch's futures with one wake-up of their event loop."""
 
     def complete() -> None:
-        if request.future.done() or request.cancelled:
-            return  # a timed-out request's answer goes nowhere
-        if error is not None:
-            request.future.set_exception(error)
-        else:
-            request.future.set_result(result)  # type: ignore[arg-type]
+        for request, result, error in answers:
+            if request.future.done():
+                continue  # timed out (or its client left): the answer goes nowhere
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(result)  # type: ignore[arg-type]
 
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-        request.loop.call_soon_threadsafe(complete)
+        loop.call_soon_threadsafe(complete)

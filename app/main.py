@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=_lifespan,
+        # app.metrics and app.middleware observe every request; FastAPI's OpenTelemetry
+        # hooks would cost each request a provider lookup for nothing.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.registry = registry
