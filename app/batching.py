@@ -136,7 +136,8 @@ class DynamicBatcher:
             return await request.future
         finally:
             timer.cancel()
-            request.cancelled = request.future.cancelled()  # its client left: drop it
+            if request.future.cancelled():
+                request.cancelled = True  # its client left: drop it unless it has started
 
     def _expire(self, request: _Request) -> None:
         """The timeout: answer 504 now; the thread drops the request unless it has started."""
