@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -26,11 +27,10 @@ from app.errors import (
     InvalidInput,
     MethodNotAllowed,
     ModelportError,
-    PayloadTooLarge,
     UnsupportedMediaType,
     error_body,
 )
-from app.inputs import check_array, to_batch
+from app.inputs import check_array, read_capped, to_batch
 from app.middleware import ROUTE_KEY
 from app.registry import ModelRegistry
 from app.served import ServedModel
@@ -121,7 +121,9 @@ async def _predict(
     call: _Call, receive: Receive, registry: ModelRegistry, settings: Settings
 ) -> tuple[int, bytes, dict[str, str]]:
     authorize_api(call.headers.get("authorization"), settings)
-    body = await _read_body(call.headers, receive, settings.max_body_bytes)
+    body = await read_capped(
+        _body_chunks(receive), call.headers.get("content-length"), settings.max_body_bytes
+    )
     model, batch = _decode(call, body, registry, settings)
     if call.accept == JSON:
         runtime, outputs = await model.predict(batch)
@@ -210,23 +212,14 @@ def _parse_with_non_finite(body: bytes, error: orjson.JSONDecodeError) -> Any:
         raise BadRequest(f"malformed JSON: {error}") from None
 
 
-async def _read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             raise BadRequest("the client disconnected before sending the whole body")
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+        yield message.get("body", b"")
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return
 
 
 async def _answer(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

@@ -3,12 +3,13 @@ Python work on the happy path."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.errors import InvalidInput
+from app.errors import InvalidInput, PayloadTooLarge
 
 _NUMPY_DTYPES: dict[torch.dtype, type[np.generic]] = {
     torch.float16: np.float16,
@@ -32,6 +33,21 @@ _KIND_NAMES = {
     "S": "strings",
     "O": "mixed or non-numeric values (null, strings, objects or out-of-range integers)",
 }
+
+
+async def read_capped(chunks: AsyncIterable[bytes], declared: str | None, limit: int) -> bytes:
+    """A request body of at most ``limit`` bytes: refused up front by its Content-Length
+    (``declared``) and again while streaming, since a body need not declare its length."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,6 +105,8 @@ def check_array(
     _check_range(array, target)
     with np.errstate(over="ignore", invalid="ignore"):
         batch = np.ascontiguousarray(array, dtype=target)
+    if not batch.flags.writeable:  # e.g. read from a bytes body: torch wants to own it
+        batch = batch.copy()
     if batch.dtype.kind == "f" and not allow_non_finite and not np.isfinite(batch).all():
         bad = int(np.argwhere(~np.isfinite(batch).reshape(len(batch), -1).all(axis=1))[0][0])
         raise InvalidInput(

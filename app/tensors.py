@@ -62,8 +62,7 @@ def decode_raw(data: bytes, dtype: str | None, shape: tuple[int, ...]) -> np.nda
         raise BadRequest(
             f"the body has {len(data)} bytes; shape {list(shape)} of {dtype} needs {expected}"
         )
-    # bytearray: a writable buffer, as torch wants to own the memory it reads
-    array = np.frombuffer(bytearray(data), dtype=wire).reshape(shape)
+    array = np.frombuffer(data, dtype=wire).reshape(shape)
     if dtype == BFLOAT16:  # bfloat16 is the top half of a float32
         return (array.astype("<u4") << 16).view("<f4")
     return array

@@ -21,11 +21,10 @@ from app.deps import ApiDep, RegistryDep, SettingsDep
 from app.errors import (
     InvalidInput,
     ModelportError,
-    PayloadTooLarge,
     VersionNotFound,
     WeightsError,
 )
-from app.inputs import to_batch
+from app.inputs import check_array, read_capped, to_batch
 from app.oip import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -268,7 +267,9 @@ async def _infer(
 ) -> Response:
     limit = settings.max_body_bytes
     body = decompress(
-        await _read_capped(request, limit), request.headers.get("content-encoding"), limit
+        await read_capped(request.stream(), request.headers.get("content-length"), limit),
+        request.headers.get("content-encoding"),
+        limit,
     )
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None and header_length.strip() == "0":
@@ -276,8 +277,8 @@ async def _infer(
     else:
         decoded = decode_request(body, header_length)
     array = _model_input(model, decoded)
-    batch = to_batch(
-        list(array),
+    batch = check_array(
+        array,
         model.sample_shape,
         model.spec.input_dtype,
         max_samples=settings.max_samples_per_request,
@@ -334,17 +335,3 @@ def _model_input(model: ServedModel, decoded: DecodedRequest) -> np.ndarray:
             f"{', '.join(map(str, model.sample_shape))}] (the batch dimension first)"
         )
     return array
-
-
-async def _read_capped(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
