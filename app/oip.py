@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge
+from app.tensors import tensor_bytes, widen_bfloat16
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -302,8 +303,7 @@ def from_bytes(raw: bytes | memoryview, datatype: str, shape: list[int], name: s
     if datatype == "BOOL":
         array = array != 0
     elif datatype == "BF16":
-        # A bfloat16 is the upper half of a float32: shift the bits back into place.
-        array = (array.astype(np.uint32) << 16).view(np.float32)
+        array = widen_bfloat16(array)
     return array.reshape(shape)
 
 
@@ -347,7 +347,7 @@ def encode_response(
     chunks: list[bytes] = []
     for meta, tensor, binary in tensors:
         if binary:
-            chunk = to_bytes(tensor)
+            chunk = tensor_bytes(tensor)
             meta.parameters = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -358,12 +358,3 @@ def encode_response(
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
-
-
-def to_bytes(tensor: torch.Tensor) -> bytes:
-    """A CPU tensor as little-endian row-major bytes (BF16: its 2-byte bit patterns)."""
-    tensor = tensor.contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
-    wire = _NUMPY[datatype_of(tensor.dtype)]
-    return np.ascontiguousarray(tensor.numpy(), dtype=wire).tobytes()

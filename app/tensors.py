@@ -63,9 +63,13 @@ def decode_raw(data: bytes, dtype: str | None, shape: tuple[int, ...]) -> np.nda
             f"the body has {len(data)} bytes; shape {list(shape)} of {dtype} needs {expected}"
         )
     array = np.frombuffer(data, dtype=wire).reshape(shape)
-    if dtype == BFLOAT16:  # bfloat16 is the top half of a float32
-        return (array.astype("<u4") << 16).view("<f4")
-    return array
+    return widen_bfloat16(array) if dtype == BFLOAT16 else array
+
+
+def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> the same values as float32, exactly: a bfloat16 is
+    the upper half of a float32."""
+    return (bits.astype("<u4") << 16).view("<f4")
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -79,15 +83,21 @@ def decode_npy(data: bytes) -> np.ndarray:
     return array
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's values as little-endian row-major bytes (bfloat16: its bit patterns)."""
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().astype("<u2", copy=False).tobytes()
+    array = tensor.numpy()
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def encode_raw(tensor: torch.Tensor) -> tuple[bytes, str]:
     """A CPU tensor -> its little-endian bytes and dtype name."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.uint16).numpy().astype("<u2").tobytes(), BFLOAT16
-    array = np.ascontiguousarray(tensor.numpy())
     name = str(tensor.dtype).removeprefix("torch.")
-    if name not in _NUMPY:
+    if name not in DTYPES:
         raise BadRequest(f"the output dtype {name} has no binary encoding; ask for JSON")
-    return array.astype(_NUMPY[name], copy=False).tobytes(), name
+    return tensor_bytes(tensor), name
 
 
 def encode_npy(tensor: torch.Tensor) -> bytes:
