@@ -4,6 +4,7 @@ validated upload, load-validate-flip activation, instant rollback, deletion, ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -247,16 +248,11 @@ class ServedModel:
     async def follow_store(self) -> None:
         """Serve the version the store records as active when another replica changed it:
         loaded and smoke-tested beside the serving one, then the same one-reference swap."""
-        try:
-            recorded = self.store.read_active(self.name)
-        except StoreCorrupt:
-            return  # the record is being replaced or damaged: keep serving, read it next time
-        if recorded is None or self._is_active(recorded.version):
-            return
-        if recorded.version == self._unfollowable:
+        if not self._store_moved_on():
             return
         async with self.lock:
-            if self._is_active(recorded.version):
+            recorded = self._store_moved_on()  # again: it may have moved while we waited
+            if recorded is None:
                 return
             runtime = self._loaded(recorded.version)
             try:
@@ -281,6 +277,17 @@ class ServedModel:
             logger.info(
                 "model %s follows the store: now serving version %s", self.name, runtime.version
             )
+
+    def _store_moved_on(self) -> ActiveRecord | None:
+        """The store's active-version record when it names another version than this replica
+        serves (and not one it already failed to load)."""
+        try:
+            recorded = self.store.read_active(self.name)
+        except StoreCorrupt:
+            return None  # being replaced or damaged: keep serving, read it next time
+        if recorded is None or self._is_active(recorded.version):
+            return None
+        return None if recorded.version == self._unfollowable else recorded
 
     def _loaded(self, version: str | None) -> ModelRuntime | None:
         """A runtime of ``version`` this process already holds."""
@@ -410,8 +417,13 @@ class ServedModel:
         self.store.write_active(self.name, record)
 
     def _prune(self) -> None:
-        """Keep the newest ``keep_versions`` stored versions (never the active or previous)."""
+        """Keep the newest ``keep_versions`` stored versions (never the active or previous one,
+        as this replica or the store's record knows them)."""
         keep = {r.version for r in (self.runtime, self.previous) if r is not None}
+        with contextlib.suppress(StoreCorrupt):
+            recorded = self.store.read_active(self.name)
+            if recorded is not None:
+                keep |= {recorded.version, recorded.previous or ""}
         stored = self.store.versions(self.name)
         for record in stored[: max(0, len(stored) - self.keep_versions)]:
             if record.id not in keep:

@@ -51,6 +51,10 @@ class DrainingServer(uvicorn.Server):
         if self.drain_deadline is not None and not self.should_exit:
             idle = not self.server_state.tasks
             self.should_exit = idle or time.monotonic() >= self.drain_deadline
+            if self.should_exit:
+                # the grace period is spent: uvicorn's own wait for open requests is not a second
+                # one, only time for the batch in progress to answer
+                self.config.timeout_graceful_shutdown = 1
         return await super().on_tick(counter)
 
 

@@ -11,12 +11,14 @@ Layout under the store directory, per model::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,9 @@ from app.errors import BadRequest, PayloadTooLarge, StoreCorrupt
 logger = logging.getLogger(__name__)
 
 VERSION_PATTERN = re.compile(r"^[0-9a-f]{12}$")
+ORPHAN_AGE_S = 300
+"""A version's bytes without a record are removed at startup only once this old (seconds since
+their commit began): younger ones may be another replica's commit in progress."""
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -67,15 +72,40 @@ class ActiveRecord:
 
 @dataclass
 class StagedUpload:
-    """A received upload in the store's incoming folder, not yet a version."""
+    """A received upload in the store's incoming folder, not yet a version. Its file stays
+    locked (``flock``) while this process owns it, so that replicas sharing the store leave it
+    alone; the lock dies with the process, so a crash's leftover can be cleaned."""
 
     path: Path
     sha256: str
     size: int
+    lock_fd: int = -1
 
     def discard(self) -> None:
-        """Remove the staged bytes."""
+        """Remove the staged bytes (a no-op once committed) and release the lock."""
         self.path.unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        """Release the lock on the file."""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def _owned_by_a_live_process(path: Path) -> bool:
+    """Whether a process still holds the lock a staged upload's owner takes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # gone already: nothing to clean
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -123,10 +153,14 @@ class WeightStore:
         incoming.mkdir(parents=True, exist_ok=True)
         self._versions_dir(name).mkdir(parents=True, exist_ok=True)
         for leftover in incoming.iterdir():
+            if _owned_by_a_live_process(leftover):
+                continue  # another replica is receiving or validating it
             logger.warning("removing interrupted upload %s of model %s", leftover.name, name)
             leftover.unlink(missing_ok=True)
+        now = time.time()
         for weights in self._versions_dir(name).glob("*.weights"):
-            if not weights.with_suffix(".json").exists():
+            recent = now - weights.stat().st_mtime < ORPHAN_AGE_S  # a commit may be under way
+            if not recent and not weights.with_suffix(".json").exists():
                 logger.warning("removing %s of model %s: it has no record", weights.name, name)
                 weights.unlink(missing_ok=True)
 
@@ -140,6 +174,8 @@ class WeightStore:
         path = incoming / f"{secrets.token_hex(8)}.part"
         digest = hashlib.sha256()
         size = 0
+        lock_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             with path.open("wb") as stream:
                 async for chunk in chunks:
@@ -152,15 +188,18 @@ class WeightStore:
                 os.fsync(stream.fileno())
         except BaseException:
             path.unlink(missing_ok=True)
+            os.close(lock_fd)
             raise
-        return StagedUpload(path, digest.hexdigest(), size)
+        return StagedUpload(path, digest.hexdigest(), size, lock_fd)
 
     def commit(self, name: str, staged: StagedUpload, record: VersionRecord) -> Path:
         """Make the staged bytes an immutable version: rename them in, then write the record."""
         versions = self._versions_dir(name)
         versions.mkdir(parents=True, exist_ok=True)
         target = versions / f"{check_version_id(record.id)}.weights"
+        os.utime(staged.path)  # its age, for prepare(), counts from the commit
         os.replace(staged.path, target)
+        staged.release()
         _fsync_dir(versions)
         write_atomically(target.with_suffix(".json"), json.dumps(asdict(record)).encode())
         return target

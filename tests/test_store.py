@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 
 from app.errors import BadRequest, PayloadTooLarge, StoreCorrupt
 from app.store import (
+    ORPHAN_AGE_S,
     ActiveRecord,
     StagedUpload,
     VersionRecord,
@@ -225,8 +228,11 @@ async def test_prepare_removes_interrupted_uploads_and_weights_without_a_record(
     kept = record_for(staged, "2025-01-01T00:00:00+00:00")
     kept_path = store.commit(MODEL, staged, kept)
     leftover = await stage(store, b"an upload interrupted by a crash")
+    leftover.release()  # its process died: the lock went with it
     orphan = store.root / MODEL / "versions" / "ba9876543210.weights"
     orphan.write_bytes(b"renamed in, but the record was never written")
+    long_ago = time.time() - ORPHAN_AGE_S - 1
+    os.utime(orphan, (long_ago, long_ago))
 
     store.prepare(MODEL)
 
@@ -235,6 +241,22 @@ async def test_prepare_removes_interrupted_uploads_and_weights_without_a_record(
     assert list((store.root / MODEL / "incoming").iterdir()) == []
     assert kept_path.exists()
     assert store.versions(MODEL) == [kept]
+
+
+async def test_prepare_leaves_a_live_upload_and_a_commit_in_progress_alone(
+    store: WeightStore,
+) -> None:
+    # what another replica sharing the store is doing while this one starts
+    receiving = await stage(store, b"an upload another replica still validates")
+    committing = store.root / MODEL / "versions" / "ba9876543210.weights"
+    committing.parent.mkdir(parents=True)
+    committing.write_bytes(b"renamed in a moment ago; its record is being written")
+
+    store.prepare(MODEL)
+
+    assert receiving.path.exists()
+    assert committing.exists()
+    receiving.discard()
 
 
 def test_prepare_creates_the_model_folders(store: WeightStore) -> None:
