@@ -10,6 +10,7 @@ batcher, and answer. :mod:`app.routes.predict` describes the endpoints in the Op
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from app.tensors import (
     parse_shape,
 )
 
+logger = logging.getLogger(__name__)
 VERSION_HEADER = "X-Model-Version"
 PREDICT_PATH = re.compile(r"/v1/models/([^/]+)/predict")
 JSON = "application/json"
@@ -81,8 +83,10 @@ class _Call:
 class PredictEndpoint:
     """ASGI middleware answering the predict routes; everything else goes to ``app``."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, registry: ModelRegistry, settings: Settings) -> None:
         self.app = app
+        self.registry = registry
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,11 +106,14 @@ class PredictEndpoint:
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
             parse_qs(scope["query_string"].decode("latin-1")),
         )
-        state = scope["app"].state
         try:
-            status, body, headers = await _predict(call, receive, state.registry, state.settings)
+            status, body, headers = await _predict(call, receive, self.registry, self.settings)
         except ModelportError as exc:
             status, body, headers = _error_answer(exc)
+        except Exception:  # in front of the framework: nothing else would answer
+            logger.exception("unhandled error on POST %s", path)
+            status, body = 500, orjson.dumps(error_body("internal server error", "internal_error"))
+            headers = {"content-type": JSON}
         scope[ROUTE_KEY] = "/v1/models/{name}/predict" if match else "/predict"
         scope["path_params"] = {"name": call.served or call.name or ""}
         await _answer(send, status, body, headers)

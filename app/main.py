@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings, load_service_config, settings_error_line
 from app.errors import ConfigError, install_error_handlers
@@ -49,6 +50,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.close()
 
 
+class ModelportAPI(FastAPI):
+    """FastAPI, with the request observer, the shutdown gate and the predict hot path in front
+    of Starlette's own middleware (error pages, body limits, telemetry hooks), which would
+    otherwise cost every prediction as much as its own work on a small model."""
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+    def put_in_front(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+        """Route every request through the front layers, then FastAPI."""
+        framework = super().__call__
+        predict = PredictEndpoint(framework, registry, settings)
+        self.front = RequestObserver(ShutdownGate(predict), metrics, settings.access_log)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. Checks the config at once (ConfigError); weights load in the lifespan.
 
@@ -59,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _create_app_or_exit()
     metrics = Metrics(lambda: registry.active_versions())
     registry = ModelRegistry.from_settings(settings, load_service_config(settings.config), metrics)
-    app = FastAPI(
+    app = ModelportAPI(
         title="modelport",
         version="0.1.0",
         description=DESCRIPTION,
@@ -77,9 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(v2.router)
-    app.add_middleware(PredictEndpoint)
-    app.add_middleware(ShutdownGate)
-    app.add_middleware(RequestObserver, metrics=metrics, access_log=settings.access_log)
+    app.put_in_front(registry, settings, metrics)
     _document_predict(app, {m.name: m.spec.example(m.kwargs) for m in registry})
     return app
 
