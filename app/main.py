@@ -18,7 +18,7 @@ from app.config import Settings, load_service_config, settings_error_line
 from app.errors import ConfigError, install_error_handlers
 from app.fastpath import PredictEndpoint
 from app.lifecycle import ShutdownGate
-from app.logs import configure_logging
+from app.logs import AccessLog, configure_logging
 from app.metrics import Metrics
 from app.middleware import RequestObserver
 from app.registry import ModelRegistry
@@ -39,14 +39,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     await asyncio.to_thread(registry.load_all)
     registry.start()
-    follower = None
+    background = []
     if settings.sync_interval_s > 0:
-        follower = asyncio.create_task(registry.follow_store(settings.sync_interval_s))
+        background.append(asyncio.create_task(registry.follow_store(settings.sync_interval_s)))
+    access_log: AccessLog | None = app.state.access_log
+    if access_log is not None:
+        background.append(asyncio.create_task(access_log.flush_periodically()))
     try:
         yield
     finally:
-        if follower is not None:
-            follower.cancel()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         registry.close()
 
 
@@ -63,11 +67,17 @@ class ModelportAPI(FastAPI):
         else:
             await self.front(scope, receive, send)
 
-    def put_in_front(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+    def put_in_front(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics,
+        access_log: AccessLog | None,
+    ) -> None:
         """Route every request through the front layers, then FastAPI."""
         framework = super().__call__
         predict = PredictEndpoint(framework, registry, settings)
-        self.front = RequestObserver(ShutdownGate(predict), metrics, settings.access_log)
+        self.front = RequestObserver(ShutdownGate(predict), metrics, access_log)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -98,7 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(v2.router)
-    app.put_in_front(registry, settings, metrics)
+    app.state.access_log = AccessLog(settings.log_format) if settings.access_log else None
+    app.put_in_front(registry, settings, metrics, app.state.access_log)
     _document_predict(app, {m.name: m.spec.example(m.kwargs) for m in registry})
     return app
 

@@ -3,17 +3,14 @@ request metrics. Pure ASGI, around everything else, so the predict hot path has 
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.logs import request_id
+from app.logs import AccessLog, request_id
 from app.metrics import Metrics
-
-access_logger = logging.getLogger("app.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
 VERSION_HEADER = b"x-model-version"
@@ -33,7 +30,7 @@ def _unobserved(path: str) -> bool:
 class RequestObserver:
     """Request id, access log line with latency, request count and latency by endpoint."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog | None) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
@@ -73,14 +70,15 @@ class RequestObserver:
         model = str(scope.get("path_params", {}).get("name", ""))
         self.metrics.requests.labels(model, answer["version"], endpoint, status).inc()
         self.metrics.request_seconds.labels(model, endpoint).observe(elapsed)
-        if self.access_log:
-            access_logger.info(
-                '%s %s %s %.1fms "%s"',
+        if self.access_log is not None:
+            client = scope.get("client")
+            self.access_log.record(
                 scope["method"],
                 path,
                 status,
                 elapsed * 1000,
-                scope["client"][0] if scope.get("client") else "-",
+                client[0] if client else "-",
+                request_id.get(),
             )
 
 

@@ -315,10 +315,8 @@ def main() -> None:
         files = prepare(directory)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
         ours_port, base_port = 18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)
-        ours_env = env | {
-            "MODELPORT_STORE_DIR": str(directory / "store"),
-            "MODELPORT_LOG_LEVEL": "warning",
-        }
+        # as shipped: access log, request ids and metrics on (the log goes to /dev/null)
+        ours_env = env | {"MODELPORT_STORE_DIR": str(directory / "store")}
         rows: list[Row] = []
         servers = [
             (

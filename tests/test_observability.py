@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from app.logs import JsonFormatter, RequestIdFilter, configure_logging, request_id
+from app.logs import JsonFormatter, configure_logging, request_id
 from models.linear import MyModel
 from tests.helpers import LINEAR, make_settings, run_server, serve_in_process, write_config
 
@@ -45,20 +45,35 @@ async def test_a_caller_request_id_is_echoed_and_one_is_made_otherwise(
     assert bad.headers["X-Request-ID"] != "no spaces allowed"
 
 
-async def test_every_log_line_of_a_request_carries_its_id_and_the_access_line_has_latency(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+async def test_the_access_line_has_the_request_id_status_and_latency_and_skips_probes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    caplog.handler.addFilter(RequestIdFilter())
-    with caplog.at_level(logging.INFO):
+    async with serve_in_process(make_settings(tmp_path, LINEAR)) as client:
         await client.post(
             "/v1/models/nope/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "req-7"}
         )
         await client.get("/health/ready", headers={"X-Request-ID": "probe-1"})
-    access = [r for r in caplog.records if r.name == "app.access"]
-    assert len(access) == 1, "health probes are not logged as traffic"
-    line = access[0].getMessage()
-    assert access[0].request_id == "req-7"  # type: ignore[attr-defined]
-    assert re.fullmatch(r'POST /v1/models/nope/predict 404 \d+\.\dms "127\.0\.0\.1"', line), line
+        await client.get("/metrics")
+    lines = [line for line in capsys.readouterr().err.splitlines() if " app.access " in line]
+    assert len(lines) == 1, f"health probes and scrapes are not traffic: {lines}"
+    pattern = (
+        r"\S+ \S+ INFO app\.access \[req-7\] "
+        r'POST /v1/models/nope/predict 404 \d+\.\dms "127\.0\.0\.1"'
+    )
+    assert re.fullmatch(pattern, lines[0]), lines[0]
+
+
+async def test_json_access_lines_are_json_objects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(tmp_path, LINEAR, log_format="json")
+    async with serve_in_process(settings) as client:
+        await client.post("/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "j-1"})
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if '"app.access"' in x]
+    entry = json.loads(line)
+    assert entry["request_id"] == "j-1"
+    assert entry["level"] == "INFO"
+    assert entry["message"].startswith("POST /predict 200 ")
 
 
 def test_json_log_lines_hold_the_request_id_and_never_the_token(
