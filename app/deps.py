@@ -75,6 +75,10 @@ def require_admin(request: Request, settings: SettingsDep, _: Credentials) -> No
             request.client.host if request.client else "-",
             exc.code,
         )
+        # the route's name says the action: upload_weights, activate_version, ...
+        action = getattr(request.scope.get("route"), "name", "-").split("_")[0]
+        counter = request.app.state.metrics.management
+        counter.labels(request.path_params.get("name", ""), action, f"refused:{exc.code}").inc()
         raise
 
 

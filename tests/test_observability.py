@@ -136,11 +136,13 @@ async def test_metrics_count_uploads_and_refusals_by_reason(tmp_path: Path) -> N
         await client.put(url, content=(tmp_path / "new.pth").read_bytes(), headers=auth)
         await client.put(url, content=b"not weights", headers=auth)
         await client.post("/v1/models/linear/rollback", headers=auth)
+        await client.post("/v1/models/linear/rollback", headers={"Authorization": "Bearer x"})
         text = (await client.get("/metrics")).text
     total = "modelport_management_total"
     assert metric(text, total, action="upload", outcome="created") == 1
     assert metric(text, total, action="upload", outcome="refused:weights_unreadable") == 1
     assert metric(text, total, action="rollback", outcome="ok") == 1
+    assert metric(text, total, model="linear", action="rollback", outcome="refused:forbidden") == 1
 
 
 def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
