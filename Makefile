@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint bench
 
 # torch first, pinned to the CPU build on this disk: a bare `pip install torch` (or the range in
 # pyproject.toml with no torch installed yet) would download a multi-GB CUDA build.
@@ -25,3 +25,7 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest
+
+# Needs wrk (Debian: apt-get install -y wrk). About 5 minutes; writes bench/results.md.
+bench: setup
+	$(PY) bench/run.py --duration 10
