@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -95,8 +96,10 @@ def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
                 f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]}
             )
             assert response.status_code == 200
-        log = server.output()
-    assert log.count("model digits serving version") == 2
+        deadline = time.monotonic() + 60  # readiness answered once the first worker was up
+        while server.output().count("model digits serving version") < 2:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
 
 
 def test_launcher_flags_and_environment_choose_host_and_port(tmp_path: Path) -> None:
