@@ -17,6 +17,7 @@ import httpx
 import tomli_w
 from asgi_lifespan import LifespanManager
 
+from app.catalog import ModelSpec, discover, get_spec
 from app.config import Settings
 from app.main import create_app
 
@@ -24,6 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"
 LINEAR = {"name": "linear", "class": "linear", "weights": str(WEIGHTS / "linear.pth")}
 DIGITS = {"name": "digits", "class": "digits", "weights": str(WEIGHTS / "digits.pth")}
+
+
+def spec_named(name: str) -> ModelSpec:
+    """The registration of ``name``, after importing every module of ``models``."""
+    discover()
+    spec = get_spec(name)
+    assert spec is not None, f"{name!r} is not registered"
+    return spec
 
 
 def write_config(directory: Path, *models: dict[str, Any]) -> Path:

@@ -12,7 +12,6 @@ from torch import nn
 
 from app.catalog import (
     DuplicateRegistration,
-    ModelSpec,
     discover,
     get_spec,
     register,
@@ -22,16 +21,9 @@ from app.inputs import to_batch
 from app.runtime import build_runtime
 from models.digits import EXAMPLE_ZERO, DigitsCNN
 from models.linear import MyModel
-from tests.helpers import WEIGHTS
+from tests.helpers import WEIGHTS, spec_named
 
 CPU = torch.device("cpu")
-
-
-def spec_named(name: str) -> ModelSpec:
-    discover()
-    spec = get_spec(name)
-    assert spec is not None, f"{name!r} is not registered"
-    return spec
 
 
 class Tiny(nn.Module):

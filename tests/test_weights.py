@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from app.catalog import ModelSpec, discover, get_spec, register
+from app.catalog import ModelSpec, get_spec, register
 from app.errors import (
     NonFiniteWeights,
     NotAStateDict,
@@ -36,16 +36,9 @@ from app.weights import (
     read_state_dict,
     strip_wrapper_prefixes,
 )
-from tests.helpers import WEIGHTS
+from tests.helpers import WEIGHTS, spec_named
 
 CPU = torch.device("cpu")
-
-
-def spec_named(name: str) -> ModelSpec:
-    discover()
-    spec = get_spec(name)
-    assert spec is not None, f"{name!r} is not registered"
-    return spec
 
 
 @pytest.fixture
