@@ -231,6 +231,6 @@ async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 
 async def _answer(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    raw.append((b"content-length", str(len(body)).encode()))
+    raw.append((b"content-length", b"%d" % len(body)))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

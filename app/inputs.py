@@ -94,9 +94,9 @@ def check_array(
     if array.ndim == 0:
         raise InvalidInput("the inputs are a scalar; send a batch of samples")
     _check_count(len(array), max_samples)
-    expected = _expected(len(array), sample_shape, dtype)
     _check_kind(array, dtype)
     if array.shape[1:] != sample_shape:
+        expected = _expected(len(array), sample_shape, dtype)
         raise InvalidInput(
             f"wrong sample shape: expected {expected}; received shape {list(array.shape)}",
             {"expected_sample_shape": list(sample_shape), "received_shape": list(array.shape)},

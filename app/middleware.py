@@ -7,6 +7,7 @@ import random
 import re
 import time
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import AccessLog, request_id
@@ -34,6 +35,7 @@ class RequestObserver:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,13 +48,12 @@ class RequestObserver:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
+                headers = message.get("headers", [])
                 answer["status"] = message["status"]
                 for name, value in headers:
                     if name.lower() == VERSION_HEADER:
                         answer["version"] = value.decode("latin-1")
-                headers.append((REQUEST_ID_HEADER, rid.encode("latin-1")))
-                message["headers"] = headers
+                message["headers"] = [*headers, (REQUEST_ID_HEADER, rid.encode("latin-1"))]
             await send(message)
 
         try:
@@ -68,8 +69,16 @@ class RequestObserver:
         status = str(answer["status"])
         endpoint = _endpoint(scope)
         model = str(scope.get("path_params", {}).get("name", ""))
-        self.metrics.requests.labels(model, answer["version"], endpoint, status).inc()
-        self.metrics.request_seconds.labels(model, endpoint).observe(elapsed)
+        labels = (model, str(answer["version"]), endpoint, status)
+        children = self._children.get(labels)
+        if children is None:  # prometheus_client's own lookup takes a lock on every call
+            children = (
+                self.metrics.requests.labels(*labels),
+                self.metrics.request_seconds.labels(model, endpoint),
+            )
+            self._children[labels] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         if self.access_log is not None:
             client = scope.get("client")
             self.access_log.record(
