@@ -52,6 +52,7 @@ class Row:
     rss_mib: float
     cpu_cores: float
     per_worker_cpu: list[float] = field(default_factory=list)
+    mean_batch: float | None = None
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -278,10 +279,21 @@ def machine() -> str:
     )
 
 
+def batch_totals(base_url: str, model: str) -> tuple[float, float]:
+    """The (sum, count) of modelport's batch size histogram for ``model``, whole service."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    values = {}
+    for kind in ("sum", "count"):
+        match = re.search(rf'^modelport_batch_size_{kind}{{model="{model}"}} (\S+)$', text, re.M)
+        values[kind] = float(match.group(1)) if match else 0.0
+    return values["sum"], values["count"]
+
+
 def table(rows: list[Row]) -> str:
     lines = [
-        "| model | server | conc | req/s | p50 ms | p99 ms | errors | peak RSS MiB | server CPU |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | server | conc | req/s | p50 ms | p99 ms | errors | peak RSS MiB | server CPU "
+        "| mean batch |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         spread = (
@@ -291,9 +303,18 @@ def table(rows: list[Row]) -> str:
         )
         lines.append(
             f"| {r.model} | {r.server} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {r.errors} | {r.rss_mib:,.0f} | {r.cpu_cores:.2f}{spread} |"
+            f"{r.p99_ms:.2f} | {r.errors} | {r.rss_mib:,.0f} | {r.cpu_cores:.2f}{spread} | "
+            + ("-" if r.mean_batch is None else f"{r.mean_batch:.1f}")
+            + " |"
         )
     return "\n".join(lines)
+
+
+def _mean_batch(base_url: str, model: str, before: tuple[float, float] | None) -> float | None:
+    if before is None:
+        return None
+    total, count = batch_totals(base_url, model)
+    return (total - before[0]) / (count - before[1]) if count > before[1] else None
 
 
 def main() -> None:
@@ -318,6 +339,10 @@ def main() -> None:
         # as shipped: access log, request ids and metrics on (the log goes to /dev/null)
         ours_env = env | {"MODELPORT_STORE_DIR": str(directory / "store")}
         rows: list[Row] = []
+
+        def base(label: str) -> str:
+            return f"http://127.0.0.1:{ours_port if label == 'modelport' else base_port}"
+
         servers = [
             (
                 "modelport",
@@ -349,6 +374,7 @@ def main() -> None:
             try:
                 for name in names:
                     for concurrency in concurrencies:
+                        before = batch_totals(base(label), name) if label == "modelport" else None
                         row = run_wrk(
                             server,
                             url(name),
@@ -358,11 +384,13 @@ def main() -> None:
                             {"CONTENT_TYPE": "application/json"},
                         )
                         row.model = name
+                        row.mean_batch = _mean_batch(base(label), name, before)
                         rows.append(row)
                         print(table([row]).splitlines()[-1], flush=True)
                     if label == "modelport" and name == "cnn":
                         shape = ",".join(str(d) for d in (1, *MODELS[name][1]))
                         for concurrency in concurrencies:
+                            before = batch_totals(base(label), name)
                             row = run_wrk(
                                 server,
                                 url(name),
@@ -376,14 +404,19 @@ def main() -> None:
                                 },
                             )
                             row.model, row.server = name, "modelport (binary)"
+                            row.mean_batch = _mean_batch(base(label), name, before)
                             rows.append(row)
                             print(table([row]).splitlines()[-1], flush=True)
             finally:
                 server.stop()
+        # batch 1, the batch sizes the batcher reached under load, and a few for reference
         limits = {
             name: {
                 batch: in_process(name, files[name]["weights"], batch, args.workers, threads)
-                for batch in (1, 8, 32)
+                for batch in sorted(
+                    {1, 8, 32}
+                    | {round(r.mean_batch) for r in rows if r.model == name and r.mean_batch}
+                )
             }
             for name in names
         }
@@ -395,11 +428,9 @@ def main() -> None:
 def render(
     rows: list[Row], limits: dict[str, dict[int, float]], args: argparse.Namespace, threads: int
 ) -> str:
-    limit_lines = ["| model | batch 1 | batch 8 | batch 32 |", "|---|--:|--:|--:|"]
+    limit_lines = ["| model | batch | samples/s |", "|---|--:|--:|"]
     for name, by_batch in limits.items():
-        limit_lines.append(
-            f"| {name} | " + " | ".join(f"{v:,.0f}" for v in by_batch.values()) + " |"
-        )
+        limit_lines += [f"| {name} | {batch} | {v:,.0f} |" for batch, v in by_batch.items()]
     ratios = [
         "| model | conc | modelport / tutorial req/s | p99 modelport / tutorial |",
         "|---|--:|--:|--:|",
