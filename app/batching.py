@@ -109,11 +109,6 @@ class DynamicBatcher:
         if self._thread.is_alive():
             self._thread.join()
 
-    @property
-    def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._queue)
-
     async def submit(
         self, inputs: np.ndarray, *, runtime: ModelRuntime | None = None, postprocess: bool = True
     ) -> Result:

@@ -215,19 +215,22 @@ def error_body(message: str, code: str, detail: dict[str, Any] | None = None) ->
     return body
 
 
-def _json(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A JSON answer encoded with orjson."""
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
 async def _modelport_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ModelportError)
-    return _json(exc.status, error_body(exc.message, exc.code, exc.detail), exc.headers)
+    return json_response(error_body(exc.message, exc.code, exc.detail), exc.status, exc.headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
-    return _json(422, error_body("; ".join(problems), "invalid_request"))
+    return json_response(error_body("; ".join(problems), "invalid_request"), 422)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -240,12 +243,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         body = error_body(f"{where}: no such endpoint (see /docs)", "not_found")
     else:
         body = error_body(str(exc.detail), "http_error")
-    return _json(exc.status_code, body, exc.headers)
+    return json_response(body, exc.status_code, exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _json(500, error_body("internal server error", "internal_error"))
+    return json_response(error_body("internal server error", "internal_error"), 500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -61,7 +61,7 @@ class _Call:
 
     name: str | None
     headers: dict[str, str]
-    query: dict[str, list[str]]
+    query_string: bytes
     served: str = ""
     """The model that served, once resolved (for the request metrics)."""
 
@@ -104,7 +104,7 @@ class PredictEndpoint:
         call = _Call(
             match.group(1) if match else None,
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-            parse_qs(scope["query_string"].decode("latin-1")),
+            scope["query_string"],
         )
         try:
             status, body, headers = await _predict(call, receive, self.registry, self.settings)
@@ -151,7 +151,7 @@ def _decode(
     """The model and the checked input batch, from a JSON, raw-tensor or .npy body."""
     kind = call.content_type
     if kind in (RAW, NPY):
-        model = registry.resolve(call.name or _single(call.query.get("model")))
+        model = registry.resolve(call.name or _query_model(call.query_string))
         call.served = model.name
         if kind == RAW:
             shape = parse_shape(call.headers.get(SHAPE_HEADER.lower()))
@@ -190,7 +190,9 @@ def _check(model: ServedModel, array: np.ndarray, settings: Settings) -> np.ndar
     )
 
 
-def _single(values: list[str] | None) -> str | None:
+def _query_model(query_string: bytes) -> str | None:
+    """``?model=NAME``, which names the model of a raw or .npy body on ``/predict``."""
+    values = parse_qs(query_string.decode("latin-1")).get("model")
     return values[0] if values else None
 
 

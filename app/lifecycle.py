@@ -9,11 +9,10 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import error_body
+from app.middleware import UNOBSERVED_PATHS
 
 draining = threading.Event()
 """Set once per process, by the server's SIGTERM handler."""
-
-_OPEN_DURING_DRAIN = ("/health/", "/v2/health/", "/metrics")
 
 
 class ShutdownGate:
@@ -26,7 +25,7 @@ class ShutdownGate:
         if (
             scope["type"] == "http"
             and draining.is_set()
-            and not scope["path"].startswith(_OPEN_DURING_DRAIN)
+            and not scope["path"].startswith(UNOBSERVED_PATHS)
         ):
             body = orjson.dumps(
                 error_body("the server is shutting down; retry on another replica", "draining")

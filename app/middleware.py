@@ -18,14 +18,15 @@ VERSION_HEADER = b"x-model-version"
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # Request ids need to be unique, not secret: the Mersenne Twister is ~100x faster than
 # os.urandom, which costs tens of microseconds per call on some virtual machines.
-_UNOBSERVED = ("/health/", "/v2/health/", "/metrics")
+UNOBSERVED_PATHS = ("/health/", "/v2/health/", "/metrics")
+"""Probes and scrapes: not traffic (not counted, not logged, still open while draining)."""
 ROUTE_KEY = "modelport.route"
 """Scope key where a handler outside the router (the predict hot path) names its route."""
 
 
 def _unobserved(path: str) -> bool:
     """Probes and scrapes are not traffic."""
-    return path.startswith(_UNOBSERVED)
+    return path.startswith(UNOBSERVED_PATHS)
 
 
 class RequestObserver:

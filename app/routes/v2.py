@@ -11,7 +11,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
@@ -23,7 +22,9 @@ from app.errors import (
     ModelportError,
     VersionNotFound,
     WeightsError,
+    json_response,
 )
+from app.fastpath import VERSION_HEADER
 from app.inputs import check_array, read_capped, to_batch
 from app.oip import (
     EXTENSIONS,
@@ -50,8 +51,6 @@ from app.oip import (
 from app.served import ServedModel
 from app.store import VERSION_PATTERN
 
-VERSION_HEADER = "X-Model-Version"
-
 
 def _v2_error(exc: ModelportError) -> Response:
     """The protocol's error body; input problems are 400 and weights that cannot load are 503."""
@@ -60,7 +59,7 @@ def _v2_error(exc: ModelportError) -> Response:
         status = 503
     elif status == 422:
         status = 400
-    return _json({"error": exc.message}, status, exc.headers)
+    return json_response({"error": exc.message}, status, exc.headers)
 
 
 class V2Route(APIRoute):
@@ -101,10 +100,6 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)
 
 
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
-
-
 @router.get("", summary="Server metadata")
 async def get_server_metadata(request: Request) -> ServerMetadata:
     """Name, version and the protocol extensions served."""
@@ -114,7 +109,7 @@ async def get_server_metadata(request: Request) -> ServerMetadata:
 @router.get("/health/live", summary="Server live", response_model=ServerLive)
 async def get_server_live() -> Response:
     """``{"live": true}`` while the process runs."""
-    return _json({"live": True})
+    return json_response({"live": True})
 
 
 @router.get(
@@ -124,9 +119,9 @@ async def get_server_ready(registry: RegistryDep) -> Response:
     """``{"ready": true}`` when every model can serve; else 503 naming those that cannot."""
     unavailable = registry.unavailable()
     if not unavailable:
-        return _json({"ready": True})
+        return json_response({"ready": True})
     reasons = "; ".join(f"{name}: {reason}" for name, reason in unavailable.items())
-    return _json({"ready": False, "error": f"models cannot serve: {reasons}"}, 503)
+    return json_response({"ready": False, "error": f"models cannot serve: {reasons}"}, 503)
 
 
 @router.get(
@@ -160,8 +155,8 @@ def _model_ready(model: ServedModel, problem: str | None) -> Response:
     if problem is None and model.runtime is None:
         problem = model.error or "not loaded"
     if problem is None:
-        return _json({"name": model.name, "ready": True})
-    return _json({"name": model.name, "ready": False, "error": problem}, 503)
+        return json_response({"name": model.name, "ready": True})
+    return json_response({"name": model.name, "ready": False, "error": problem}, 503)
 
 
 @router.get(
