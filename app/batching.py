@@ -82,9 +82,11 @@ class DynamicBatcher:
         self.name = name
         self.policy = policy
         self.metrics = metrics
-        self._depth = metrics.queue_depth.labels(name)
+        self._pending = metrics.pending
         self._waited = metrics.queue_wait_seconds.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
+        depth = metrics.queue_depth.labels(name)
+        metrics.sample(lambda: depth.set(len(self._queue)))
         self._active = active
         self._torch_threads = torch_threads
         self._queue: deque[_Request] = deque()
@@ -102,7 +104,6 @@ class DynamicBatcher:
             self._stopping = True
             waiting = list(self._queue)
             self._queue.clear()
-            self._depth.dec(len(waiting))
             self._ready.notify()
         for request in waiting:
             _resolve(request, error=QueueFull(f"model {self.name!r} is shutting down"))
@@ -124,7 +125,6 @@ class DynamicBatcher:
                     f"model {self.name!r} has {len(self._queue)} requests waiting; retry shortly"
                 )
             self._queue.append(request)
-            self._depth.inc()
             self._ready.notify()
         timer = loop.call_later(self.policy.timeout_s, self._expire, request)
         try:
@@ -165,26 +165,22 @@ class DynamicBatcher:
                     self._ready.wait()
                 if self._stopping:
                     return None
-                batch = self._open(self._take())
+                batch = self._open(self._queue.popleft())
             deadline = time.monotonic() + self.policy.max_batch_delay_s
             while self._queue and time.monotonic() < deadline:
                 candidate = self._queue[0]
                 if candidate.cancelled:
-                    self._take()  # timed out before its forward: dropped
+                    self._queue.popleft()  # timed out before its forward: dropped
                     continue
                 if (candidate.runtime or batch.runtime) is not batch.runtime:
                     break  # another version: it starts the next batch
                 if batch.size + candidate.size > self.policy.max_batch_size:
                     break
-                batch.requests.append(self._take())
+                batch.requests.append(self._queue.popleft())
         now = time.perf_counter()
         for request in batch.requests:
-            self._waited.observe(now - request.enqueued)
+            self._pending.observe(self._waited, now - request.enqueued)
         return batch
-
-    def _take(self) -> _Request:
-        self._depth.dec()
-        return self._queue.popleft()
 
     def _open(self, first: _Request) -> _Batch | None:
         """A batch around its first request, on the version that serves it; None if the
@@ -223,22 +219,41 @@ class DynamicBatcher:
             logger.warning("model %s: forward failed: %s: %s", self.name, type(exc).__name__, exc)
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
-        self._batch_size.observe(len(inputs))
-        answers: list[tuple[_Request, Result | None, ModelportError | None]] = []
-        offset = 0
-        for request in requests:
-            rows = output[offset : offset + request.size]
-            offset += request.size
-            try:
-                value: Any = runtime.postprocess(rows) if request.postprocess else rows
-            except Exception as exc:
-                failed = InferenceFailed(f"postprocess failed: {_failure(exc)}")
-                answers.append((request, None, failed))
-                continue
-            answers.append((request, (runtime, value), None))
+        self._pending.observe(self._batch_size, len(inputs))
+        answers = _answers(runtime, output, requests)
         _resolve_all(requests[0].loop, answers)
         compute = self.metrics.compute_seconds.labels(self.name, runtime.version)
-        compute.observe(time.perf_counter() - started)
+        self._pending.observe(compute, time.perf_counter() - started)
+
+
+Answer = tuple[_Request, Result | None, ModelportError | None]
+
+
+def _answers(runtime: ModelRuntime, output: torch.Tensor, requests: list[_Request]) -> list[Answer]:
+    """Each request's rows of the batch's output, postprocessed for those that asked: the whole
+    batch in one call, or request by request if that fails, so that only a request whose rows
+    break the postprocess fails."""
+    together = None
+    if any(request.postprocess for request in requests):
+        with contextlib.suppress(Exception):
+            together = runtime.postprocess(output)
+        if together is not None and len(together) != len(output):
+            together = None
+    answers: list[Answer] = []
+    offset = 0
+    for request in requests:
+        rows = slice(offset, offset + request.size)
+        offset = rows.stop
+        if not request.postprocess:
+            answers.append((request, (runtime, output[rows]), None))
+            continue
+        try:
+            value = together[rows] if together is not None else runtime.postprocess(output[rows])
+        except Exception as exc:
+            answers.append((request, None, InferenceFailed(f"postprocess failed: {_failure(exc)}")))
+            continue
+        answers.append((request, (runtime, value), None))
+    return answers
 
 
 def _failure(exc: BaseException) -> str:
@@ -252,10 +267,7 @@ def _resolve(
     _resolve_all(request.loop, [(request, result, error)])
 
 
-def _resolve_all(
-    loop: asyncio.AbstractEventLoop,
-    answers: list[tuple[_Request, Result | None, ModelportError | None]],
-) -> None:
+def _resolve_all(loop: asyncio.AbstractEventLoop, answers: list[Answer]) -> None:
     """Complete a batch's futures with one wake-up of their event loop."""
 
     def complete() -> None:

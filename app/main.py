@@ -43,7 +43,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # What startup made (modules, models, tensors) lives as long as the process: out of the
     # collector's reach, its full collections stop pausing the event loop for tens of ms.
     gc.freeze()
-    background = []
+    metrics: Metrics = app.state.metrics
+    background = [asyncio.create_task(metrics.flush_periodically())]
     if settings.sync_interval_s > 0:
         background.append(asyncio.create_task(registry.follow_store(settings.sync_interval_s)))
     access_log: AccessLog | None = app.state.access_log

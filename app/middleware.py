@@ -78,8 +78,8 @@ class RequestObserver:
                 self.metrics.request_seconds.labels(model, endpoint),
             )
             self._children[labels] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        self.metrics.pending.count(children[0])
+        self.metrics.pending.observe(children[1], elapsed)
         if self.access_log is not None:
             client = scope.get("client")
             self.access_log.record(

@@ -22,6 +22,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from app.config import Settings
 from app.lifecycle import draining
 from app.metrics import MULTIPROC_ENV
+from app.protocol import OneWriteHttpToolsProtocol
 
 logger = logging.getLogger(__name__)
 APP = "app.main:create_app"
@@ -62,6 +63,7 @@ def _server(settings: Settings) -> DrainingServer:
     config = uvicorn.Config(
         APP,
         factory=True,
+        http=OneWriteHttpToolsProtocol,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from app.logs import JsonFormatter, configure_logging, request_id
+from app.metrics import FLUSH_S, Metrics
 from models.linear import MyModel
 from tests.helpers import LINEAR, make_settings, run_server, serve_in_process, write_config
 
@@ -151,6 +153,25 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
         for _ in range(40):
             # a new connection each time, so that both workers take some
             httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": SAMPLE})
+        time.sleep(FLUSH_S + 0.3)  # each worker writes what it counted at least this often
         scrapes = [httpx.get(f"{server.url}/metrics").text for _ in range(6)]
     for text in scrapes:  # whichever worker answers, the count is the whole service's
         assert metric(text, "modelport_requests_total", model="linear", status="200") == 40
+
+
+def test_pending_observations_are_written_as_observe_and_inc_would() -> None:
+    """The bulk write (one update per bucket touched) matches prometheus_client's own."""
+    values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 99.0, 0.0]
+    queued, direct = Metrics(list), Metrics(list)
+    for value in values:
+        queued.pending.observe(queued.request_seconds.labels("m", "/e"), value)
+        queued.pending.count(queued.requests.labels("m", "v", "/e", "200"))
+        direct.request_seconds.labels("m", "/e").observe(value)
+        direct.requests.labels("m", "v", "/e", "200").inc()
+    assert exposition(queued) == exposition(direct)
+    assert exposition(queued) == exposition(direct)  # written once, not again
+
+
+def exposition(metrics: Metrics) -> list[str]:
+    """The scrape's lines, less the creation timestamps."""
+    return [line for line in metrics.render()[0].decode().splitlines() if "_created" not in line]

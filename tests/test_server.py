@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import signal
 import socket
+import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -115,3 +117,63 @@ def test_launcher_flags_and_environment_choose_host_and_port(tmp_path: Path) -> 
         assert "Uvicorn running on http://127.0.0.1:" in server.output()
     finally:
         server.stop()
+
+
+def test_a_small_answer_reaches_the_client_in_one_tcp_segment(tmp_path: Path) -> None:
+    """The launcher's protocol writes a small answer's head and body at once (uvicorn alone
+    writes them apart: two segments, each paying the network path)."""
+    segments = []
+    with (
+        run_server(tmp_path, BUNDLED_CONFIG) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+    ):
+        for _ in range(8):
+            before = segments_received(raw)
+            raw.sendall(PREDICT)
+            read_until(raw, lambda data: data.endswith(b"]]}"))
+            time.sleep(0.02)  # any straggling segment counts too
+            segments.append(segments_received(raw) - before)
+    assert sorted(segments)[len(segments) // 2] == 1, segments
+
+
+def test_head_pipelining_and_100_continue_work_with_the_one_write_protocol(
+    tmp_path: Path,
+) -> None:
+    with run_server(tmp_path, BUNDLED_CONFIG) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"HEAD /health/live HTTP/1.1\r\nHost: x\r\n\r\n" + PREDICT + PREDICT)
+            pipelined = read_until(raw, lambda data: data.count(b'"outputs"') == 2)
+            raw.sendall(PREDICT.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n", 1))
+            continued = read_until(raw, lambda data: b'"outputs"' in data)
+        openapi = httpx.get(f"{server.url}/openapi.json")  # a large answer
+    head, _, after_head = pipelined.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405")  # GET only; answered as a HEAD: no body
+    assert b"content-length" in head
+    assert after_head.startswith(b"HTTP/1.1 200")
+    assert continued.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+    assert b"x-model-version" in continued.lower()
+    assert openapi.status_code == 200
+    assert len(openapi.content) > 32768
+    assert openapi.json()["openapi"]
+
+
+_BODY = b'{"inputs": [[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]]}'
+PREDICT = (
+    b"POST /v1/models/linear/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+    b"\r\nContent-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+
+
+def segments_received(raw: socket.socket) -> int:
+    """``tcpi_segs_in`` of Linux's ``struct tcp_info``."""
+    info = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 140)[0])
+
+
+def read_until(raw: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    data = b""
+    while not done(data):
+        chunk = raw.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
