@@ -26,7 +26,7 @@ class _HeadHolder:
         if self.head is None:
             self.head = bytes(data)
             return
-        self.transport.write(self.head + data)
+        self.transport.writelines((self.head, data))  # one writev, the body not copied
         self.head = b""
 
     def release(self) -> asyncio.Transport:
