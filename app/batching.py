@@ -92,7 +92,8 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
         self._stopping = False
-        self._wake_scheduled = False
+        self._wake_on: asyncio.AbstractEventLoop | None = None
+        """The loop where a wake-up of the thread is pending."""
         self._thread = threading.Thread(target=self._work, name=f"infer-{name}", daemon=True)
 
     def start(self) -> None:
@@ -126,8 +127,8 @@ class DynamicBatcher:
                     f"model {self.name!r} has {len(self._queue)} requests waiting; retry shortly"
                 )
             self._queue.append(request)
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
+        if self._wake_on is not loop:  # (a loop closed with a wake pending is not waited for)
+            self._wake_on = loop
             loop.call_soon(self._wake)
         timer = loop.call_later(self.policy.timeout_s, self._expire, request)
         try:
@@ -142,7 +143,7 @@ class DynamicBatcher:
         that arrived in that pass has joined the queue: woken for each one, it would take
         them in more, smaller batches, and each wake-up costs both threads a GIL hand-off
         (measured: mlp served 15% more at 64 connections)."""
-        self._wake_scheduled = False
+        self._wake_on = None
         with self._ready:
             self._ready.notify()
 

@@ -83,7 +83,7 @@ def _observe_all(histogram: Histogram, values: list[float]) -> None:
     """``histogram.observe(v)`` for every value, with one write per bucket touched.
 
     Uses the child's bucket bounds and values, as ``Histogram.observe`` does
-    (test_metrics.py checks the result against it)."""
+    (test_observability.py checks the result against it)."""
     bounds = histogram._upper_bounds
     for index, hits in Tally(bisect_left(bounds, value) for value in values).items():
         histogram._buckets[index].inc(hits)
@@ -143,14 +143,14 @@ class Metrics:
             registry=own,
             multiprocess_mode="livesum",
         )
-        self.pending = Pending()
-        self._samplers: list[Callable[[], None]] = []
         self.management = Counter(
             "modelport_management_total",
             "Uploads, activations, rollbacks and deletions by outcome (refusals by reason).",
             ["model", "action", "outcome"],
             registry=own,
         )
+        self.pending = Pending()
+        self._samplers: list[Callable[[], None]] = []
 
     def sample(self, sampler: Callable[[], None]) -> None:
         """Call ``sampler`` at each flush (to set a gauge from the state it measures)."""
