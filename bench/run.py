@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.metrics import FLUSH_S  # noqa: E402
 from models.bench import CNN, MLP, Tiny  # noqa: E402
 
 MODELS = {"tiny": (Tiny, (10,)), "mlp": (MLP, (784,)), "cnn": (CNN, (3, 64, 64))}
@@ -283,6 +284,7 @@ def machine() -> str:
 
 def batch_totals(base_url: str, model: str) -> tuple[float, float]:
     """The (sum, count) of modelport's batch size histogram for ``model``, whole service."""
+    time.sleep(FLUSH_S)  # until every worker has written what it counted
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     values = {}
     for kind in ("sum", "count"):
