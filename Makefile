@@ -26,6 +26,6 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest
 
-# Needs wrk (Debian: apt-get install -y wrk). About 5 minutes; writes bench/results.md.
+# Needs wrk (Debian: apt-get install -y wrk). About 7 minutes; writes bench/results.md.
 bench: setup
 	$(PY) bench/run.py --duration 10
