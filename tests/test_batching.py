@@ -37,6 +37,18 @@ class Recorder(nn.Module):
         return x * self.scale
 
 
+def label_rows(output: torch.Tensor) -> list[dict[str, float]]:
+    """One label per row; a row holding 14 (twice 7) has none."""
+    if (output == 14).any():
+        raise ValueError("no label for 14")
+    return [{"sum": float(row.sum())} for row in output]
+
+
+@register("test-batch-picky", input_shape=(4,), output_shape=(4,), postprocess=label_rows)
+class PickyRecorder(Recorder):
+    """A Recorder whose registered postprocess refuses rows holding 14."""
+
+
 @pytest.fixture
 def recorder_entry(tmp_path: Path) -> dict[str, Any]:
     Recorder.sizes.clear()
@@ -90,6 +102,30 @@ async def test_a_forward_that_raises_fails_only_the_request_that_broke_it(
         assert response.status_code == 200
         assert response.json()["outputs"] == [[2.0 * i] * 4]
     assert after.status_code == 200
+
+
+async def test_a_postprocess_that_raises_fails_only_the_request_whose_rows_broke_it(
+    tmp_path: Path, recorder_entry: dict[str, Any]
+) -> None:
+    entry = {**recorder_entry, "class": "test-batch-picky"}
+    async with serve_in_process(make_settings(tmp_path, entry)) as client:
+        Recorder.gate.clear()  # hold the first forward so that the rest queue into one batch
+        first = asyncio.create_task(client.post("/predict", json={"inputs": [[0, 0, 0, 0]]}))
+        await asyncio.sleep(0.2)
+        bodies = [[[i, i, i, i]] for i in range(1, 6)] + [[[7, 7, 7, 7]]]
+        rest = [asyncio.create_task(client.post("/predict", json={"inputs": b})) for b in bodies]
+        await asyncio.sleep(0.2)
+        Recorder.gate.set()
+        responses = [await first, *[await task for task in rest]]
+    assert max(Recorder.sizes) == 6, f"the queued requests were not one batch: {Recorder.sizes}"
+    refused = responses[-1]
+    assert refused.status_code == 422
+    assert refused.json()["code"] == "inference_failed"
+    assert "postprocess failed" in refused.json()["error"]
+    assert "no label for 14" in refused.json()["error"]
+    for i, response in enumerate(responses[:-1]):
+        assert response.status_code == 200
+        assert response.json()["outputs"] == [{"sum": 8.0 * i}]
 
 
 async def test_a_full_queue_answers_503_with_retry_after(
