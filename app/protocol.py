@@ -3,7 +3,7 @@
 uvicorn writes a response's head as soon as the app sends ``http.response.start`` and its body
 with the next message: two writes, and on a small answer two TCP segments, each paying the whole
 loopback or network path and waking the client twice. Here the head waits for the first body
-message and goes out with it, which served a trivial app 20% faster (tiny model, one worker).
+message and goes out with it, which served a trivial app 20% faster on one worker.
 Everything else is uvicorn's own code.
 """
 
