@@ -82,9 +82,8 @@ class DynamicBatcher:
         self.name = name
         self.policy = policy
         self.metrics = metrics
-        self._pending = metrics.pending
-        self._waited = metrics.queue_wait_seconds.labels(name)
-        self._batch_size = metrics.batch_size.labels(name)
+        self._waited = metrics.deferred_histogram(metrics.queue_wait_seconds.labels(name))
+        self._batch_size = metrics.deferred_histogram(metrics.batch_size.labels(name))
         depth = metrics.queue_depth.labels(name)
         metrics.sample(lambda: depth.set(len(self._queue)))
         self._active = active
@@ -192,7 +191,7 @@ class DynamicBatcher:
                 batch.requests.append(self._queue.popleft())
         now = time.perf_counter()
         for request in batch.requests:
-            self._pending.observe(self._waited, now - request.enqueued)
+            self._waited.observe(now - request.enqueued)
         return batch
 
     def _open(self, first: _Request) -> _Batch | None:
@@ -232,11 +231,11 @@ class DynamicBatcher:
             logger.warning("model %s: forward failed: %s: %s", self.name, type(exc).__name__, exc)
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
-        self._pending.observe(self._batch_size, len(inputs))
+        self._batch_size.observe(len(inputs))
         answers = _answers(runtime, output, requests)
         _resolve_all(requests[0].loop, answers)
         compute = self.metrics.compute_seconds.labels(self.name, runtime.version)
-        self._pending.observe(compute, time.perf_counter() - started)
+        self.metrics.deferred_histogram(compute).observe(time.perf_counter() - started)
 
 
 Answer = tuple[_Request, Result | None, ModelportError | None]

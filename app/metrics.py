@@ -4,22 +4,21 @@ With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by the launcher)
 in files shared by the workers and every scrape, whichever worker answers it, reports the sum;
 with one process they live in memory.
 
-The request path never writes a collector itself: it queues its observations in
-:class:`Pending`, and :meth:`Metrics.flush` writes them in bulk, every ``FLUSH_S`` and before
-each scrape. In multiprocess mode every write is a locked update of a shared file, and one lock
-serves every value, so that writing each observation as it happened cost a small model's request
-about a fifth of its time, the inference thread and the event loop waiting on each other.
+The request path never writes a collector itself: it counts into :class:`DeferredCounter` and
+:class:`DeferredHistogram`, in memory, and :meth:`Metrics.flush` writes their totals, every
+``FLUSH_S`` and before each scrape. In multiprocess mode every write is a locked update of a
+shared file, and one lock serves every value, so that writing each observation as it happened
+cost a small model's request about a fifth of its time, the inference thread and the event loop
+waiting on each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from bisect import bisect_left
-from collections import Counter as Tally
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,57 +36,64 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-T = TypeVar("T")
 FLUSH_S = 0.5
-"""Longest a queued observation waits before a scrape of another worker sees it."""
+"""Longest an observation waits before a scrape of another worker sees it."""
 
 ActiveVersions = Callable[[], Iterable[tuple[str, str, str]]]
 """Yields (model, version, sha256) for each model that serves."""
 
 
-class Pending:
-    """Counter increments and histogram observations queued from any thread (a deque's append
-    and popleft are atomic), written to their collectors in bulk by :meth:`write`."""
+class DeferredCounter:
+    """A labelled counter's increments, added up in memory until :meth:`write`."""
 
-    def __init__(self) -> None:
-        self._counts: deque[Counter] = deque()
-        self._observations: deque[tuple[Histogram, float]] = deque()
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self._lock = threading.Lock()  # taken by the thread counting and by the writer
+        self._count = 0.0
 
-    def count(self, counter: Counter) -> None:
-        """Queue ``counter.inc()``; ``counter`` is a labelled child."""
-        self._counts.append(counter)
-
-    def observe(self, histogram: Histogram, value: float) -> None:
-        """Queue ``histogram.observe(value)``; ``histogram`` is a labelled child."""
-        self._observations.append((histogram, value))
+    def inc(self, amount: float = 1.0) -> None:
+        """As ``Counter.inc``."""
+        with self._lock:
+            self._count += amount
 
     def write(self) -> None:
-        """Write what is queued: one update per counter, bucket and sum touched."""
-        counts = Tally(_drain(self._counts))
-        for counter, times in counts.items():
-            counter.inc(times)
-        grouped: dict[Histogram, list[float]] = {}
-        for histogram, value in _drain(self._observations):
-            grouped.setdefault(histogram, []).append(value)
-        for histogram, values in grouped.items():
-            _observe_all(histogram, values)
+        """Add what was counted since the last write to the counter."""
+        with self._lock:
+            count, self._count = self._count, 0.0
+        if count:
+            self._child.inc(count)
 
 
-def _drain(queue: deque[T]) -> Iterator[T]:
-    """What the queue holds now; what other threads add meanwhile stays for the next time."""
-    for _ in range(len(queue)):
-        yield queue.popleft()
+class DeferredHistogram:
+    """A labelled histogram's observations, counted per bucket in memory until :meth:`write`.
 
-
-def _observe_all(histogram: Histogram, values: list[float]) -> None:
-    """``histogram.observe(v)`` for every value, with one write per bucket touched.
-
-    Uses the child's bucket bounds and values, as ``Histogram.observe`` does
+    Counts into the child's own buckets and sum, as ``Histogram.observe`` does
     (test_observability.py checks the result against it)."""
-    bounds = histogram._upper_bounds
-    for index, hits in Tally(bisect_left(bounds, value) for value in values).items():
-        histogram._buckets[index].inc(hits)
-    histogram._sum.inc(sum(values))
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: list[float] = child._upper_bounds
+        self._lock = threading.Lock()
+        self._hits = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """As ``Histogram.observe``."""
+        index = bisect_left(self._bounds, value)
+        with self._lock:
+            self._hits[index] += 1
+            self._sum += value
+
+    def write(self) -> None:
+        """Add what was observed since the last write: one update per bucket touched."""
+        with self._lock:
+            hits, self._hits = self._hits, [0] * len(self._bounds)
+            total, self._sum = self._sum, 0.0
+        for index, count in enumerate(hits):
+            if count:
+                self._child._buckets[index].inc(count)
+        if any(hits):
+            self._child._sum.inc(total)
 
 
 class Metrics:
@@ -149,16 +155,33 @@ class Metrics:
             ["model", "action", "outcome"],
             registry=own,
         )
-        self.pending = Pending()
+        self._deferred: dict[Counter | Histogram, DeferredCounter | DeferredHistogram] = {}
         self._samplers: list[Callable[[], None]] = []
+
+    def deferred_counter(self, child: Counter) -> DeferredCounter:
+        """The in-memory tally of a labelled counter (one per child)."""
+        found = self._deferred.get(child) or self._deferred.setdefault(
+            child, DeferredCounter(child)
+        )
+        assert isinstance(found, DeferredCounter)
+        return found
+
+    def deferred_histogram(self, child: Histogram) -> DeferredHistogram:
+        """The in-memory bucket counts of a labelled histogram (one per child)."""
+        found = self._deferred.get(child) or self._deferred.setdefault(
+            child, DeferredHistogram(child)
+        )
+        assert isinstance(found, DeferredHistogram)
+        return found
 
     def sample(self, sampler: Callable[[], None]) -> None:
         """Call ``sampler`` at each flush (to set a gauge from the state it measures)."""
         self._samplers.append(sampler)
 
     def flush(self) -> None:
-        """Write the pending observations and the sampled gauges."""
-        self.pending.write()
+        """Write what was counted and observed, and the sampled gauges."""
+        for deferred in list(self._deferred.values()):  # a thread may add one meanwhile
+            deferred.write()
         for sampler in self._samplers:
             sampler()
 
@@ -172,7 +195,7 @@ class Metrics:
             self.flush()
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text (this process's pending observations included) and its type."""
+        """The exposition text (with all this process has counted) and its content type."""
         self.flush()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -7,11 +7,10 @@ import random
 import re
 import time
 
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import AccessLog, request_id
-from app.metrics import Metrics
+from app.metrics import DeferredCounter, DeferredHistogram, Metrics
 
 REQUEST_ID_HEADER = b"x-request-id"
 VERSION_HEADER = b"x-model-version"
@@ -36,7 +35,9 @@ class RequestObserver:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
-        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._children: dict[
+            tuple[str, str, str, str], tuple[DeferredCounter, DeferredHistogram]
+        ] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,13 +74,15 @@ class RequestObserver:
         labels = (model, str(answer["version"]), endpoint, status)
         children = self._children.get(labels)
         if children is None:  # prometheus_client's own lookup takes a lock on every call
+            metrics = self.metrics
             children = (
-                self.metrics.requests.labels(*labels),
-                self.metrics.request_seconds.labels(model, endpoint),
+                metrics.deferred_counter(metrics.requests.labels(*labels)),
+                metrics.deferred_histogram(metrics.request_seconds.labels(model, endpoint)),
             )
             self._children[labels] = children
-        self.metrics.pending.count(children[0])
-        self.metrics.pending.observe(children[1], elapsed)
+        count, latency = children
+        count.inc()
+        latency.observe(elapsed)
         if self.access_log is not None:
             client = scope.get("client")
             self.access_log.record(

@@ -159,17 +159,17 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
         assert metric(text, "modelport_requests_total", model="linear", status="200") == 40
 
 
-def test_pending_observations_are_written_as_observe_and_inc_would() -> None:
+def test_deferred_observations_are_written_as_observe_and_inc_would() -> None:
     """The bulk write (one update per bucket touched) matches prometheus_client's own."""
     values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 99.0, 0.0]
-    queued, direct = Metrics(list), Metrics(list)
+    deferred, direct = Metrics(list), Metrics(list)
     for value in values:
-        queued.pending.observe(queued.request_seconds.labels("m", "/e"), value)
-        queued.pending.count(queued.requests.labels("m", "v", "/e", "200"))
+        deferred.deferred_histogram(deferred.request_seconds.labels("m", "/e")).observe(value)
+        deferred.deferred_counter(deferred.requests.labels("m", "v", "/e", "200")).inc()
         direct.request_seconds.labels("m", "/e").observe(value)
         direct.requests.labels("m", "v", "/e", "200").inc()
-    assert exposition(queued) == exposition(direct)
-    assert exposition(queued) == exposition(direct)  # written once, not again
+    assert exposition(deferred) == exposition(direct)
+    assert exposition(deferred) == exposition(direct)  # written once, not again
 
 
 def exposition(metrics: Metrics) -> list[str]:
