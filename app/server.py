@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -42,8 +41,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self.drain_deadline is None:
-            draining.set()
+            # first the deadline: a signal that lands while draining.set() holds its lock must
+            # not come back here (it would wait on that lock forever)
             self.drain_deadline = time.monotonic() + self.grace_s
+            draining.set()
             return  # not recorded as a captured signal: the exit status stays 0
         super().handle_exit(sig, frame)
 
@@ -107,14 +108,16 @@ class _Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")
-        self._stop = threading.Event()
+        self._stopping = False
+        """Set by the signal handler: a plain flag, since a signal landing while a handler
+        holds a lock (``threading.Event.set`` takes one) would wait on it forever."""
         self._quick_exits = 0
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         workers = [self._start() for _ in range(self.settings.workers)]
-        while not self._stop.wait(0.2):
+        while not self._stopping:
             for index, worker in enumerate(workers):
                 if worker.process.is_alive():
                     continue
@@ -128,6 +131,7 @@ class _Supervisor:
                     worker.process.exitcode,
                 )
                 workers[index] = self._start()
+            time.sleep(0.2)
         self._shutdown(workers)
         return 0
 
@@ -148,7 +152,7 @@ class _Supervisor:
         return True
 
     def _on_signal(self, signum: int, _: FrameType | None) -> None:
-        self._stop.set()
+        self._stopping = True
 
     def _shutdown(self, workers: list[_Worker]) -> None:
         for worker in workers:

@@ -4,6 +4,7 @@ work is refused, everything accepted before the signal finishes, then the proces
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import threading
@@ -19,7 +20,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.bench import CNN
-from tests.helpers import ServerProcess, run_server, write_config
+from tests.helpers import LINEAR, ServerProcess, run_server, write_config
 
 SAMPLE_SHAPE = (3, 64, 64)
 BODY_SENT = "http11.send_request_body.complete"
@@ -293,3 +294,21 @@ def test_work_beyond_a_short_grace_period_does_not_hold_the_process_past_it(
         answer = load.answers[index]
         assert isinstance(answer, httpx.Response)
         assert np.allclose(answer.json()["outputs"], expected[index], atol=1e-4)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_burst_of_signals_never_leaves_the_launcher_hanging(tmp_path: Path, workers: str) -> None:
+    """A signal landing while the handler of the first one runs (pkill together with a
+    `timeout` that passes its own SIGTERM on, or a double ^C) left the process waiting forever on
+    the lock that handler held; the handlers now take none. The race is rare, so this burst is a
+    smoke test: the launcher must exit, whatever the timing."""
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config, "--workers", workers) as server:
+        with contextlib.suppress(ProcessLookupError):
+            for _ in range(5000):  # ~0.5 s: some land while the first handler runs
+                os.kill(server.process.pid, signal.SIGTERM)
+                time.sleep(0.0001)
+        status = wait_exit(server, 20)
+        log = server.output()
+    assert status is not None, f"still running 20 s after the signals:\n{log}"
+    assert status in (0, -signal.SIGTERM), log  # a second SIGTERM means: stop now
