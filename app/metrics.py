@@ -155,24 +155,19 @@ class Metrics:
             ["model", "action", "outcome"],
             registry=own,
         )
-        self._deferred: dict[Counter | Histogram, DeferredCounter | DeferredHistogram] = {}
+        self._counters: dict[Counter, DeferredCounter] = {}
+        self._histograms: dict[Histogram, DeferredHistogram] = {}
         self._samplers: list[Callable[[], None]] = []
 
     def deferred_counter(self, child: Counter) -> DeferredCounter:
         """The in-memory tally of a labelled counter (one per child)."""
-        found = self._deferred.get(child) or self._deferred.setdefault(
-            child, DeferredCounter(child)
-        )
-        assert isinstance(found, DeferredCounter)
-        return found
+        found = self._counters.get(child)
+        return found or self._counters.setdefault(child, DeferredCounter(child))
 
     def deferred_histogram(self, child: Histogram) -> DeferredHistogram:
         """The in-memory bucket counts of a labelled histogram (one per child)."""
-        found = self._deferred.get(child) or self._deferred.setdefault(
-            child, DeferredHistogram(child)
-        )
-        assert isinstance(found, DeferredHistogram)
-        return found
+        found = self._histograms.get(child)
+        return found or self._histograms.setdefault(child, DeferredHistogram(child))
 
     def sample(self, sampler: Callable[[], None]) -> None:
         """Call ``sampler`` at each flush (to set a gauge from the state it measures)."""
@@ -180,8 +175,10 @@ class Metrics:
 
     def flush(self) -> None:
         """Write what was counted and observed, and the sampled gauges."""
-        for deferred in list(self._deferred.values()):  # a thread may add one meanwhile
-            deferred.write()
+        for counter in list(self._counters.values()):  # a thread may add one meanwhile
+            counter.write()
+        for histogram in list(self._histograms.values()):
+            histogram.write()
         for sampler in self._samplers:
             sampler()
 
