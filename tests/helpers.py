@@ -129,3 +129,29 @@ def run_server(
         yield server
     finally:
         server.stop()
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a live process from ``/proc/PID/status`` (VmRSS, VmHWM...), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/status has no {field}")
+
+
+class PeakRss:
+    """How far a process's resident memory rose above its level at the start of the block,
+    at its peak: the kernel's high-water mark (VmHWM), reset on entry through clear_refs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.growth_mib = 0.0
+        self._start = 0
+
+    def __enter__(self) -> PeakRss:
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
+        self._start = rss_kib(self.pid)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.growth_mib = (rss_kib(self.pid, "VmHWM") - self._start) / 1024
