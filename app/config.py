@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest predict request body accepted, in bytes (413 beyond)."""
 
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest request head (request line and header fields) accepted, in bytes; beyond, 431
+    and the connection is closed before the rest is read."""
+
+    max_header_count: int = Field(default=100, ge=1)
+    """Most header fields one request may carry; beyond, 431 and the connection is closed."""
+
     max_samples_per_request: int = Field(default=256, ge=1)
     """Most samples one predict request may carry (422 beyond)."""
 
@@ -93,6 +100,10 @@ class Settings(BaseSettings):
     sync_interval_s: float = Field(default=2.0, ge=0)
     """How often each replica reads the store's active-version records and follows a version
     activated (or rolled back) by another replica; 0 turns this off."""
+
+    metrics_public: bool = False
+    """With ``MODELPORT_API_TOKEN`` set, ``/metrics`` needs that token too (its series name the
+    models, versions and sha256s) unless this is true, for scrapers that send no credentials."""
 
 
 class ServedModelConfig(BaseModel):

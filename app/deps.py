@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,10 +15,13 @@ from app.errors import Forbidden, ManagementDisabled, ModelportError, Unauthoriz
 from app.registry import ModelRegistry
 
 audit = logging.getLogger("app.audit")
+BEARER_SCHEME = "HTTPBearer"
+"""The OpenAPI name of the one security scheme."""
 _bearer = HTTPBearer(
+    scheme_name=BEARER_SCHEME,
     auto_error=False,
     description="`Authorization: Bearer <token>`: MODELPORT_ADMIN_TOKEN for management, "
-    "MODELPORT_API_TOKEN (when set) for prediction and metadata.",
+    "MODELPORT_API_TOKEN (when set) for prediction, metadata and /metrics.",
 )
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -78,13 +81,22 @@ def require_admin(request: Request, settings: SettingsDep, _: Credentials) -> No
         # the route's name says the action: upload_weights, activate_version, ...
         action = getattr(request.scope.get("route"), "name", "-").split("_")[0]
         counter = request.app.state.metrics.management
-        counter.labels(request.path_params.get("name", ""), action, f"refused:{exc.code}").inc()
+        model = request.app.state.metrics.model_label(request.path_params.get("name", ""))
+        counter.labels(model, action, f"refused:{exc.code}").inc()
         raise
 
 
-def require_api(request: Request, settings: SettingsDep, _: Credentials) -> None:
-    """Prediction and metadata are open unless MODELPORT_API_TOKEN is set."""
+def require_api(request: Request, settings: SettingsDep) -> None:
+    """Prediction and metadata are open unless MODELPORT_API_TOKEN is set. No HTTPBearer
+    dependency here: FastAPI would document the token as always required (see API_SECURITY)."""
     authorize_api(request.headers.get("authorization"), settings)
+
+
+def require_metrics(request: Request, settings: SettingsDep) -> None:
+    """The scrape needs the API token when one is set, unless MODELPORT_METRICS_PUBLIC (no
+    HTTPBearer dependency, as in require_api: the route's openapi_extra says it is optional)."""
+    if not settings.metrics_public:
+        authorize_api(request.headers.get("authorization"), settings)
 
 
 def authorize_api(header: str | None, settings: Settings) -> None:
@@ -98,3 +110,8 @@ def authorize_api(header: str | None, settings: Settings) -> None:
 
 AdminDep = Depends(require_admin)
 ApiDep = Depends(require_api)
+MetricsDep = Depends(require_metrics)
+
+API_SECURITY: dict[str, Any] = {"security": [{}, {BEARER_SCHEME: []}]}
+"""``openapi_extra`` of the routes ApiDep guards: open by default, the bearer token once
+MODELPORT_API_TOKEN is set (management's required token comes from its HTTPBearer dependency)."""

@@ -93,6 +93,13 @@ class StoreCorrupt(ModelportError):
     code = "store_corrupt"
 
 
+class InsufficientStorage(ModelportError):
+    """The weight store cannot take the write (disk full, quota, read-only); nothing was kept."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class ModelNotFound(ModelportError):
     """No served model has this name."""
 
@@ -187,6 +194,19 @@ class WeightsIncompatible(WeightsError):
     """The keys, shapes or dtypes do not fit the registered class."""
 
     code = "weights_incompatible"
+
+
+class WeightsChanged(WeightsError):
+    """The file's bytes no longer have the sha256 recorded for its version."""
+
+    code = "weights_changed"
+
+
+class UnsafeTensor(WeightsError):
+    """A tensor that is bigger than its bytes (an expanded or overlapping view, a storage
+    smaller than its shape) or has no data on a real device (``meta``)."""
+
+    code = "unsafe_tensor"
 
 
 class NonFiniteWeights(WeightsError):

@@ -9,7 +9,6 @@ batcher, and answer. :mod:`app.routes.predict` describes the endpoints in the Op
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -31,7 +30,7 @@ from app.errors import (
     UnsupportedMediaType,
     error_body,
 )
-from app.inputs import check_array, read_capped, to_batch
+from app.inputs import check_array, parse_json, read_capped, to_batch
 from app.middleware import ROUTE_KEY
 from app.registry import ModelRegistry
 from app.served import ServedModel
@@ -176,6 +175,7 @@ def _decode(
         model.spec.input_dtype,
         max_samples=settings.max_samples_per_request,
         allow_non_finite=model.spec.allow_non_finite_input,
+        known_numeric=_inputs_hold_no_string(body, parsed),
     )
     return model, batch
 
@@ -198,10 +198,7 @@ def _query_model(query_string: bytes) -> str | None:
 
 def _parse_json(body: bytes, fields: set[str]) -> dict[str, Any]:
     """The body as a JSON object holding ``inputs`` and no keys outside ``fields``."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        parsed = _parse_with_non_finite(body, exc)
+    parsed = parse_json(body, "the body")
     if not isinstance(parsed, dict):
         raise BadRequest(f"the body must be a JSON object; received {type(parsed).__name__}")
     if "inputs" not in parsed:
@@ -212,13 +209,12 @@ def _parse_json(body: bytes, fields: set[str]) -> dict[str, Any]:
     return parsed
 
 
-def _parse_with_non_finite(body: bytes, error: orjson.JSONDecodeError) -> Any:
-    """Strict JSON failed; Python's json also reads NaN/Infinity (as json.dumps writes them),
-    so such inputs reach the finite check and get a precise answer instead of 'malformed'."""
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(f"malformed JSON: {error}") from None
+def _inputs_hold_no_string(body: bytes, parsed: dict[str, Any]) -> bool:
+    """Whether the body proves that ``inputs`` holds no string, at the cost of counting its
+    quote characters: every key, and a string ``model``, takes at least two, so when they
+    account for all of them no string is left for ``inputs``."""
+    least = 2 * len(parsed) + (2 if isinstance(parsed.get("model"), str) else 0)
+    return body.count(b'"') <= least
 
 
 async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:

@@ -3,13 +3,21 @@ Python work on the happy path."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterable
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
-from app.errors import InvalidInput, PayloadTooLarge
+from app.errors import BadRequest, InvalidInput, PayloadTooLarge
+
+MAX_NESTING = 32
+"""Deepest nesting of lists a request's values may have (numpy itself stops at 64)."""
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+_NUMBER_TYPES = frozenset({float, int, bool})
 
 _NUMPY_DTYPES: dict[torch.dtype, type[np.generic]] = {
     torch.float16: np.float16,
@@ -35,11 +43,62 @@ _KIND_NAMES = {
 }
 
 
+def decimal(text: str | None) -> int | None:
+    """The value of a count written in ASCII digits (surrounding spaces allowed), else None.
+    ``str.isdigit`` and ``int`` also take other scripts' digits, superscripts and ``1_000``."""
+    if text is None:
+        return None
+    text = text.strip()
+    return int(text) if _DECIMAL.fullmatch(text) else None
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """A JSON document; NaN and Infinity (as Python's ``json.dumps`` writes them) are read too,
+    so that such values reach the finite check and get a precise answer. BadRequest naming
+    ``what`` when it is malformed or nested too deep to read."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        if b"NaN" not in data and b"Infinity" not in data:
+            raise BadRequest(f"malformed JSON in {what}: {error}") from None
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise BadRequest(f"malformed JSON in {what}: {error}") from None
+
+
+def check_numeric(values: Any, where: str) -> None:
+    """Refuse any value that is not a number or a boolean in (nested lists of) ``values``, and
+    nesting deeper than MAX_NESTING, before numpy sees them: from strings numpy would build a
+    fixed-width array of 4 bytes x the longest string x every element, so that a few hundred
+    KB of JSON could ask for gigabytes. One pass, a type lookup per value."""
+    level, depth, found = [values], 0, set()
+    while level:
+        depth += 1
+        if depth > MAX_NESTING:
+            raise InvalidInput(f"{where} is nested deeper than {MAX_NESTING} levels")
+        inner: list[Any] = []
+        for node in level:
+            if not isinstance(node, list):
+                found.add(type(node))
+                continue
+            kinds = set(map(type, node))
+            if list in kinds:
+                inner.extend(item for item in node if isinstance(item, list))
+                kinds.discard(list)
+            found |= kinds
+        level = inner
+    if not found <= _NUMBER_TYPES:
+        received = "strings" if str in found else _KIND_NAMES["O"]
+        raise InvalidInput(f"wrong dtype: {where} must hold numbers; received {received}")
+
+
 async def read_capped(chunks: AsyncIterable[bytes], declared: str | None, limit: int) -> bytes:
     """A request body of at most ``limit`` bytes: refused up front by its Content-Length
     (``declared``) and again while streaming, since a body need not declare its length."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    size = decimal(declared)
+    if size is not None and size > limit:
+        raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes")
     parts: list[bytes] = []
     size = 0
     async for chunk in chunks:
@@ -62,15 +121,19 @@ def to_batch(
     *,
     max_samples: int | None = None,
     allow_non_finite: bool = False,
+    known_numeric: bool = False,
 ) -> np.ndarray:
     """Check ``inputs`` (a list of samples) against the per-sample shape and dtype.
 
     Returns a C-contiguous array of shape ``(n, *sample_shape)``; raises InvalidInput saying
-    what was expected and what was received.
+    what was expected and what was received. The values are typed first (:func:`check_numeric`)
+    unless ``known_numeric`` says the caller has proven they hold no string.
     """
     if not isinstance(inputs, list):
         raise InvalidInput(f"'inputs' must be a list of samples; received {type(inputs).__name__}")
     _check_count(len(inputs), max_samples)
+    if not known_numeric:
+        check_numeric(inputs, "'inputs'")
     try:
         array = np.asarray(inputs)
     except (ValueError, OverflowError, TypeError):

@@ -21,7 +21,14 @@ ACCESS_LOGGER = "app.access"
 PIPE_BUF = 4096
 """Writes up to this size reach a pipe whole (POSIX)."""
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# color_message: uvicorn's copy of the message with terminal colour codes, for its own
+# formatter; a JSON line carries the plain message only.
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class RequestIdFilter(logging.Filter):

@@ -22,6 +22,7 @@ from app.lifecycle import ShutdownGate
 from app.logs import AccessLog, configure_logging
 from app.metrics import Metrics
 from app.middleware import RequestObserver
+from app.openapi import add_components, describe_shared_answers
 from app.registry import ModelRegistry
 from app.routes import admin, health, models, v2
 from app.routes.predict import add_predict_paths
@@ -93,8 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     if settings is None:
         return _create_app_or_exit()
-    metrics = Metrics(lambda: registry.active_versions())
-    registry = ModelRegistry.from_settings(settings, load_service_config(settings.config), metrics)
+    configs = load_service_config(settings.config)
+    metrics = Metrics(lambda: registry.active_versions(), [config.name for config in configs])
+    registry = ModelRegistry.from_settings(settings, configs, metrics)
     app = ModelportAPI(
         title="modelport",
         version="0.1.0",
@@ -120,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _document_predict(app: FastAPI, examples: dict[str, Any]) -> None:
-    """Generate the OpenAPI document with the predict endpoints the middleware serves."""
+    """Generate the OpenAPI document: the routes', the predict endpoints the middleware
+    serves, and the answers every route shares."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -131,6 +134,8 @@ def _document_predict(app: FastAPI, examples: dict[str, Any]) -> None:
                 routes=app.routes,
             )
             add_predict_paths(schema, examples)
+            add_components(schema, *v2.COMPONENTS)
+            describe_shared_answers(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -41,6 +41,9 @@ FLUSH_S = 0.5
 
 ActiveVersions = Callable[[], Iterable[tuple[str, str, str]]]
 """Yields (model, version, sha256) for each model that serves."""
+OTHER_MODEL = "_other"
+"""The ``model`` label of every name that is not a served model (no served name starts with
+``_``), so that requests for made-up names cannot add series."""
 
 
 class DeferredCounter:
@@ -99,7 +102,8 @@ class DeferredHistogram:
 class Metrics:
     """Every collector of the service, and the text a scrape gets."""
 
-    def __init__(self, active_versions: ActiveVersions) -> None:
+    def __init__(self, active_versions: ActiveVersions, model_names: Iterable[str]) -> None:
+        self.model_names = frozenset(model_names)
         self.multiprocess = MULTIPROC_ENV in os.environ
         self.registry = CollectorRegistry()
         # Multiprocess values are read back from the shared files, so the collectors must not
@@ -158,6 +162,11 @@ class Metrics:
         self._counters: dict[Counter, DeferredCounter] = {}
         self._histograms: dict[Histogram, DeferredHistogram] = {}
         self._samplers: list[Callable[[], None]] = []
+
+    def model_label(self, name: str) -> str:
+        """The ``model`` label for a name taken from a request: a served model's name, ``""``
+        for none, OTHER_MODEL for anything else."""
+        return name if not name or name in self.model_names else OTHER_MODEL
 
     def deferred_counter(self, child: Counter) -> DeferredCounter:
         """The in-memory tally of a labelled counter (one per child)."""

@@ -70,7 +70,7 @@ class RequestObserver:
             return
         status = str(answer["status"])
         endpoint = _endpoint(scope)
-        model = str(scope.get("path_params", {}).get("name", ""))
+        model = self.metrics.model_label(str(scope.get("path_params", {}).get("name", "")))
         labels = (model, str(answer["version"]), endpoint, status)
         children = self._children.get(labels)
         if children is None:  # prometheus_client's own lookup takes a lock on every call

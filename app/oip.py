@@ -3,7 +3,6 @@ data extension, gzip/deflate bodies) and response encoding. No HTTP framework he
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge
-from app.tensors import tensor_bytes, widen_bfloat16
+from app.inputs import check_numeric, decimal, parse_json
+from app.tensors import MAX_DIMS, tensor_bytes, widen_bfloat16
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -237,9 +237,9 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
 
 
 def _header_length(value: str, body_length: int) -> int:
-    if not value.strip().isdigit():
-        raise BadRequest(f"{HEADER_LENGTH} must be a byte count; received {value!r}")
-    length = int(value)
+    length = decimal(value)
+    if length is None:
+        raise BadRequest(f"{HEADER_LENGTH} must be a byte count; received {value[:40]!r}")
     if length > body_length:
         raise BadRequest(
             f"{HEADER_LENGTH} is {length} but the (decompressed) body has {body_length} bytes"
@@ -248,14 +248,7 @@ def _header_length(value: str, body_length: int) -> int:
 
 
 def _parse_header(data: bytes) -> InferenceRequest:
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError as error:
-        try:
-            # Python's json also reads NaN/Infinity, which then meet the finite check.
-            parsed = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest(f"malformed JSON in the inference request: {error}") from None
+    parsed = parse_json(data, "the inference request")
     if not isinstance(parsed, dict):
         kind = type(parsed).__name__
         raise BadRequest(f"the inference request must be a JSON object; received {kind}")
@@ -270,6 +263,8 @@ def _parse_header(data: bytes) -> InferenceRequest:
 
 
 def _check_shape(shape: list[int], name: str) -> int:
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"input {name!r}: shape has more than {MAX_DIMS} dimensions")
     if any(dim < 0 or dim >= 2**64 for dim in shape):
         raise InvalidInput(f"input {name!r}: shape {shape} must hold non-negative integers")
     return math.prod(shape)
@@ -311,6 +306,7 @@ def from_json(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarr
     """Flat or nested JSON values -> an array of ``shape`` in ``datatype`` (BF16 as float32)."""
     count = _check_shape(shape, name)
     wire = np.dtype(np.float32) if datatype == "BF16" else _wire_dtype(datatype, name)
+    check_numeric(data, f"input {name!r}")
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError):

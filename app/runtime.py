@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from app.catalog import Acceptance, ModelSpec
-from app.errors import AcceptanceFailed, SmokeTestFailed
+from app.errors import AcceptanceFailed, SmokeTestFailed, WeightsChanged
 from app.inputs import to_batch
 from app.weights import (
     LoadReport,
     WeightsFile,
     check_finite,
+    check_tensors,
     inspect_file,
     match_state_dict,
     read_state_dict,
@@ -37,6 +38,10 @@ class ModelRuntime:
     weights: WeightsFile
     report: LoadReport
     loaded_at: datetime
+    output_dtype: torch.dtype = torch.float32
+    """The dtype of the raw forward output, as the smoke test saw it."""
+    output_sample_shape: tuple[int, ...] = ()
+    """The per-sample shape of the raw forward output, as the smoke test saw it."""
 
     @property
     def version(self) -> str:
@@ -90,26 +95,35 @@ def build_runtime(
     checkpoint_key: str | None = None,
     require_finite: bool = True,
     load_device: torch.device | None = None,
+    expected_sha256: str | None = None,
 ) -> ModelRuntime:
     """Build the module, load the file into it, switch to eval() and smoke-test it.
 
-    The file is read onto ``load_device`` (default: ``device``; uploads read onto the CPU).
-    Raises a WeightsError subclass when the file cannot serve; nothing half-built escapes.
+    The file is read onto ``load_device`` (default: ``device``; uploads read onto the CPU);
+    given ``expected_sha256`` (the version's record), bytes that differ are refused. Keys,
+    shapes and dtypes are matched first; only the tensors the model takes are then checked
+    (dense, on a real device, finite). Raises a WeightsError subclass when the file cannot
+    serve; nothing half-built escapes.
     """
     weights = inspect_file(weights_path)
+    if expected_sha256 is not None and weights.sha256 != expected_sha256:
+        raise WeightsChanged(
+            f"{weights_path.name} has sha256 {weights.sha256}, but its version was recorded "
+            f"with {expected_sha256}: the file was changed on disk"
+        )
     with device:
         module = spec.cls(**kwargs)
-    state_dict = read_state_dict(
-        weights, load_device or device, checkpoint_key, module.state_dict().keys()
-    )
-    if require_finite:
-        check_finite(state_dict)
+    load_device = load_device or device
+    state_dict = read_state_dict(weights, load_device, checkpoint_key, module.state_dict().keys())
     fitting, report = match_state_dict(module, state_dict, strict)
+    check_tensors(fitting, load_device)
+    if require_finite:
+        check_finite(fitting)
     module.load_state_dict(fitting, strict=False)
     module.eval()
     runtime = ModelRuntime(spec, kwargs, module, device, weights, report, datetime.now(UTC))
-    smoke_test(runtime)
-    return runtime
+    output = smoke_test(runtime)
+    return replace(runtime, output_dtype=output.dtype, output_sample_shape=tuple(output.shape[1:]))
 
 
 def check_acceptance(runtime: ModelRuntime) -> Acceptance | None:
@@ -140,7 +154,7 @@ def validation_report(runtime: ModelRuntime, acceptance: Acceptance | None) -> d
     }
 
 
-def smoke_test(runtime: ModelRuntime) -> None:
+def smoke_test(runtime: ModelRuntime) -> torch.Tensor:
     """Run the example input; the output must be finite and of the expected shape."""
     spec, kwargs = runtime.spec, runtime.kwargs
     batch = to_batch([spec.example(kwargs)], spec.sample_shape(kwargs), spec.input_dtype)
@@ -159,3 +173,4 @@ def smoke_test(runtime: ModelRuntime) -> None:
         )
     if output.is_floating_point() and not torch.isfinite(output).all():
         raise SmokeTestFailed("the example input gave a non-finite output (NaN or infinity)")
+    return output

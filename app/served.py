@@ -19,6 +19,7 @@ from app.catalog import ModelSpec
 from app.config import ServedModelConfig
 from app.errors import (
     DigestMismatch,
+    InsufficientStorage,
     ModelUnavailable,
     StoreCorrupt,
     VersionConflict,
@@ -117,7 +118,7 @@ class ServedModel:
     async def runtime_for(self, version: str) -> ModelRuntime:
         """A runtime serving ``version``: the active or previous one if it is either, else the
         stored version loaded on demand and kept (the last ``on_demand_cache`` of them)."""
-        loaded = self._loaded(version)
+        loaded = self.loaded(version)
         if loaded is not None:
             return loaded
         async with self.lock:
@@ -220,17 +221,20 @@ class ServedModel:
             raise VersionNotFound(f"model {self.name!r} has no version {version!r}")
         return record
 
-    def _path(self, version: str) -> Path:
-        if self.bundled is not None and version == self.bundled.id:
-            return self.config.weights
-        self.record(version)
-        return self.store.weights_path(self.name, version)
-
     def _build(self, version: str, *, load_device: torch.device | None = None) -> ModelRuntime:
-        return self._build_file(self._path(version), load_device=load_device)
+        """A runtime of a known version, its bytes checked against the version's sha256."""
+        record = self.record(version)
+        bundled = record is self.bundled
+        path = self.config.weights if bundled else self.store.weights_path(self.name, version)
+        return self._build_file(path, load_device=load_device, expected_sha256=record.sha256)
 
     def _build_file(
-        self, path: Path, *, load_device: torch.device | None = None, strict: bool | None = None
+        self,
+        path: Path,
+        *,
+        load_device: torch.device | None = None,
+        strict: bool | None = None,
+        expected_sha256: str | None = None,
     ) -> ModelRuntime:
         return build_runtime(
             self.spec,
@@ -241,6 +245,7 @@ class ServedModel:
             checkpoint_key=self.config.checkpoint_key,
             require_finite=self.require_finite,
             load_device=load_device,
+            expected_sha256=expected_sha256,
         )
 
     # --- following the shared store ------------------------------------------------------
@@ -254,7 +259,7 @@ class ServedModel:
             recorded = self._store_moved_on()  # again: it may have moved while we waited
             if recorded is None:
                 return
-            runtime = self._loaded(recorded.version)
+            runtime = self.loaded(recorded.version)
             try:
                 if runtime is None:
                     runtime = await asyncio.to_thread(
@@ -271,7 +276,7 @@ class ServedModel:
                 return
             current = self.runtime
             keep_current = current is not None and current.version == recorded.previous
-            self.previous = current if keep_current else self._loaded(recorded.previous)
+            self.previous = current if keep_current else self.loaded(recorded.previous)
             self.runtime = runtime  # the swap: one reference assignment
             self.fallback = self.error = None
             logger.info(
@@ -289,7 +294,7 @@ class ServedModel:
             return None
         return None if recorded.version == self._unfollowable else recorded
 
-    def _loaded(self, version: str | None) -> ModelRuntime | None:
+    def loaded(self, version: str | None) -> ModelRuntime | None:
         """A runtime of ``version`` this process already holds."""
         for runtime in (self.runtime, self.previous, *self._on_demand):
             if runtime is not None and runtime.version == version:
@@ -326,7 +331,7 @@ class ServedModel:
             if activate:
                 await self._activate(version)
             return UploadOutcome(existing, created=False, active=self._is_active(version))
-        runtime, report = await asyncio.to_thread(self._validate, staged.path)
+        runtime, report = await asyncio.to_thread(self._validate, staged)
         record = VersionRecord(
             version,
             staged.sha256,
@@ -340,7 +345,11 @@ class ServedModel:
         path = self.store.commit(self.name, staged, record)
         runtime = replace(runtime, weights=replace(runtime.weights, path=path))
         if activate:
-            self._flip(runtime)
+            try:
+                self._flip(runtime)
+            except InsufficientStorage:
+                self.store.delete(self.name, version)  # the upload did not happen: no trace
+                raise
         self._prune()
         return UploadOutcome(record, created=True, active=activate)
 
@@ -350,9 +359,11 @@ class ServedModel:
         except VersionNotFound:
             return None
 
-    def _validate(self, path: Path) -> tuple[ModelRuntime, dict[str, Any]]:
+    def _validate(self, staged: StagedUpload) -> tuple[ModelRuntime, dict[str, Any]]:
         """Uploads are always checked strictly, whatever the startup config allows."""
-        runtime = self._build_file(path, load_device=CPU, strict=True)
+        runtime = self._build_file(
+            staged.path, load_device=CPU, strict=True, expected_sha256=staged.sha256
+        )
         acceptance = check_acceptance(runtime)
         return runtime, validation_report(runtime, acceptance)
 

@@ -19,13 +19,13 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from app.config import NAME_PATTERN
-from app.errors import BadRequest, PayloadTooLarge, StoreCorrupt
+from app.errors import BadRequest, InsufficientStorage, PayloadTooLarge, StoreCorrupt
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,17 @@ def _owned_by_a_live_process(path: Path) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _storage_errors(action: str) -> Iterator[None]:
+    """A failed write of the store (disk full, quota, read-only) as InsufficientStorage."""
+    try:
+        yield
+    except OSError as exc:
+        raise InsufficientStorage(
+            f"the weight store cannot {action}: {exc.strerror or exc}; nothing was kept"
+        ) from None
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -169,13 +180,14 @@ class WeightStore:
 
         Over ``limit`` bytes raises PayloadTooLarge; on any failure nothing is left behind.
         """
-        incoming = self._incoming_dir(name)
-        incoming.mkdir(parents=True, exist_ok=True)
-        path = incoming / f"{secrets.token_hex(8)}.part"
+        with _storage_errors("take the upload"):
+            incoming = self._incoming_dir(name)
+            incoming.mkdir(parents=True, exist_ok=True)
+            path = incoming / f"{secrets.token_hex(8)}.part"
+            lock_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
         digest = hashlib.sha256()
         size = 0
-        lock_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             with path.open("wb") as stream:
                 async for chunk in chunks:
@@ -183,9 +195,11 @@ class WeightStore:
                     if size > limit:
                         raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
                     digest.update(chunk)
-                    stream.write(chunk)
-                stream.flush()
-                os.fsync(stream.fileno())
+                    with _storage_errors("take the upload"):
+                        stream.write(chunk)
+                with _storage_errors("take the upload"):
+                    stream.flush()
+                    os.fsync(stream.fileno())
         except BaseException:
             path.unlink(missing_ok=True)
             os.close(lock_fd)
@@ -193,15 +207,21 @@ class WeightStore:
         return StagedUpload(path, digest.hexdigest(), size, lock_fd)
 
     def commit(self, name: str, staged: StagedUpload, record: VersionRecord) -> Path:
-        """Make the staged bytes an immutable version: rename them in, then write the record."""
+        """Make the staged bytes an immutable version: rename them in, then write the record.
+        When the store cannot take the record, the bytes go too (InsufficientStorage)."""
         versions = self._versions_dir(name)
-        versions.mkdir(parents=True, exist_ok=True)
         target = versions / f"{check_version_id(record.id)}.weights"
-        os.utime(staged.path)  # its age, for prepare(), counts from the commit
-        os.replace(staged.path, target)
-        staged.release()
-        _fsync_dir(versions)
-        write_atomically(target.with_suffix(".json"), json.dumps(asdict(record)).encode())
+        with _storage_errors("store the version"):
+            versions.mkdir(parents=True, exist_ok=True)
+            os.utime(staged.path)  # its age, for prepare(), counts from the commit
+            os.replace(staged.path, target)
+            staged.release()
+            try:
+                _fsync_dir(versions)
+                write_atomically(target.with_suffix(".json"), json.dumps(asdict(record)).encode())
+            except OSError:
+                target.unlink(missing_ok=True)
+                raise
         return target
 
     def weights_path(self, name: str, version: str) -> Path:
@@ -259,5 +279,6 @@ class WeightStore:
     def write_active(self, name: str, record: ActiveRecord) -> None:
         """Replace the active-version record atomically."""
         directory = self._model_dir(name)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(directory / "active.json", json.dumps(asdict(record)).encode())
+        with _storage_errors("record the active version"):
+            directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(directory / "active.json", json.dumps(asdict(record)).encode())

@@ -4,12 +4,15 @@ dtype in headers (``X-Tensor-Shape: 2,10``, ``X-Tensor-Dtype: float32``), or an 
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from app.errors import BadRequest
+from app.inputs import decimal
 
 SHAPE_HEADER = "X-Tensor-Shape"
 DTYPE_HEADER = "X-Tensor-Dtype"
@@ -33,31 +36,40 @@ _NUMPY: dict[str, np.dtype[Any]] = {
 }
 DTYPES = [*_NUMPY, BFLOAT16]
 """Every dtype the binary path reads and writes."""
+MAX_DIMS = 32
+"""Most dimensions a binary tensor may declare (numpy itself stops at 64)."""
+_NPY_HEADER_READERS: dict[
+    tuple[int, int], Callable[[io.BytesIO], tuple[tuple[int, ...], bool, np.dtype[Any]]]
+] = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 def parse_shape(text: str | None) -> tuple[int, ...]:
-    """``"2,10"`` -> ``(2, 10)``; BadRequest when absent or malformed."""
+    """``"2,10"`` -> ``(2, 10)``: at most MAX_DIMS counts in ASCII digits; BadRequest else."""
     if not text:
         raise BadRequest(f"a raw tensor body needs the {SHAPE_HEADER} header, e.g. '2,10'")
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
+    parts = text.split(",", MAX_DIMS)
+    if len(parts) > MAX_DIMS:
+        raise BadRequest(f"{SHAPE_HEADER} has more than {MAX_DIMS} dimensions")
+    dims = [decimal(part) for part in parts]
+    if None in dims:
         raise BadRequest(
-            f"malformed {SHAPE_HEADER} {text!r}: expected integers like '2,10'"
-        ) from None
-    if not shape or any(dim < 0 for dim in shape):
-        raise BadRequest(f"malformed {SHAPE_HEADER} {text!r}: dimensions must be >= 0")
-    return shape
+            f"malformed {SHAPE_HEADER} {text[:100]!r}: expected counts in digits like '2,10'"
+        )
+    return tuple(dim for dim in dims if dim is not None)
 
 
 def decode_raw(data: bytes, dtype: str | None, shape: tuple[int, ...]) -> np.ndarray:
-    """Little-endian bytes -> an array of ``shape`` (bfloat16 arrives as exact float32)."""
+    """Little-endian bytes -> an array of ``shape`` (bfloat16 arrives as exact float32), read
+    in place: the shape must account for the body's bytes exactly."""
     if dtype is None:
         raise BadRequest(f"a raw tensor body needs the {DTYPE_HEADER} header, e.g. 'float32'")
     wire = np.dtype("<u2") if dtype == BFLOAT16 else _NUMPY.get(dtype)
     if wire is None:
-        raise BadRequest(f"unknown {DTYPE_HEADER} {dtype!r}; supported: {', '.join(DTYPES)}")
-    expected = int(np.prod(shape)) * wire.itemsize
+        raise BadRequest(f"unknown {DTYPE_HEADER} {dtype[:40]!r}; supported: {', '.join(DTYPES)}")
+    expected = math.prod(shape) * wire.itemsize
     if len(data) != expected:
         raise BadRequest(
             f"the body has {len(data)} bytes; shape {list(shape)} of {dtype} needs {expected}"
@@ -73,14 +85,30 @@ def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """An ``.npy`` body -> its array; object arrays (pickles) are refused."""
+    """An ``.npy`` body -> its array, read in place. The header is checked before anything is
+    allocated: a plain numeric dtype (no objects, so no pickles), at most MAX_DIMS dimensions,
+    and a shape that accounts for the bytes after the header exactly."""
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = np.lib.format.read_magic(stream)
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version} is not supported (send 1.0 or 2.0)")
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise BadRequest(f"malformed .npy body: {exc}") from None
-    if not isinstance(array, np.ndarray):
-        raise BadRequest("the .npy body holds no array")
-    return array
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise BadRequest(f"the .npy body holds {dtype}; send numbers or booleans")
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"the .npy array has more than {MAX_DIMS} dimensions")
+    needed = math.prod(shape) * dtype.itemsize
+    if len(data) - stream.tell() != needed:
+        raise BadRequest(
+            f"the .npy header declares shape {list(shape)} of {dtype} ({needed} bytes); "
+            f"{len(data) - stream.tell()} bytes follow it"
+        )
+    array = np.frombuffer(data, dtype, math.prod(shape), stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

@@ -1,5 +1,6 @@
 """Reading an upload body as a byte stream: raw (``application/octet-stream``) or the ``file``
-field of a multipart form, parsed as it streams so that the store's byte cap applies to both."""
+field of a multipart form, parsed as it streams; every byte of the request counts toward the
+upload cap, the form's other parts and headers included."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.errors import BadRequest, InvalidInput
+from app.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -32,8 +33,9 @@ def clean_filename(raw: str | bytes | None) -> str | None:
 class UploadBody:
     """The bytes of the uploaded file, whichever way the client sent them."""
 
-    def __init__(self, request: Request, filename: str | None) -> None:
+    def __init__(self, request: Request, filename: str | None, limit: int) -> None:
         self._request = request
+        self._limit = limit
         self.filename = clean_filename(filename)
         content_type, params = parse_options_header(request.headers.get("content-type", ""))
         self._boundary = params.get(b"boundary") if content_type == b"multipart/form-data" else None
@@ -47,8 +49,12 @@ class UploadBody:
     async def _multipart_file(self, boundary: bytes) -> AsyncIterator[bytes]:
         form = _FilePart()
         parser = MultipartParser(boundary, form.callbacks())
+        received = 0
         try:
             async for chunk in self._request.stream():
+                received += len(chunk)
+                if received > self._limit:
+                    raise PayloadTooLarge(f"upload exceeds the limit of {self._limit} bytes")
                 parser.write(chunk)
                 if form.pending:
                     yield b"".join(form.pending)

@@ -19,6 +19,7 @@ from app.errors import (
     NonFiniteWeights,
     NotAStateDict,
     PickledObjectRefused,
+    UnsafeTensor,
     WeightsIncompatible,
     WeightsUnreadable,
 )
@@ -30,6 +31,8 @@ ZIP_MAGIC = b"PK\x03\x04"
 # torch's legacy (pre-1.6) format opens with a pickled magic number at protocol 2.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
 _CHUNK = 1024 * 1024
+MESSAGE_KEYS = 20
+"""Most keys of each kind an error message names."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,44 @@ def _common_wrapper_prefix(keys: Collection[str]) -> str | None:
     return next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
 
 
+def check_tensors(state_dict: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """Refuse, naming the key, a tensor not on ``device`` (e.g. ``meta``: no data at all) or
+    one that reads more elements than its storage holds once materialised: views saved with
+    stride 0 (``expand``) or overlapping strides, or a storage smaller than the shape implies.
+    Only shapes, strides and storage sizes are read; nothing is computed on the values."""
+    for key, value in state_dict.items():
+        if value.is_meta or value.device.type != device.type:
+            raise UnsafeTensor(
+                f"{key!r} is on the {value.device} device; weights must hold their values",
+                {"key": key},
+            )
+        if not _covered_by_storage(value):
+            raise UnsafeTensor(
+                f"{key!r} is an expanded or overlapping view (shape {list(value.shape)}, "
+                f"strides {list(value.stride())}) or its storage is smaller than its shape; "
+                "save tensors with .contiguous() (or .clone())",
+                {"key": key},
+            )
+
+
+def _covered_by_storage(tensor: torch.Tensor) -> bool:
+    """No two elements share memory, and the storage holds every element the strides reach."""
+    dims = sorted(
+        (stride, size)
+        for stride, size in zip(tensor.stride(), tensor.shape, strict=True)
+        if size > 1
+    )
+    span = 1  # elements reached by the dimensions of smaller strides
+    for stride, size in dims:
+        if stride < span:
+            return False
+        span += stride * (size - 1)
+    if tensor.numel() == 0:
+        return True
+    needed = (tensor.storage_offset() + span) * tensor.element_size()
+    return needed <= tensor.untyped_storage().nbytes()
+
+
 def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
     """Refuse tensors holding NaN or infinity, naming them."""
     bad = [
@@ -300,12 +341,13 @@ def match_state_dict(
 
 
 def _describe_mismatch(report: LoadReport) -> str:
+    """One line, naming at most MESSAGE_KEYS keys of each kind (the detail lists them all)."""
     parts = []
     if report.missing_keys:
-        parts.append(f"missing keys: {', '.join(report.missing_keys)}")
+        parts.append(f"missing keys: {_listed(report.missing_keys)}")
     if report.unexpected_keys:
-        parts.append(f"unexpected keys: {', '.join(report.unexpected_keys)}")
-    for m in report.mismatched:
+        parts.append(f"unexpected keys: {_listed(report.unexpected_keys)}")
+    for m in report.mismatched[:MESSAGE_KEYS]:
         parts.append(
             f"{m.key}: expected {m.expected_dtype}{m.expected_shape}, "
             f"found {m.found_dtype}{m.found_shape}"
@@ -313,6 +355,11 @@ def _describe_mismatch(report: LoadReport) -> str:
     if not report.loaded_keys:
         parts.insert(0, "no key of the file fits the model")
     return "weights do not fit the model: " + "; ".join(parts)
+
+
+def _listed(keys: list[str]) -> str:
+    more = len(keys) - MESSAGE_KEYS
+    return ", ".join(keys[:MESSAGE_KEYS]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def _report_detail(report: LoadReport) -> dict[str, Any]:

@@ -41,7 +41,9 @@ def no_modelport_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def check_config(settings: Settings) -> ModelRegistry:
     """What startup does before loading weights: read the file, check every entry."""
     configs = load_service_config(settings.config)
-    registry = ModelRegistry.from_settings(settings, configs, Metrics(list))
+    registry = ModelRegistry.from_settings(
+        settings, configs, Metrics(list, [c.name for c in configs])
+    )
     registry.close()
     return registry
 

@@ -162,7 +162,7 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
 def test_deferred_observations_are_written_as_observe_and_inc_would() -> None:
     """The bulk write (one update per bucket touched) matches prometheus_client's own."""
     values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 99.0, 0.0]
-    deferred, direct = Metrics(list), Metrics(list)
+    deferred, direct = Metrics(list, ["m"]), Metrics(list, ["m"])
     for value in values:
         deferred.deferred_histogram(deferred.request_seconds.labels("m", "/e")).observe(value)
         deferred.deferred_counter(deferred.requests.labels("m", "v", "/e", "200")).inc()

@@ -401,14 +401,17 @@ async def test_version_routes_serve_a_stored_version_loaded_on_demand(tmp_path: 
         version = stored.json()["version"]
         metadata = await client.get("/v2/models/linear")
         version_metadata = await client.get(f"/v2/models/linear/versions/{version}")
-        ready = await client.get(f"/v2/models/linear/versions/{version}/ready")
+        not_loaded = await client.get(f"/v2/models/linear/versions/{version}/ready")
         pinned = await client.post(f"/v2/models/linear/versions/{version}/infer", json=request)
+        ready = await client.get(f"/v2/models/linear/versions/{version}/ready")
         active = await client.post("/v2/models/linear/infer", json=request)
     assert stored.status_code == 201
     assert version in metadata.json()["versions"]
     assert len(metadata.json()["versions"]) == 2
     assert version_metadata.status_code == 200
     assert version_metadata.json()["inputs"] == metadata.json()["inputs"]
+    assert not_loaded.status_code == 503  # readiness is a pure read: it loads nothing
+    assert "not loaded" in not_loaded.json()["error"]
     assert ready.json() == {"name": "linear", "ready": True}
     assert pinned.json()["model_version"] == version
     pinned_data = pinned.json()["outputs"][0]["data"]

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
 from app.config import NAME_PATTERN
-from app.deps import AdminDep, ApiDep, RegistryDep, SettingsDep
+from app.deps import API_SECURITY, AdminDep, ApiDep, RegistryDep, SettingsDep
 from app.errors import ModelportError, PayloadTooLarge
+from app.inputs import decimal
 from app.schemas import ErrorResponse, UploadResponse, VersionInfo, VersionList
 from app.store import VERSION_PATTERN
 from app.uploads import UploadBody
@@ -25,8 +26,24 @@ VersionId = Annotated[
 ]
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in (401, 403, 404, *statuses)}
+def _errors(*statuses: int, token: str = "admin") -> dict[int | str, dict[str, Any]]:
+    """Error answers in the one body; 401 and 403 refuse the admin token (management) or the
+    API token (``token="api"``, only when MODELPORT_API_TOKEN is set)."""
+    refusals = {
+        "admin": (
+            "No (or a malformed) bearer token",
+            "A wrong admin token, or management disabled (MODELPORT_ADMIN_TOKEN unset)",
+        ),
+        "api": (
+            "MODELPORT_API_TOKEN is set; no (or a malformed) bearer token",
+            "MODELPORT_API_TOKEN is set; a wrong token",
+        ),
+    }[token]
+    return {
+        401: {"model": ErrorResponse, "description": refusals[0]},
+        403: {"model": ErrorResponse, "description": refusals[1]},
+        **{status: {"model": ErrorResponse} for status in (404, *statuses)},
+    }
 
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["weights"])
@@ -35,34 +52,38 @@ router = APIRouter(prefix="/v1/models/{name}", tags=["weights"])
 @contextmanager
 def _audited(action: str, model: str, request: Request) -> Iterator[dict[str, str]]:
     """Log and count every management action: action, model, version, sha256, client,
-    outcome (a refusal's outcome is its error code)."""
+    outcome (a refusal's outcome is its error code; an unexpected failure's is ``failed``)."""
     facts: dict[str, str] = {}
-    client = request.client.host if request.client else "-"
-    counter = request.app.state.metrics.management
+    metrics = request.app.state.metrics
+    counter, label = metrics.management, metrics.model_label(model)
     try:
         yield facts
     except ModelportError as exc:
-        counter.labels(model, action, f"refused:{exc.code}").inc()
-        logger.warning(
-            "%s model=%s version=%s sha256=%s client=%s outcome=refused:%s",
-            action,
-            model,
-            facts.get("version", "-"),
-            facts.get("sha256", "-"),
-            client,
-            exc.code,
-        )
+        _audit(logging.WARNING, action, model, request, facts, f"refused:{exc.code}")
+        counter.labels(label, action, f"refused:{exc.code}").inc()
         raise
-    logger.info(
+    except Exception:
+        _audit(logging.ERROR, action, model, request, facts, "failed:internal_error")
+        counter.labels(label, action, "failed:internal_error").inc()
+        raise
+    outcome = facts.get("outcome", "ok")
+    _audit(logging.INFO, action, model, request, facts, outcome)
+    counter.labels(label, action, outcome).inc()
+
+
+def _audit(
+    level: int, action: str, model: str, request: Request, facts: dict[str, str], outcome: str
+) -> None:
+    logger.log(
+        level,
         "%s model=%s version=%s sha256=%s client=%s outcome=%s",
         action,
         model,
         facts.get("version", "-"),
         facts.get("sha256", "-"),
-        client,
-        facts.get("outcome", "ok"),
+        request.client.host if request.client else "-",
+        outcome,
     )
-    counter.labels(model, action, facts.get("outcome", "ok")).inc()
 
 
 @router.put(
@@ -73,7 +94,7 @@ def _audited(action: str, model: str, request: Request) -> Iterator[dict[str, st
     response_model=UploadResponse,
     responses={
         200: {"model": UploadResponse, "description": "Identical bytes: the existing version"},
-        **_errors(400, 409, 413, 422),
+        **_errors(400, 409, 413, 422, 507),
     },
     openapi_extra={
         "requestBody": {
@@ -106,15 +127,14 @@ async def upload_weights(
     hashed, checked against an expected sha256 if given, then validated beside the serving
     version (load without code, key/shape/dtype fit, finite values, smoke test, acceptance
     check) before it is stored and, unless `activate=false`, switched to."""
-    model = registry.get(name)
     with _audited("upload", name, request) as facts:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > settings.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}"
-            )
-        body = UploadBody(request, filename)
-        staged = await model.store.receive(name, body.chunks(), settings.max_upload_bytes)
+        model = registry.get(name)
+        limit = settings.max_upload_bytes
+        declared = decimal(request.headers.get("content-length"))
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit}")
+        body = UploadBody(request, filename, limit)
+        staged = await model.store.receive(name, body.chunks(), limit)
         facts["sha256"] = staged.sha256
         expected = [digest for digest in (sha256, x_content_sha256) if digest]
         outcome = await model.upload(staged, body.filename, expected, activate)
@@ -132,7 +152,8 @@ async def upload_weights(
     "/versions",
     summary="List the versions of a model",
     dependencies=[ApiDep],
-    responses=_errors(),
+    responses=_errors(token="api"),
+    openapi_extra=API_SECURITY,
 )
 async def list_versions(name: ModelName, registry: RegistryDep) -> VersionList:
     """The bundled weights and every stored version, oldest first, with which one serves."""
@@ -156,8 +177,8 @@ async def activate_version(
     name: ModelName, version: VersionId, request: Request, registry: RegistryDep
 ) -> VersionInfo:
     """Build and smoke-test the version beside the serving one, then switch to it."""
-    model = registry.get(name)
     with _audited("activate", name, request) as facts:
+        model = registry.get(name)
         facts["version"] = version
         record = await model.activate(version)
         facts["sha256"] = record.sha256
@@ -172,8 +193,8 @@ async def activate_version(
 )
 async def rollback_version(name: ModelName, request: Request, registry: RegistryDep) -> VersionInfo:
     """Instant: the previous version is kept loaded."""
-    model = registry.get(name)
     with _audited("rollback", name, request) as facts:
+        model = registry.get(name)
         record = await model.rollback()
         facts |= {"version": record.id, "sha256": record.sha256}
     return VersionInfo.of(model, record)
@@ -190,8 +211,8 @@ async def delete_version(
     name: ModelName, version: VersionId, request: Request, registry: RegistryDep
 ) -> Response:
     """Remove a stored version's file and record; the active one and the bundled weights stay."""
-    model = registry.get(name)
     with _audited("delete", name, request) as facts:
+        model = registry.get(name)
         facts["version"] = version
         await model.delete(version)
     return Response(status_code=204)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.deps import RegistryDep
+from app.deps import API_SECURITY, MetricsDep, RegistryDep
 from app.lifecycle import draining
 from app.metrics import Metrics
-from app.schemas import Liveness, Readiness
+from app.openapi import REF
+from app.schemas import ErrorResponse, Liveness, Readiness
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -40,13 +41,28 @@ async def get_readiness(registry: RegistryDep) -> JSONResponse:
 
 
 metrics_router = APIRouter(tags=["health"])
+_ERROR_BODY = {"$ref": REF.format(model=ErrorResponse.__name__)}
 
 
 @metrics_router.get(
     "/metrics",
     summary="Prometheus metrics",
+    dependencies=[MetricsDep],
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        # JSON, not the route's text/plain, which "model" would document
+        401: {
+            "description": "MODELPORT_API_TOKEN is set (and MODELPORT_METRICS_PUBLIC is not); "
+            "no (or a malformed) bearer token",
+            "content": {"application/json": {"schema": _ERROR_BODY}},
+        },
+        403: {
+            "description": "MODELPORT_API_TOKEN is set; a wrong token",
+            "content": {"application/json": {"schema": _ERROR_BODY}},
+        },
+    },
+    openapi_extra=API_SECURITY,
 )
 async def get_metrics(request: Request) -> Response:
     """Requests, latency (queue wait and compute apart), batch sizes, queue depth, the active

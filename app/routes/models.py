@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
-from app.deps import ApiDep, RegistryDep
+from app.deps import API_SECURITY, ApiDep, RegistryDep
 from app.schemas import ErrorResponse, ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ApiDep])
+_TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "MODELPORT_API_TOKEN is set; no (or a malformed) bearer token",
+    },
+    403: {"model": ErrorResponse, "description": "MODELPORT_API_TOKEN is set; a wrong token"},
+}
 
 
-@router.get("", summary="List the served models")
+@router.get(
+    "",
+    summary="List the served models",
+    responses=_TOKEN_ERRORS,
+    openapi_extra=API_SECURITY,
+)
 async def list_models(registry: RegistryDep) -> ModelList:
     """Every configured model with its input contract, weights identity and status."""
     return ModelList(models=[ModelInfo.of(model) for model in registry])
@@ -19,7 +33,11 @@ async def list_models(registry: RegistryDep) -> ModelList:
 @router.get(
     "/{name}",
     summary="Describe one served model",
-    responses={404: {"model": ErrorResponse, "description": "No model of that name"}},
+    responses={
+        **_TOKEN_ERRORS,
+        404: {"model": ErrorResponse, "description": "No model of that name"},
+    },
+    openapi_extra=API_SECURITY,
 )
 async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
     """Class, device, input shape and dtype, parameters, weights file and sha256, load report."""

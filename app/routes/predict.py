@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.deps import API_SECURITY
 from app.fastpath import VERSION_HEADER
+from app.openapi import REF, add_components
 from app.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
 from app.tensors import DTYPE_HEADER, DTYPES, NPY, RAW, SHAPE_HEADER
 
-_REF = "#/components/schemas/{model}"
 _ERRORS = {
     "400": "Malformed JSON, or a raw body without its shape/dtype headers",
-    "401": "MODELPORT_API_TOKEN is set and no bearer token was sent",
-    "403": "Wrong bearer token",
+    "401": "MODELPORT_API_TOKEN is set and no (or a malformed) bearer token was sent",
+    "403": "MODELPORT_API_TOKEN is set and the bearer token is neither it nor the admin token",
     "404": "No model of that name",
     "413": "Body over MODELPORT_MAX_BODY_BYTES",
     "415": "A Content-Type other than JSON, raw tensor bytes or .npy",
@@ -37,11 +38,7 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
 def add_predict_paths(schema: dict[str, Any], examples: dict[str, Any]) -> None:
     """Add ``POST /v1/models/{name}/predict`` and ``POST /predict`` to an OpenAPI document,
     with one example body per served model."""
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ModelPredictRequest, PredictRequest, PredictResponse, ErrorResponse):
-        model_schema = model.model_json_schema(ref_template=_REF)
-        components.update(model_schema.pop("$defs", {}))
-        components[model.__name__] = model_schema
+    add_components(schema, ModelPredictRequest, PredictRequest, PredictResponse, ErrorResponse)
     per_model = {n: {"value": {"inputs": [x]}} for n, x in examples.items()}
     named = {n: {"value": {"model": n, "inputs": [x]}} for n, x in examples.items()}
     schema["paths"]["/v1/models/{name}/predict"] = {
@@ -91,12 +88,12 @@ def _operation(
             f"`{NPY}`; `Accept: {RAW}` or `{NPY}` answers the raw output tensor in that form."
         ),
         "parameters": parameters,
-        "security": [{"HTTPBearer": []}],
+        **API_SECURITY,
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"$ref": _REF.format(model=request)},
+                    "schema": {"$ref": REF.format(model=request)},
                     "examples": examples,
                 },
                 RAW: _BINARY,
@@ -114,7 +111,7 @@ def _operation(
                     **_TENSOR_HEADERS,
                 },
                 "content": {
-                    "application/json": {"schema": {"$ref": _REF.format(model="PredictResponse")}},
+                    "application/json": {"schema": {"$ref": REF.format(model="PredictResponse")}},
                     RAW: _BINARY,
                     NPY: _BINARY,
                 },
@@ -123,7 +120,7 @@ def _operation(
                 status: {
                     "description": description,
                     "content": {
-                        "application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}
+                        "application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}
                     },
                 }
                 for status, description in _ERRORS.items()

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from app.config import Settings
-from app.deps import ApiDep, RegistryDep, SettingsDep
+from app.deps import API_SECURITY, ApiDep, RegistryDep, SettingsDep
 from app.errors import (
     InvalidInput,
     ModelportError,
@@ -25,7 +26,7 @@ from app.errors import (
     json_response,
 )
 from app.fastpath import VERSION_HEADER
-from app.inputs import check_array, read_capped, to_batch
+from app.inputs import check_array, read_capped
 from app.oip import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -48,6 +49,7 @@ from app.oip import (
     encode_response,
     from_bytes,
 )
+from app.openapi import REF
 from app.served import ServedModel
 from app.store import VERSION_PATTERN
 
@@ -77,9 +79,16 @@ class V2Route(APIRoute):
         return handle
 
 
+class InferenceErrorResponse(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
 _DESCRIPTIONS = {
     400: "Bad input",
-    401: "MODELPORT_API_TOKEN is set; no bearer token",
+    401: "MODELPORT_API_TOKEN is set; no (or a malformed) bearer token",
+    403: "MODELPORT_API_TOKEN is set; a wrong bearer token",
     404: "Unknown model or version",
     413: "Body over MODELPORT_MAX_BODY_BYTES",
     503: "Cannot serve",
@@ -91,6 +100,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
         status: {
             "description": _DESCRIPTIONS[status],
+            "model": InferenceErrorResponse,
             "content": {"application/json": {"example": {"error": "..."}}},
         }
         for status in statuses
@@ -142,12 +152,12 @@ async def get_model_ready(name: str, registry: RegistryDep) -> Response:
     responses=_errors(404, 503),
 )
 async def get_model_version_ready(name: str, version: str, registry: RegistryDep) -> Response:
-    """Ready when the version is loaded or loads now (it is then kept for inference)."""
+    """Ready when that version is loaded here (active, previous or loaded for an inference);
+    a stored version that is not answers 503 until an inference loads it. A pure read."""
     model = registry.get(name)
-    try:
-        await model.runtime_for(_checked(model, version))
-    except WeightsError as exc:
-        return _model_ready(model, exc.message)
+    model.record(_checked(model, version))  # 404 for a version that does not exist
+    if model.loaded(version) is None:
+        return _model_ready(model, f"version {version} is stored but not loaded")
     return _model_ready(model, None)
 
 
@@ -163,7 +173,8 @@ def _model_ready(model: ServedModel, problem: str | None) -> Response:
     "/models/{name}",
     summary="Model metadata",
     dependencies=[ApiDep],
-    responses=_errors(401, 404, 503),
+    responses=_errors(401, 403, 404, 503),
+    openapi_extra=API_SECURITY,
 )
 async def get_model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
     """Input and output tensors (-1 for the batch dimension), platform and versions."""
@@ -174,7 +185,8 @@ async def get_model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
     "/models/{name}/versions/{version}",
     summary="Model version metadata",
     dependencies=[ApiDep],
-    responses=_errors(401, 404, 503),
+    responses=_errors(401, 403, 404, 503),
+    openapi_extra=API_SECURITY,
 )
 async def get_model_version_metadata(
     name: str, version: str, registry: RegistryDep
@@ -184,11 +196,11 @@ async def get_model_version_metadata(
 
 
 async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
-    """The output's datatype and shape are those of a forward of the registered example, so
-    they are exact whatever the model returns."""
-    spec = model.spec
-    example = to_batch([spec.example(model.kwargs)], model.sample_shape, spec.input_dtype)
-    _, output = await model.infer(example, None if version is None else _checked(model, version))
+    """The output's datatype and shape are those the model's load-time smoke test saw (the same
+    class and kwargs for every version), so metadata never runs the model."""
+    if version is not None:
+        model.record(_checked(model, version))  # 404 for a version that does not exist
+    spec, runtime = model.spec, model.active()
     return ModelMetadata(
         name=model.name,
         versions=[record.id for record in model.versions()],
@@ -202,7 +214,9 @@ async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
         ],
         outputs=[
             TensorMetadata(
-                name=OUTPUT_NAME, datatype=datatype_of(output.dtype), shape=[-1, *output.shape[1:]]
+                name=OUTPUT_NAME,
+                datatype=datatype_of(runtime.output_dtype),
+                shape=[-1, *runtime.output_sample_shape],
             )
         ],
     )
@@ -212,17 +226,23 @@ _INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": InferenceRequest.model_json_schema()},
+            "application/json": {"schema": {"$ref": REF.format(model="InferenceRequest")}},
             "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": f"The JSON header ({HEADER_LENGTH} bytes), then the tensors.",
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"The JSON header ({HEADER_LENGTH} bytes), then the tensors.",
+                },
             },
         },
-    }
+    },
+    **API_SECURITY,
 }
+COMPONENTS = (InferenceRequest,)
+"""Models only the hand-written request body above refers to: the app adds their schemas."""
 _INFER_OK: dict[int | str, dict[str, Any]] = {
     200: {"model": InferenceResponse, "description": "JSON, or JSON header + binary outputs"},
-    **_errors(400, 401, 404, 413, 503),
+    **_errors(400, 401, 403, 404, 413, 503),
 }
 
 
