@@ -4,15 +4,28 @@ uvicorn writes a response's head as soon as the app sends ``http.response.start`
 with the next message: two writes, and on a small answer two TCP segments, each paying the whole
 loopback or network path and waking the client twice. Here the head waits for the first body
 message and goes out with it, which served a trivial app 20% faster on one worker.
-Everything else is uvicorn's own code.
+
+It also bounds a request's head (uvicorn and httptools buffer one whole, however long): a head
+over ``max_header_bytes`` or with more than ``max_header_count`` fields is answered 431 and the
+connection closed, without reading the rest. Everything else is uvicorn's own code.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+import orjson
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from app.errors import error_body
+
+logger = logging.getLogger(__name__)
 
 
 class _HeadHolder:
@@ -56,12 +69,120 @@ class OneWriteCycle(RequestResponseCycle):
             self.transport = self.transport.release()
 
 
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a head over the limits."""
+
+
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with :class:`OneWriteCycle` as its cycle."""
+    """uvicorn's httptools protocol with :class:`OneWriteCycle` as its cycle, and a request head
+    bounded in bytes and in fields (:func:`head_limited` sets the limits from the settings).
+
+    Two counts bound a head. httptools keeps a header line that has not ended to itself, so
+    the raw bytes fed since the parser last made progress (a head ended, body bytes came, a
+    message ended) are counted, fed at most up to the limit at a time (one socket read can be
+    256 KiB): a head, or a chunked body's trailer, cannot grow past the limit unseen. A whole
+    head that arrived after a body in the same read is measured exactly by the callbacks (the
+    URL and each field as it completes).
+    """
+
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+
+    _raw_head_bytes = 0
+    """Bytes fed since a head, body bytes or a message last ended: a head (or trailer) so far."""
+    _head_bytes = 0
+    _header_count = 0
+    _refused: str | None = None
+    """Why the head was refused, once it is."""
+
+    def data_received(self, data: bytes) -> None:
+        rest = memoryview(data)
+        while rest and self._refused is None and not self.transport.is_closing():
+            protocol = self.transport.get_protocol()
+            if protocol is not self:  # upgraded to a WebSocket: the rest is its
+                cast(asyncio.Protocol, protocol).data_received(bytes(rest))
+                return
+            size = self.max_header_bytes - self._raw_head_bytes
+            piece, rest = rest[:size], rest[size:]
+            self._raw_head_bytes += len(piece)
+            # a piece is what one socket read could have brought: uvicorn handles it as such
+            # (httptools reads any buffer; uvicorn's hint says bytes, a copy is not needed)
+            super().data_received(piece)  # type: ignore[arg-type]
+            if self._raw_head_bytes >= self.max_header_bytes:
+                self._refuse(f"request head over {self.max_header_bytes} bytes")
+        if self._refused is not None and not self.transport.is_closing():
+            self._send_431()
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = self._header_count = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.max_header_count:
+            self._refuse(f"request head with over {self.max_header_count} header fields")
+            raise _HeadTooLarge
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._raw_head_bytes = 0
         super().on_headers_complete()
         if type(self.cycle) is RequestResponseCycle:
             # uvicorn builds the cycle itself; its task has not run yet, so the subclass's
             # send is the one the app gets
             self.cycle.__class__ = OneWriteCycle
+
+    def on_body(self, body: bytes) -> None:
+        self._raw_head_bytes = 0
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._raw_head_bytes = 0
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused is None:
+            super().send_400_response(msg)
+        # else: a callback stopped the parser on purpose; data_received answers 431
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_header_bytes:
+            self._refuse(f"request head over {self.max_header_bytes} bytes")
+            raise _HeadTooLarge  # stops the parser: nothing more of this connection is read
+
+    def _refuse(self, reason: str) -> None:
+        if self._refused is None:
+            self._refused = reason
+
+    def _send_431(self) -> None:
+        reason = self._refused or ""
+        logger.warning("%s from %s: answered 431 and closed", reason, self.client)
+        body = orjson.dumps(error_body(reason, "request_header_fields_too_large"))
+        content = [STATUS_LINE[431]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+
+def head_limited(max_header_bytes: int, max_header_count: int) -> type[OneWriteHttpToolsProtocol]:
+    """The protocol class with these head limits, for ``uvicorn.Config(http=...)``."""
+
+    class HeadLimitedProtocol(OneWriteHttpToolsProtocol):
+        pass
+
+    HeadLimitedProtocol.max_header_bytes = max_header_bytes
+    HeadLimitedProtocol.max_header_count = max_header_count
+    return HeadLimitedProtocol

@@ -4,6 +4,7 @@ shared listening socket, one busy worker tends to accept nearly every connection
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -21,12 +23,12 @@ from prometheus_client.multiprocess import mark_process_dead
 from app.config import Settings
 from app.lifecycle import draining
 from app.metrics import MULTIPROC_ENV
-from app.protocol import OneWriteHttpToolsProtocol
+from app.protocol import head_limited
 
 logger = logging.getLogger(__name__)
 APP = "app.main:create_app"
-QUICK_EXIT_S = 5.0
-MAX_QUICK_EXITS = 3
+MAX_FAILED_STARTS = 3
+"""Workers in a row that exit before they ever became ready; then the supervisor gives up."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -34,10 +36,18 @@ class DrainingServer(uvicorn.Server):
     (:mod:`app.lifecycle`); once the requests already accepted have finished, queued ones
     included, or the grace period is over, the usual shutdown follows and the process exits 0."""
 
-    def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, grace_s: float, on_ready: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self.grace_s = grace_s
+        self.on_ready = on_ready
         self.drain_deadline: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready()  # the app's startup is done and the socket accepts
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self.drain_deadline is None:
@@ -60,11 +70,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _server(settings: Settings) -> DrainingServer:
+def _server(settings: Settings, on_ready: Callable[[], None] | None = None) -> DrainingServer:
     config = uvicorn.Config(
         APP,
         factory=True,
-        http=OneWriteHttpToolsProtocol,
+        http=head_limited(settings.max_header_bytes, settings.max_header_count),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -72,7 +82,7 @@ def _server(settings: Settings) -> DrainingServer:
         access_log=False,  # the service writes its own access lines, with the request id
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
-    return DrainingServer(config, settings.shutdown_grace_s)
+    return DrainingServer(config, settings.shutdown_grace_s, on_ready)
 
 
 def run(settings: Settings) -> int:
@@ -86,20 +96,28 @@ def run(settings: Settings) -> int:
         return _Supervisor(settings).run()
 
 
-def _worker(settings: Settings) -> None:
-    """One worker process: its own socket on the shared port, then uvicorn."""
+def _worker(settings: Settings, ready: ctypes.c_bool) -> None:
+    """One worker process: its own socket on the shared port, then uvicorn; ``ready`` turns
+    true once it serves."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.host, settings.port))
-    _server(settings).run(sockets=[sock])
+
+    def on_ready() -> None:
+        ready.value = True
+
+    _server(settings, on_ready).run(sockets=[sock])
 
 
 @dataclass
 class _Worker:
     process: BaseProcess
-    started_at: float
+    ready: ctypes.c_bool
+    """Shared memory the worker sets once it serves: a plain flag, not an Event, whose lock a
+    worker killed while setting it would leave held, and the supervisor waiting on for ever."""
+    seen_ready: bool = False
 
 
 class _Supervisor:
@@ -111,7 +129,8 @@ class _Supervisor:
         self._stopping = False
         """Set by the signal handler: a plain flag, since a signal landing while a handler
         holds a lock (``threading.Event.set`` takes one) would wait on it forever."""
-        self._quick_exits = 0
+        self._failed_starts = 0
+        """Workers in a row that exited without ever becoming ready."""
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +139,9 @@ class _Supervisor:
         while not self._stopping:
             for index, worker in enumerate(workers):
                 if worker.process.is_alive():
+                    if worker.ready.value and not worker.seen_ready:
+                        worker.seen_ready = True
+                        self._failed_starts = 0  # this one starts: what failed has passed
                     continue
                 if self._keeps_failing(worker):
                     self._shutdown(workers)
@@ -136,15 +158,19 @@ class _Supervisor:
         return 0
 
     def _start(self) -> _Worker:
-        process = self._context.Process(target=_worker, args=(self.settings,))
+        ready = self._context.RawValue(ctypes.c_bool, False)
+        process = self._context.Process(target=_worker, args=(self.settings, ready))
         process.start()
-        return _Worker(process, time.monotonic())
+        return _Worker(process, ready)
 
     def _keeps_failing(self, worker: _Worker) -> bool:
-        """A worker that keeps dying right after it starts will not get better by restarts."""
-        if time.monotonic() - worker.started_at < QUICK_EXIT_S:
-            self._quick_exits += 1
-        if self._quick_exits < MAX_QUICK_EXITS:
+        """Workers that keep dying before they serve will not get better by restarts; one that
+        served and was killed later (out of memory, say) is replaced whatever the pace."""
+        if worker.ready.value:
+            self._failed_starts = 0
+            return False
+        self._failed_starts += 1
+        if self._failed_starts < MAX_FAILED_STARTS:
             return False
         logger.error(
             "workers keep exiting at start (last status %s); stopping", worker.process.exitcode

@@ -1,0 +1,242 @@
+"""Hostile input against real server processes on 127.0.0.1: request heads without end are
+refused with 431 before they cost memory, and a worker killed while serving (the kernel's OOM
+killer, say) is replaced however often it happens."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from app.server import MAX_FAILED_STARTS
+from tests.helpers import (
+    LINEAR,
+    PeakRss,
+    ServerProcess,
+    clean_env,
+    run_server,
+    write_config,
+)
+
+ATTACK_BYTES = 64 * 1024 * 1024
+"""How much of a head the attacks stream at most (the server is expected to stop far sooner)."""
+MAX_GROWTH_MIB = 32
+"""Bound on the server's peak resident-memory growth while a head streams past the cap."""
+READY = b"GET /health/ready HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server with the default limits (64 KiB, 100 fields) for the head tests."""
+    directory = tmp_path_factory.mktemp("heads")
+    with run_server(directory, write_config(directory, LINEAR)) as process:
+        yield process
+
+
+def stream_head(port: int, start: bytes, chunk: bytes) -> tuple[bytes, float]:
+    """Send ``start``, then ``chunk`` again and again until the server answers or closes (at
+    most ATTACK_BYTES); returns what it answered and the seconds until the answer came."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            raw.sendall(start)
+            while sent < ATTACK_BYTES and not select.select([raw], [], [], 0)[0]:
+                raw.sendall(chunk)
+                sent += len(chunk)
+        select.select([raw], [], [], 10)
+        answered_after = time.monotonic() - began
+        return read_to_close(raw), answered_after
+
+
+def read_to_close(raw: socket.socket) -> bytes:
+    """Everything the server sends until it closes (a reset after its answer included)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := raw.recv(65536):
+            data += chunk
+            assert len(data) < 1024 * 1024, data[:200]
+    return data
+
+
+def assert_refused_with_431(answer: bytes) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:300]
+    assert b"\r\nconnection: close" in head.lower()
+    assert b"\r\ncontent-type: application/json" in head.lower()
+    error = orjson.loads(body)
+    assert error["code"] == "request_header_fields_too_large"
+    assert error["error"]
+
+
+def test_a_head_streamed_past_the_cap_gets_431_and_close_and_costs_no_memory(
+    server: ServerProcess,
+) -> None:
+    line = b"X-Padding: " + b"a" * 1000 + b"\r\n"
+    with PeakRss(server.process.pid) as peak:
+        answer, seconds = stream_head(server.port, READY, line * 64)
+    print(f"431 after {seconds * 1000:.1f} ms; peak RSS growth {peak.growth_mib:.1f} MiB")
+    assert_refused_with_431(answer)
+    assert seconds < 5
+    assert peak.growth_mib < MAX_GROWTH_MIB
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_one_header_line_without_end_gets_431_and_costs_no_memory(server: ServerProcess) -> None:
+    with PeakRss(server.process.pid) as peak:
+        answer, seconds = stream_head(server.port, READY + b"X-Endless: ", b"a" * 65536)
+    print(f"431 after {seconds * 1000:.1f} ms; peak RSS growth {peak.growth_mib:.1f} MiB")
+    assert_refused_with_431(answer)
+    assert peak.growth_mib < MAX_GROWTH_MIB
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_an_endless_trailer_after_a_chunked_body_gets_431(server: ServerProcess) -> None:
+    start = (
+        b"POST /v1/models/linear/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: "
+    )
+    with PeakRss(server.process.pid) as peak:
+        answer, _ = stream_head(server.port, start, b"a" * 65536)
+    assert_refused_with_431(answer)
+    assert peak.growth_mib < MAX_GROWTH_MIB
+
+
+def test_a_url_without_end_gets_431(server: ServerProcess) -> None:
+    answer, _ = stream_head(server.port, b"GET /", b"a" * 65536)
+    assert_refused_with_431(answer)
+
+
+def test_more_than_100_header_fields_get_431(server: ServerProcess) -> None:
+    fields = b"".join(b"X-Field-%d: 1\r\n" % i for i in range(101))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(READY + fields + b"\r\n")
+        assert_refused_with_431(read_to_close(raw))
+
+
+def test_a_whole_over_cap_head_after_a_request_in_the_same_write_gets_431(
+    server: ServerProcess,
+) -> None:
+    """The head arrives complete with the request before it: the fields are counted exactly as
+    they are parsed (the raw count starts afresh after the first request's end)."""
+    fields = b"".join(b"X-Padding-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(READY + b"\r\n" + READY + fields + b"\r\n")
+        answer = read_to_close(raw)
+    last = answer.rfind(b"HTTP/1.1 ")
+    assert_refused_with_431(answer[last:])
+
+
+def test_heads_just_under_the_cap_and_100_fields_are_served_with_keep_alive(
+    server: ServerProcess,
+) -> None:
+    end = b"\r\n\r\n"
+    padding = b"X-Padding: " + b"a" * (64 * 1024 - len(READY) - len(b"X-Padding: ") - len(end))
+    big = READY + padding + end
+    assert len(big) == 64 * 1024  # the cap exactly, in one write
+    fields = READY + b"".join(b"X-Field-%d: 1\r\n" % i for i in range(99)) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        for request, whole in (
+            (big, True),
+            (fields, True),
+            (big[:40000], False),
+            (big[40000:], True),
+        ):
+            raw.sendall(request)
+            if not whole:
+                time.sleep(0.1)  # the first part of a head, read on its own
+                continue
+            answer = raw.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            assert b"connection: close" not in answer.lower()
+
+
+def test_a_configured_header_cap_is_honoured(tmp_path: Path) -> None:
+    config = write_config(tmp_path, LINEAR)
+    env = {"MODELPORT_MAX_HEADER_BYTES": "8192", "MODELPORT_MAX_HEADER_COUNT": "10"}
+    padding = b"X-Padding: " + b"a" * 8200 + b"\r\n"
+    with run_server(tmp_path, config, env=env) as custom:
+        for head in (READY + padding, READY + b"".join(b"X-F%d: 1\r\n" % i for i in range(10))):
+            with socket.create_connection(("127.0.0.1", custom.port), timeout=10) as raw:
+                raw.sendall(head + b"\r\n")
+                assert_refused_with_431(read_to_close(raw))
+        small = httpx.get(f"{custom.url}/health/ready", headers={"X-Padding": "a" * 7000})
+    assert small.status_code == 200
+
+
+def launcher_workers(pid: int) -> dict[int, int]:
+    """The live worker processes of a launcher (not multiprocessing's resource tracker), each
+    with its start time in clock ticks since boot."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+                workers[int(stat.parent.name)] = int(fields[19])
+    return workers
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: ServerProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not after {timeout}s:\n{log.output()}"
+        assert log.process.poll() is None, f"launcher exited:\n{log.output()}"
+        time.sleep(0.05)
+
+
+def test_workers_killed_while_serving_are_replaced_however_fast(tmp_path: Path) -> None:
+    """A worker is killed right after it became ready, again and again (the old rule counted
+    any exit within 5 s of the start, and gave up on the third); the service answers
+    throughout."""
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config, "--workers", "2") as server:
+        started = "Application startup complete."
+        wait_for(lambda: server.output().count(started) == 2, 30, "two workers", server)
+        for kill in range(MAX_FAILED_STARTS + 1):
+            workers = launcher_workers(server.process.pid)
+            assert len(workers) == 2, workers
+            victim = max(workers, key=workers.__getitem__)  # the youngest
+            time.sleep(0.2)  # then it listens, and sets its ready flag
+            os.kill(victim, signal.SIGKILL)
+            wait_for(
+                lambda pid=victim: pid not in launcher_workers(server.process.pid),
+                10,
+                "exit",
+                server,
+            )
+            assert httpx.get(f"{server.url}/health/ready").status_code == 200
+            wait_for(
+                lambda n=3 + kill: server.output().count(started) == n, 30, "a new worker", server
+            )
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+        assert server.process.poll() is None
+        assert "keep exiting at start" not in server.output()
+        assert server.stop() == 0
+
+
+def test_workers_that_never_become_ready_make_the_launcher_give_up(tmp_path: Path) -> None:
+    """The port is held by another program, so no worker can bind it: after three workers in a
+    row exited before they served, the launcher stops with a non-zero status."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:  # no SO_REUSEPORT: workers can't bind
+        port = holder.getsockname()[1]
+        config = write_config(tmp_path, LINEAR)
+        args = [sys.executable, "-m", "app", "--workers", "2", "--port", str(port)]
+        env = clean_env(MODELPORT_STORE_DIR=str(tmp_path / "store"))
+        launcher = ServerProcess([*args, "--config", str(config)], env, port, tmp_path / "x.log")
+        try:
+            status = launcher.process.wait(30)
+        finally:
+            launcher.stop()
+    assert status == 1, launcher.output()
+    assert "workers keep exiting at start" in launcher.output()
