@@ -179,6 +179,7 @@ def test_a_bad_tensor_shape_header_is_a_400(server: ServerProcess, shape: str) -
     )
     assert response.status_code == 400
     assert "X-Tensor-Shape" in response.json()["error"] or "needs 3169" in response.json()["error"]
+    assert_ready(server)
 
 
 @pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "1_0", "-1"])
@@ -191,6 +192,7 @@ def test_a_header_length_not_in_ascii_digits_is_a_400(server: ServerProcess, val
     )
     assert response.status_code == 400
     assert "Inference-Header-Content-Length" in response.json()["error"]
+    assert_ready(server)
 
 
 @pytest.mark.parametrize(
@@ -215,6 +217,7 @@ def test_an_npy_header_that_does_not_fit_its_bytes_is_a_400(
     assert response.status_code == 400
     assert ".npy" in response.json()["error"]
     assert rss.growth_mib < 8
+    assert_ready(server)
 
 
 @pytest.mark.parametrize(
