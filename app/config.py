@@ -53,8 +53,21 @@ class Settings(BaseSettings):
     """Most samples one predict request may carry (422 beyond)."""
 
     store_dir: Path = PROJECT_ROOT / "store"
-    """Where uploaded weight versions and the active-version records live (share it between
-    replicas); the bundled weights files are never modified."""
+    """The local folder of the service: the SQLite version database and the blobs by default,
+    and uploads being received (share it between the replicas of one host); the bundled
+    weights files are never modified."""
+
+    database_url: SecretStr | None = None
+    """The version database: ``postgresql://user:password@host:port/database`` for replicas on
+    several hosts; unset, SQLite in ``store_dir`` (workers and replicas of one host)."""
+
+    blob_url: str | None = None
+    """Where the bytes of each version live: ``s3://bucket/prefix`` (endpoint and credentials
+    from the standard AWS settings); unset, the folder ``store_dir/blobs``."""
+
+    max_sync_age_s: float = Field(default=30.0, gt=0)
+    """A replica that could not read the version database for this long reports itself not
+    ready (it keeps serving what it has, and turns ready again once it can read it)."""
 
     admin_token: SecretStr | None = Field(default=None, min_length=32)
     """Bearer token for management endpoints (upload, activate, rollback, delete); unset
@@ -98,8 +111,8 @@ class Settings(BaseSettings):
     """On SIGTERM, how long in-flight requests (queued ones included) may take to finish."""
 
     sync_interval_s: float = Field(default=2.0, ge=0)
-    """How often each replica reads the store's active-version records and follows a version
-    activated (or rolled back) by another replica; 0 turns this off."""
+    """How often each replica reads the version database and follows a version activated (or
+    rolled back) by another replica or worker; 0 turns this off."""
 
     metrics_public: bool = False
     """With ``MODELPORT_API_TOKEN`` set, ``/metrics`` needs that token too (its series name the

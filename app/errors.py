@@ -87,17 +87,19 @@ class VersionNotFound(ModelportError):
     code = "version_not_found"
 
 
-class StoreCorrupt(ModelportError):
-    """A record in the weight store cannot be read."""
-
-    code = "store_corrupt"
-
-
 class InsufficientStorage(ModelportError):
     """The weight store cannot take the write (disk full, quota, read-only); nothing was kept."""
 
     status = 507
     code = "insufficient_storage"
+
+
+class StateUnavailable(ModelportError):
+    """The version database or the blob store cannot be reached or used now."""
+
+    status = 503
+    code = "state_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class ModelNotFound(ModelportError):
@@ -207,6 +209,18 @@ class UnsafeTensor(WeightsError):
     smaller than its shape) or has no data on a real device (``meta``)."""
 
     code = "unsafe_tensor"
+
+
+class BlobCorrupt(WeightsError):
+    """A blob's bytes do not have the sha256 it is stored under; they were not used."""
+
+    code = "blob_corrupt"
+
+
+class BlobMissing(WeightsError):
+    """The blob store holds no blob under this sha256."""
+
+    code = "blob_missing"
 
 
 class NonFiniteWeights(WeightsError):

@@ -47,7 +47,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     background = [asyncio.create_task(metrics.flush_periodically())]
     if settings.sync_interval_s > 0:
-        background.append(asyncio.create_task(registry.follow_store(settings.sync_interval_s)))
+        count = metrics.sync_failures
+        follower = registry.follow(settings.sync_interval_s, lambda m: count.labels(m).inc())
+        background.append(asyncio.create_task(follower))
     access_log: AccessLog | None = app.state.access_log
     if access_log is not None:
         background.append(asyncio.create_task(access_log.flush_periodically()))

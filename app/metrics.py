@@ -159,6 +159,12 @@ class Metrics:
             ["model", "action", "outcome"],
             registry=own,
         )
+        self.sync_failures = Counter(
+            "modelport_state_sync_failures_total",
+            "Failed reads of the version database by the follower, by model.",
+            ["model"],
+            registry=own,
+        )
         self._counters: dict[Counter, DeferredCounter] = {}
         self._histograms: dict[Histogram, DeferredHistogram] = {}
         self._samplers: list[Callable[[], None]] = []

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 
 from app.batching import BatchPolicy
 from app.catalog import ModelSpec, discover, get_spec, registered_names
 from app.config import ServedModelConfig, Settings
-from app.errors import ConfigError, InvalidInput, ModelNotFound
+from app.errors import ConfigError, InvalidInput, ModelNotFound, ModelportError, StateUnavailable
 from app.metrics import Metrics
 from app.runtime import check_constructor_kwargs
 from app.served import ServedModel
-from app.store import WeightStore
+from app.state.versions import VersionState
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,20 @@ def resolve_device(spec: str) -> torch.device:
 class ModelRegistry:
     """All served models by name."""
 
-    def __init__(self, models: list[ServedModel], default_model: str | None) -> None:
+    def __init__(
+        self,
+        models: list[ServedModel],
+        default_model: str | None,
+        state: VersionState,
+        max_sync_age_s: float = 30.0,
+    ) -> None:
         self._models = {m.name: m for m in models}
         self._default = default_model
+        self.state = state
+        self.max_sync_age_s = max_sync_age_s
+        self.following = False
+        """Whether this process follows the database (readiness then needs recent reads)."""
+        self.started_at = time.monotonic()
 
     @classmethod
     def from_settings(
@@ -54,7 +66,7 @@ class ModelRegistry:
         Raises ConfigError with one line naming the model and the problem.
         """
         discover()
-        store = _open_store(settings)
+        state = VersionState.open(settings)
         # Default: share the cores between the worker processes, one model thread each.
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         models = []
@@ -65,22 +77,27 @@ class ModelRegistry:
                     config,
                     spec,
                     device,
-                    store,
+                    state,
                     _policy(config, settings),
                     metrics,
                     kwargs=spec.constructor_kwargs(config.kwargs),
                     require_finite=settings.require_finite_weights,
-                    keep_versions=settings.keep_versions,
                     torch_threads=threads,
                 )
             )
         default = settings.default_model
         if default is not None and default not in {c.name for c in configs}:
             raise ConfigError(f"MODELPORT_DEFAULT_MODEL names {default!r}, which is not served")
-        return cls(models, default)
+        return cls(models, default, state, settings.max_sync_age_s)
 
     def load_all(self) -> None:
-        """Load every model's weights; a model that fails is kept, unavailable, with its reason."""
+        """Migrate the version database, then load every model's weights; a model that fails
+        is kept, unavailable, with its reason. A database that cannot be reached is logged:
+        the models serve their bundled weights until it answers."""
+        try:
+            self.state.db.migrate()
+        except StateUnavailable as exc:
+            logger.error("%s", exc.message)
         for model in self._models.values():
             model.load()
 
@@ -115,15 +132,38 @@ class ModelRegistry:
         ]
 
     def unavailable(self) -> dict[str, str]:
-        """Models that cannot serve now, with the reason."""
-        return {m.name: m.error or "not loaded" for m in self if m.runtime is None}
-
-    async def follow_store(self, interval_s: float) -> None:
-        """Every ``interval_s``, follow versions activated by other replicas sharing the store."""
-        while True:
-            await asyncio.sleep(interval_s)
+        """Models that cannot serve now, with the reason; while following the database, also
+        those whose last successful read of it is older than ``max_sync_age_s``."""
+        found = {m.name: m.error or "not loaded" for m in self if m.runtime is None}
+        if self.following:
+            now = time.monotonic()
             for model in self:
-                await model.follow_store()
+                age = now - (model.synced_at or self.started_at)
+                if model.name not in found and age > self.max_sync_age_s:
+                    read = "never" if model.synced_at is None else f"{age:.0f} s ago"
+                    found[model.name] = f"the version database was last read {read}"
+        return found
+
+    async def follow(self, interval_s: float, on_failure: Callable[[str], None]) -> None:
+        """Every ``interval_s``, follow what the version database records as active. A failure
+        is logged and counted (``on_failure``) and retried with backoff (up to 8x the interval);
+        it never ends the loop."""
+        self.following = True
+        failures = 0
+        while True:
+            await asyncio.sleep(min(interval_s * 2**failures, interval_s * 8))
+            failed = False
+            for model in self:
+                try:
+                    await model.follow()
+                except Exception as exc:  # never end the follower: retry, readiness tells
+                    failed = True
+                    on_failure(model.name)
+                    reason = exc.message if isinstance(exc, ModelportError) else repr(exc)
+                    logger.warning(
+                        "model %s: cannot follow the version database: %s", model.name, reason
+                    )
+            failures = min(failures + 1, 3) if failed else 0
 
     def start(self) -> None:
         """Start every model's inference thread."""
@@ -134,16 +174,6 @@ class ModelRegistry:
         """Stop the inference threads after their current batch."""
         for model in self:
             model.batcher.stop()
-
-
-def _open_store(settings: Settings) -> WeightStore:
-    try:
-        settings.store_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"MODELPORT_STORE_DIR {str(settings.store_dir)!r}: {exc.strerror}"
-        ) from None
-    return WeightStore(settings.store_dir)
 
 
 def _policy(config: ServedModelConfig, settings: Settings) -> BatchPolicy:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.inputs import dtype_name
 from app.served import ServedModel
+from app.state.database import Pointers
 from app.store import VersionRecord
 
 
@@ -103,14 +104,20 @@ class ModelInfo(BaseModel):
     previous_version: str | None = Field(
         default=None, description="The rollback target, kept loaded."
     )
+    active_version: str | None = Field(
+        default=None,
+        description="The version the version database records as active, which every replica "
+        "converges to (`version` is what this replica serves); null when it cannot be read.",
+    )
     fallback: str | None = Field(
         default=None,
         description="Why this replica serves another version than the recorded active one.",
     )
 
     @classmethod
-    def of(cls, model: ServedModel) -> ModelInfo:
-        """Describe a served model as it is now."""
+    def of(cls, model: ServedModel, pointers: Pointers | None) -> ModelInfo:
+        """Describe a served model as it is now, with the database's ``pointers`` (None: they
+        could not be read)."""
         runtime, spec, init_kwargs = model.runtime, model.spec, model.kwargs
         output_shape = spec.output_sample_shape(init_kwargs)
         info = cls(
@@ -128,6 +135,7 @@ class ModelInfo(BaseModel):
             example_input=spec.example(init_kwargs),
             weights=WeightsInfo(file=model.config.weights.name),
             fallback=model.fallback,
+            active_version=None if pointers is None else pointers.active or model.bundled_id(),
         )
         if runtime is None:
             return info
@@ -211,9 +219,12 @@ class VersionInfo(BaseModel):
     report: dict[str, Any] = Field(description="What was checked before it could serve.")
 
     @classmethod
-    def of(cls, model: ServedModel, record: VersionRecord) -> VersionInfo:
-        """Describe a version of ``model``."""
-        runtime, previous = model.runtime, model.previous
+    def of(
+        cls, record: VersionRecord, pointers: Pointers, active: str | None = None
+    ) -> VersionInfo:
+        """Describe a version, active or previous as the version database records it
+        (``active``: what serves while no activation was ever recorded, the bundled one)."""
+        active = pointers.active or active
         return cls(
             version=record.id,
             sha256=record.sha256,
@@ -222,8 +233,8 @@ class VersionInfo(BaseModel):
             created_at=record.created_at,
             filename=record.filename,
             source="bundled" if record.source == "bundled" else "upload",
-            active=runtime is not None and runtime.version == record.id,
-            previous=previous is not None and previous.version == record.id,
+            active=record.id == active,
+            previous=record.id == pointers.previous,
             report=record.report,
         )
 
@@ -235,6 +246,28 @@ class VersionList(BaseModel):
     active: str | None
     previous: str | None
     versions: list[VersionInfo]
+
+
+class HistoryItem(BaseModel):
+    """One recorded management action."""
+
+    seq: int = Field(description="Its place in the order of every action; pages go by it.")
+    at: str = Field(description="When it was committed (UTC).")
+    action: str = Field(description="upload, activate, rollback, delete, retention or import.")
+    from_version: str | None = Field(description="The version it moved away from or removed.")
+    to_version: str | None = Field(description="The version it moved to or added.")
+    request_id: str | None
+    client: str | None = Field(description="The client address that asked.")
+
+
+class HistoryPage(BaseModel):
+    """A page of a model's history, newest first."""
+
+    model: str
+    entries: list[HistoryItem]
+    next_before: int | None = Field(
+        description="Pass as `before` for the next page; null at the end."
+    )
 
 
 class UploadResponse(VersionInfo):

@@ -5,26 +5,32 @@ a stated bound (the same bodies cost up to gigabytes, or the process, before).""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
 import secrets
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
-from app.errors import InsufficientStorage
-from app.store import VersionRecord, WeightStore
 from models.linear import MyModel
-from tests.helpers import DIGITS, LINEAR, PeakRss, ServerProcess, run_server, write_config
+from tests.helpers import (
+    DIGITS,
+    LINEAR,
+    PeakRss,
+    ServerProcess,
+    make_settings,
+    run_server,
+    serve_in_process,
+    write_config,
+)
 
 TOKEN = secrets.token_urlsafe(32)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -393,20 +399,6 @@ def test_metadata_and_readiness_never_run_a_model(server: ServerProcess) -> None
 # --- 6. faults answered with a reason ---------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a real file system that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_during_an_upload_answers_507_audited_and_keeps_nothing(
     tmp_path: Path, small_disk: Path
 ) -> None:
@@ -424,33 +416,37 @@ def test_a_full_disk_during_an_upload_answers_507_audited_and_keeps_nothing(
         assert sorted(p.name for p in (small_disk / "linear").rglob("*") if p.is_file()) == []
 
 
-async def test_a_full_disk_at_commit_leaves_neither_bytes_nor_record(small_disk: Path) -> None:
-    store = WeightStore(small_disk)
-    store.prepare("linear")
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield b"w" * 100_000
-
-    staged = await store.receive("linear", chunks(), 10**6)
-    filler = small_disk / "filler"
-    with filler.open("wb", buffering=0) as stream, contextlib.suppress(OSError):
-        while True:  # fill what is left
-            stream.write(b"\0" * 4096)
-    record = VersionRecord(
-        "a" * 12, "a" * 64, 100_000, "torch", "now", None, "upload", {"x": "y" * 8000}
-    )
-    with pytest.raises(InsufficientStorage):
-        store.commit("linear", staged, record)
-    assert store.versions("linear") == []
-    assert list((small_disk / "linear" / "versions").iterdir()) == []
+async def test_a_disk_that_fills_between_receiving_and_storing_answers_507_and_keeps_nothing(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """The upload is received whole, then its blob cannot be written: no blob, no record, no
+    staged bytes, and the active version serves on."""
+    data = save_safetensors(good_linear(5), metadata={"pad": "x" * 300_000})  # 300 KB, valid
+    settings = make_settings(tmp_path, LINEAR, admin_token=TOKEN, store_dir=small_disk)
+    async with serve_in_process(settings) as client:
+        before = (await client.get("/v1/models/linear/versions")).json()
+        blobs_before = sorted(p.name for p in (small_disk / "blobs").glob("*/*"))
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        (small_disk / "filler").write_bytes(b"\0" * (free - int(1.5 * len(data))))
+        response = await client.put("/v1/models/linear/weights", content=data, headers=AUTH)
+        after = (await client.get("/v1/models/linear/versions")).json()
+        served = await client.post("/predict", json={"inputs": [SAMPLE]})
+    assert response.status_code == 507, response.text
+    assert response.json()["code"] == "insufficient_storage"
+    assert after == before
+    assert sorted(p.name for p in (small_disk / "blobs").glob("*/*")) == blobs_before
+    assert list((small_disk / "linear" / "incoming").iterdir()) == []
+    assert served.status_code == 200
 
 
 def test_weights_changed_on_disk_are_refused_at_load_with_a_loud_error(tmp_path: Path) -> None:
     env = {"MODELPORT_ADMIN_TOKEN": TOKEN}
     config = write_config(tmp_path, LINEAR)
     with run_server(tmp_path, config, env=env) as first:
-        version = upload(first, saved(good_linear(3))).json()["version"]
-    stored = tmp_path / "store" / "linear" / "versions" / f"{version}.weights"
+        uploaded = upload(first, saved(good_linear(3))).json()
+    version, digest = uploaded["version"], uploaded["sha256"]
+    stored = tmp_path / "store" / "blobs" / digest[:2] / digest
+    stored.chmod(0o644)
     stored.write_bytes(saved(good_linear(4)))  # other valid weights under the old name
     with run_server(tmp_path, config, env=env) as second:
         served = httpx.post(f"{second.url}/predict", json={"inputs": [SAMPLE]}).json()["version"]
@@ -459,9 +455,9 @@ def test_weights_changed_on_disk_are_refused_at_load_with_a_loud_error(tmp_path:
         )
         log = second.output()
     assert served != version
-    assert re.search(rf"ERROR .*{version}.*changed on disk", log)
+    assert re.search(rf"ERROR .*INSTEAD OF .*{version}.*has changed", log)
     assert again.status_code == 422
-    assert again.json()["code"] == "weights_changed"
+    assert again.json()["code"] == "blob_corrupt"
 
 
 # --- 8. logs ----------------------------------------------------------------------------------

@@ -174,13 +174,19 @@ async def upload(client: httpx.AsyncClient, data: bytes, **params: str) -> dict[
     return body
 
 
+BUNDLED_BLOBS = {sha256((WEIGHTS / name).read_bytes()) for name in ("linear.pth", "digits.pth")}
+
+
 def stored_files(store: Path, model: str = "linear") -> list[str]:
-    """Every file under the model's versions and incoming folders."""
-    return sorted(
-        str(path.relative_to(store))
-        for folder in ("versions", "incoming")
-        for path in (store / model / folder).glob("*")
-    )
+    """Every blob but the bundled weights', and every file in the model's incoming folder."""
+    blobs = [p for p in (store / "blobs").glob("*/*") if p.name not in BUNDLED_BLOBS]
+    incoming = list((store / model / "incoming").glob("*"))
+    return sorted(str(path.relative_to(store)) for path in blobs + incoming)
+
+
+def blob(digest: str) -> str:
+    """Where the folder blob store keeps the bytes of this sha256, under the store."""
+    return f"blobs/{digest[:2]}/{digest}"
 
 
 def names_in(directory: Path) -> list[str]:
@@ -241,11 +247,8 @@ async def test_raw_upload_becomes_the_active_version_and_predict_serves_it(
     assert body["report"]["strict"] is True
     assert body["report"]["missing_keys"] == []
     version = body["version"]
-    assert stored_files(store) == [
-        f"linear/versions/{version}.json",
-        f"linear/versions/{version}.weights",
-    ]
-    assert (store / "linear" / "versions" / f"{version}.weights").read_bytes() == data
+    assert stored_files(store) == [blob(digest)]
+    assert (store / blob(digest)).read_bytes() == data
     served, outputs = await predict(admin)
     assert served == version
     assert_close(outputs, linear_reference(data, tmp_path))
@@ -299,11 +302,7 @@ async def test_uploaded_filename_is_kept_as_metadata_without_its_path(
     assert "/" not in recorded
     assert "\\" not in recorded
     assert recorded == sent.replace("\\", "/").rsplit("/", 1)[-1]
-    version = response.json()["version"]
-    assert stored_files(store) == [
-        f"linear/versions/{version}.json",
-        f"linear/versions/{version}.weights",
-    ]
+    assert stored_files(store) == [blob(response.json()["sha256"])]
     assert names_in(tmp_path) == ["linear-1.pth", "modelport.toml", "store"]
 
 
@@ -335,8 +334,7 @@ async def test_identical_bytes_again_answer_200_with_the_same_version_and_store_
     assert again["created"] is False
     assert again["version"] == first["version"]
     assert again["active"] is True
-    assert stored_files(store) == files
-    assert len([f for f in files if f.endswith(".weights")]) == 1
+    assert stored_files(store) == files == [blob(first["sha256"])]
 
 
 async def test_staged_upload_does_not_serve_until_activated(
@@ -453,20 +451,22 @@ async def test_deleting_a_version_that_does_not_serve_removes_its_files(
     assert_error_body(again, 404, "version_not_found")
 
 
-async def test_deleting_the_previous_version_leaves_nothing_to_roll_back_to(
+async def test_deleting_the_previous_version_is_a_conflict_and_rollback_still_works(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path
 ) -> None:
     one = await upload(admin, linear_weights(tmp_path, 1))
     two = await upload(admin, linear_weights(tmp_path, 2))
+    files = stored_files(store)
 
     response = await admin.delete(f"/v1/models/linear/versions/{one['version']}", headers=AUTH)
 
-    assert response.status_code == 204, response.text
-    assert not any(one["version"] in name for name in stored_files(store))
+    body = assert_error_body(response, 409, "version_conflict")
+    assert "rollback target" in body["error"]
+    assert stored_files(store) == files
     info = (await admin.get("/v1/models/linear")).json()
-    assert (info["version"], info["previous_version"]) == (two["version"], None)
+    assert (info["version"], info["previous_version"]) == (two["version"], one["version"])
     rollback = await admin.post("/v1/models/linear/rollback", headers=AUTH)
-    assert_error_body(rollback, 409, "version_conflict")
+    assert rollback.json()["version"] == one["version"]
 
 
 async def test_deleting_the_active_version_is_a_conflict(
@@ -537,9 +537,7 @@ async def test_retention_keeps_the_newest_versions(tmp_path: Path, store: Path) 
         listing = (await client.get("/v1/models/linear/versions")).json()
 
     kept = [u["version"] for u in uploads[2:]]
-    assert stored_files(store) == sorted(
-        f"linear/versions/{v}.{ext}" for v in kept for ext in ("json", "weights")
-    )
+    assert stored_files(store) == sorted(blob(u["sha256"]) for u in uploads[2:])
     assert [v["version"] for v in listing["versions"]] == [BUNDLED_LINEAR, *kept]
     assert (listing["active"], listing["previous"]) == (kept[1], kept[0])
 
@@ -554,7 +552,7 @@ async def test_retention_never_removes_the_active_version(tmp_path: Path, store:
         ]
         served, outputs = await predict(client)
 
-    remaining = {name.split("/")[-1].split(".")[0] for name in stored_files(store)}
+    remaining = {name.split("/")[-1][:12] for name in stored_files(store)}
     assert active["version"] in remaining
     assert {staged[-2]["version"], staged[-1]["version"]} <= remaining
     assert staged[0]["version"] not in remaining

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import secrets
 import signal
 import subprocess
@@ -22,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.store import VersionRecord
+from app.state.blobs import FolderBlobStore
+from app.state.database import VersionDatabase
 from models.linear import MyModel
 from tests.helpers import LINEAR, WEIGHTS, ServerProcess, clean_env, free_port, write_config
 
@@ -309,13 +309,13 @@ def test_uploads_racing_on_two_replicas_keep_the_store_whole_and_the_replicas_ag
             responses = race_uploads(servers[0], servers[1], pair)
             statuses.append([r.status_code for r in responses])
             assert [r.json()["version"] for r in responses] == [w.version for w in pair]
-            active = json.loads((store / "active.json").read_text(encoding="utf-8"))
+            active = authoritative(servers[1])
             actives.append(active)
             follows.append(wait_until_all_serve(servers, active["version"]))
             time.sleep(2 * SYNC_INTERVAL_S)  # and they stay there
             served_after.append(
                 (
-                    json.loads((store / "active.json").read_text(encoding="utf-8")),
+                    authoritative(servers[0]),
                     [served(server) for server in servers],
                     [predict(server) for server in servers],
                 )
@@ -341,13 +341,19 @@ def test_uploads_racing_on_two_replicas_keep_the_store_whole_and_the_replicas_ag
     assert list((store / "incoming").iterdir()) == [], "staged uploads were left behind"
     leftovers = [p.name for p in store.rglob("*") if p.name.endswith((".part", ".tmp"))]
     assert not leftovers, f"temporary files left in the store: {leftovers}"
-    versions = store / "versions"
-    assert sorted(p.name for p in versions.iterdir()) == sorted(
-        f"{w.version}.{suffix}" for w in uploaded for suffix in ("json", "weights")
-    )
+    database = VersionDatabase.open(None, tmp_path / "store")
+    records = {r.id: r for r in database.versions("linear") if r.source == "upload"}
+    database.close()
+    assert sorted(records) == sorted(w.version for w in uploaded)
+    blobs = FolderBlobStore(tmp_path / "store" / "blobs")
     for weights in uploaded:
-        record = VersionRecord(**json.loads((versions / f"{weights.version}.json").read_text()))
-        assert record.id == weights.version
+        record = records[weights.version]
         assert record.sha256 == weights.sha256
         assert record.size == len(weights.data)
-        assert (versions / f"{weights.version}.weights").read_bytes() == weights.data
+        assert blobs.fetch(weights.sha256).read_bytes() == weights.data
+
+
+def authoritative(server: ServerProcess) -> dict[str, str]:
+    """The active version as the version database records it, asked of one replica."""
+    info = httpx.get(f"{server.url}/v1/models/linear", timeout=10).json()
+    return {"version": info["active_version"]}

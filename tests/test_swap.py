@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import secrets
 import signal
 import threading
@@ -57,6 +59,11 @@ def upload(url: str, data: bytes, **params: str) -> dict[str, object]:
     assert response.status_code in (200, 201), response.text
     body: dict[str, object] = response.json()
     return body
+
+
+def blob(tmp_path: Path, digest: str) -> Path:
+    """Where the folder blob store keeps the bytes of this sha256."""
+    return tmp_path / "store" / "blobs" / digest[:2] / digest
 
 
 def predict(url: str) -> tuple[str, list[list[float]]]:
@@ -199,11 +206,13 @@ def test_a_damaged_active_version_falls_back_to_the_newest_valid_one_loudly(
     newer, _ = linear_weights(tmp_path / "v2.pth", seed=2)
     with run_server(tmp_path, config, env=admin_env) as server:
         v1 = upload(server.url, older)["version"]
-        v2 = upload(server.url, newer)["version"]
-    weights = tmp_path / "store" / "linear" / "versions" / f"{v2}.weights"
+        second = upload(server.url, newer)
+        v2 = str(second["version"])
+    weights = blob(tmp_path, str(second["sha256"]))
     if damage == "missing":
         weights.unlink()
     else:
+        weights.chmod(0o644)
         weights.write_bytes(weights.read_bytes()[:100])
     with run_server(tmp_path, config, env=admin_env) as server:
         served, outputs = predict(server.url)
@@ -214,24 +223,31 @@ def test_a_damaged_active_version_falls_back_to_the_newest_valid_one_loudly(
     assert np.allclose(outputs, older_output, atol=1e-6)
     assert v2 in info["fallback"]
     assert ready == 200
-    assert "INSTEAD OF the recorded active one" in log
-    assert f"recorded active version {v2}" in log
+    assert "INSTEAD OF the active one" in log
+    assert f"the active version {v2}" in log
     assert "ERROR" in log
 
 
-def test_a_corrupt_active_record_falls_back_and_never_crash_loops(
+def test_a_damaged_database_falls_back_to_the_bundled_weights_and_never_crash_loops(
     tmp_path: Path, config: Path, admin_env: dict[str, str]
 ) -> None:
-    data, output = linear_weights(tmp_path / "v1.pth", seed=1)
+    data, _ = linear_weights(tmp_path / "v1.pth", seed=1)
     with run_server(tmp_path, config, env=admin_env) as server:
-        version = upload(server.url, data)["version"]
-    (tmp_path / "store" / "linear" / "active.json").write_text("{not json")
+        bundled_version, _ = predict(server.url)
+        upload(server.url, data)
+    database = tmp_path / "store" / "modelport.db"
+    database.write_bytes(b"not a database" * 1000)
+    for leftover in database.parent.glob("modelport.db-*"):
+        leftover.unlink()
     with run_server(tmp_path, config, env=admin_env) as server:
         served, outputs = predict(server.url)
         info = httpx.get(f"{server.url}/v1/models/linear").json()
-    assert served == version  # the newest valid stored version
-    assert np.allclose(outputs, output, atol=1e-6)
-    assert "active-version record" in info["fallback"]
+        log = server.output()
+    assert served == bundled_version
+    assert np.allclose(outputs, bundled_output(), atol=1e-6)
+    assert "version database" in info["fallback"]
+    assert info["active_version"] is None  # the database's view: unknown while it is broken
+    assert "ERROR" in log
 
 
 def test_every_stored_version_damaged_falls_back_to_the_bundled_weights(
@@ -240,8 +256,9 @@ def test_every_stored_version_damaged_falls_back_to_the_bundled_weights(
     data, _ = linear_weights(tmp_path / "v1.pth", seed=1)
     with run_server(tmp_path, config, env=admin_env) as server:
         bundled_version, _ = predict(server.url)
-        version = upload(server.url, data)["version"]
-    (tmp_path / "store" / "linear" / "versions" / f"{version}.weights").write_bytes(b"")
+        digest = str(upload(server.url, data)["sha256"])
+    blob(tmp_path, digest).chmod(0o644)
+    blob(tmp_path, digest).write_bytes(b"")
     with run_server(tmp_path, config, env=admin_env) as server:
         served, outputs = predict(server.url)
     assert served == bundled_version
@@ -280,11 +297,34 @@ def test_sigkill_during_an_upload_leaves_no_partial_version_and_the_active_one_i
             time.sleep(0.05)
         assert list(incoming.glob("*.part")), "the upload never reached the store"
         assert server.stop(signal.SIGKILL) == -signal.SIGKILL
-    versions_before = sorted(p.name for p in (incoming.parent / "versions").iterdir())
+    blobs = tmp_path / "store" / "blobs"
+    blobs_before = sorted(p.name for p in blobs.glob("*/*"))
     with run_server(tmp_path, config, env=admin_env) as server:
         served, _ = predict(server.url)
         listed = httpx.get(f"{server.url}/v1/models/linear/versions").json()
     assert served == version
     assert list(incoming.iterdir()) == []
-    assert sorted(p.name for p in (incoming.parent / "versions").iterdir()) == versions_before
+    assert sorted(p.name for p in blobs.glob("*/*")) == blobs_before
     assert [v["version"] for v in listed["versions"] if v["source"] == "upload"] == [version]
+
+
+def test_a_store_folder_of_the_release_before_is_imported_at_first_start(
+    tmp_path: Path, config: Path, admin_env: dict[str, str]
+) -> None:
+    data, output = linear_weights(tmp_path / "v1.pth", seed=1)
+    digest = hashlib.sha256(data).hexdigest()
+    versions = tmp_path / "store" / "linear" / "versions"
+    versions.mkdir(parents=True)
+    record = {"id": digest[:12], "sha256": digest, "size": len(data), "format": "torch"}
+    record |= {"created_at": "2026-11-01T00:00:00+00:00", "filename": "v1.pth"}
+    record |= {"source": "upload", "report": {"smoke_test": "passed"}}
+    (versions / f"{digest[:12]}.weights").write_bytes(data)
+    (versions / f"{digest[:12]}.json").write_text(json.dumps(record))
+    (tmp_path / "store" / "linear" / "active.json").write_text(json.dumps({"version": digest[:12]}))
+    for _ in range(2):  # the second start finds it imported
+        with run_server(tmp_path, config, env=admin_env) as server:
+            served, outputs = predict(server.url)
+            history = httpx.get(f"{server.url}/v1/models/linear/history", headers=AUTH).json()
+        assert served == digest[:12]
+        assert np.allclose(outputs, output, atol=1e-6)
+        assert [e["action"] for e in history["entries"]] == ["import", "import"]

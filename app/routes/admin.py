@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +15,19 @@ from app.config import NAME_PATTERN
 from app.deps import API_SECURITY, AdminDep, ApiDep, RegistryDep, SettingsDep
 from app.errors import ModelportError, PayloadTooLarge
 from app.inputs import decimal
-from app.schemas import ErrorResponse, UploadResponse, VersionInfo, VersionList
-from app.store import VERSION_PATTERN
+from app.logs import request_id
+from app.manager import VersionManager
+from app.schemas import (
+    ErrorResponse,
+    HistoryItem,
+    HistoryPage,
+    UploadResponse,
+    VersionInfo,
+    VersionList,
+)
+from app.served import ServedModel
+from app.state.database import Actor, Pointers
+from app.store import VERSION_PATTERN, VersionRecord
 from app.uploads import UploadBody
 
 logger = logging.getLogger("app.audit")
@@ -134,15 +146,16 @@ async def upload_weights(
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit}")
         body = UploadBody(request, filename, limit)
-        staged = await model.store.receive(name, body.chunks(), limit)
+        staged = await model.state.incoming.receive(name, body.chunks(), limit)
         facts["sha256"] = staged.sha256
         expected = [digest for digest in (sha256, x_content_sha256) if digest]
-        outcome = await model.upload(staged, body.filename, expected, activate)
+        manager = VersionManager(model, settings.keep_versions)
+        outcome = await manager.upload(staged, body.filename, expected, activate, _actor(request))
         facts["version"] = outcome.record.id
         facts["outcome"] = "created" if outcome.created else "existing"
-    answer = UploadResponse(
-        **VersionInfo.of(model, outcome.record).model_dump(), model=name, created=outcome.created
-    )
+        pointers = await asyncio.to_thread(model.state.db.pointers, name)
+    info = VersionInfo.of(outcome.record, pointers)
+    answer = UploadResponse(**info.model_dump(), model=name, created=outcome.created)
     return Response(
         answer.model_dump_json(), 201 if outcome.created else 200, media_type="application/json"
     )
@@ -158,13 +171,18 @@ async def upload_weights(
 async def list_versions(name: ModelName, registry: RegistryDep) -> VersionList:
     """The bundled weights and every stored version, oldest first, with which one serves."""
     model = registry.get(name)
-    runtime, previous = model.runtime, model.previous
+    pointers, records = await asyncio.to_thread(_pointers_and_versions, model)
+    active = pointers.active or (model.bundled.id if model.bundled else None)
     return VersionList(
         model=name,
-        active=runtime.version if runtime else None,
-        previous=previous.version if previous else None,
-        versions=[VersionInfo.of(model, record) for record in model.versions()],
+        active=active,
+        previous=pointers.previous,
+        versions=[VersionInfo.of(record, pointers, active) for record in records],
     )
+
+
+def _pointers_and_versions(model: ServedModel) -> tuple[Pointers, list[VersionRecord]]:
+    return model.state.db.pointers(model.name), model.versions()
 
 
 @router.post(
@@ -174,15 +192,23 @@ async def list_versions(name: ModelName, registry: RegistryDep) -> VersionList:
     responses=_errors(422),
 )
 async def activate_version(
-    name: ModelName, version: VersionId, request: Request, registry: RegistryDep
+    name: ModelName,
+    version: VersionId,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> VersionInfo:
-    """Build and smoke-test the version beside the serving one, then switch to it."""
+    """Build and smoke-test the version beside the serving one, record it as active (every
+    replica follows), then switch to it."""
     with _audited("activate", name, request) as facts:
         model = registry.get(name)
         facts["version"] = version
-        record = await model.activate(version)
+        record = await VersionManager(model, settings.keep_versions).activate(
+            version, _actor(request)
+        )
         facts["sha256"] = record.sha256
-    return VersionInfo.of(model, record)
+        pointers = await asyncio.to_thread(model.state.db.pointers, name)
+    return VersionInfo.of(record, pointers)
 
 
 @router.post(
@@ -191,13 +217,28 @@ async def activate_version(
     dependencies=[AdminDep],
     responses=_errors(409),
 )
-async def rollback_version(name: ModelName, request: Request, registry: RegistryDep) -> VersionInfo:
-    """Instant: the previous version is kept loaded."""
+async def rollback_version(
+    name: ModelName,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    to: Annotated[
+        str | None,
+        Query(
+            pattern=VERSION_PATTERN.pattern,
+            description="A stored version to go back to (default: the one active before).",
+        ),
+    ] = None,
+) -> VersionInfo:
+    """Back to the version that was active before the current one, as the version database
+    records it (instant: it is kept loaded), or to the version `to`."""
     with _audited("rollback", name, request) as facts:
         model = registry.get(name)
-        record = await model.rollback()
+        manager = VersionManager(model, settings.keep_versions)
+        record = await manager.rollback(_actor(request), to)
         facts |= {"version": record.id, "sha256": record.sha256}
-    return VersionInfo.of(model, record)
+        pointers = await asyncio.to_thread(model.state.db.pointers, name)
+    return VersionInfo.of(record, pointers)
 
 
 @router.delete(
@@ -208,11 +249,49 @@ async def rollback_version(name: ModelName, request: Request, registry: Registry
     responses=_errors(409),
 )
 async def delete_version(
-    name: ModelName, version: VersionId, request: Request, registry: RegistryDep
+    name: ModelName,
+    version: VersionId,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> Response:
-    """Remove a stored version's file and record; the active one and the bundled weights stay."""
+    """Remove a stored version's record and bytes; the active and the previous version (as
+    the version database records them, whichever replica is asked) and the bundled weights
+    stay."""
     with _audited("delete", name, request) as facts:
         model = registry.get(name)
         facts["version"] = version
-        await model.delete(version)
+        await VersionManager(model, settings.keep_versions).delete(version, _actor(request))
     return Response(status_code=204)
+
+
+@router.get(
+    "/history",
+    summary="The recorded management actions, newest first",
+    dependencies=[AdminDep],
+    responses=_errors(),
+)
+async def get_history(
+    name: ModelName,
+    registry: RegistryDep,
+    limit: Annotated[int, Query(ge=1, le=500, description="Entries per page.")] = 50,
+    before: Annotated[
+        int | None, Query(ge=1, description="Only entries older than this seq (the next page).")
+    ] = None,
+) -> HistoryPage:
+    """Uploads, activations, rollbacks, deletions, retention and imports as the version
+    database recorded them: time, action, from and to version, request id, client address.
+    `next_before` asks for the next (older) page."""
+    model = registry.get(name)
+    entries = await asyncio.to_thread(model.state.db.history, name, limit, before)
+    next_before = entries[-1].seq if len(entries) == limit else None
+    return HistoryPage(
+        model=name,
+        entries=[HistoryItem.model_validate(e, from_attributes=True) for e in entries],
+        next_before=next_before,
+    )
+
+
+def _actor(request: Request) -> Actor:
+    """Who asked: the request id and the client address, for the history."""
+    return Actor(request_id.get(), request.client.host if request.client else None)

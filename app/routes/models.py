@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
 
 from app.deps import API_SECURITY, ApiDep, RegistryDep
+from app.errors import StateUnavailable
 from app.schemas import ErrorResponse, ModelInfo, ModelList
+from app.served import ServedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ApiDep])
 _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -27,7 +30,7 @@ _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def list_models(registry: RegistryDep) -> ModelList:
     """Every configured model with its input contract, weights identity and status."""
-    return ModelList(models=[ModelInfo.of(model) for model in registry])
+    return ModelList(models=[await _describe(model) for model in registry])
 
 
 @router.get(
@@ -40,5 +43,14 @@ async def list_models(registry: RegistryDep) -> ModelList:
     openapi_extra=API_SECURITY,
 )
 async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
-    """Class, device, input shape and dtype, parameters, weights file and sha256, load report."""
-    return ModelInfo.of(registry.get(name))
+    """Class, device, input shape and dtype, parameters, weights file and sha256, load report,
+    and the version the database records as active beside the one this replica serves."""
+    return await _describe(registry.get(name))
+
+
+async def _describe(model: ServedModel) -> ModelInfo:
+    try:
+        pointers = await asyncio.to_thread(model.state.db.pointers, model.name)
+    except StateUnavailable:
+        pointers = None  # the replica's own view still describes it
+    return ModelInfo.of(model, pointers)

@@ -7,6 +7,7 @@ the active or previous one as they are, any other loaded on demand and kept in a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -155,7 +156,7 @@ async def get_model_version_ready(name: str, version: str, registry: RegistryDep
     """Ready when that version is loaded here (active, previous or loaded for an inference);
     a stored version that is not answers 503 until an inference loads it. A pure read."""
     model = registry.get(name)
-    model.record(_checked(model, version))  # 404 for a version that does not exist
+    await asyncio.to_thread(model.record, _checked(model, version))  # 404 when there is none
     if model.loaded(version) is None:
         return _model_ready(model, f"version {version} is stored but not loaded")
     return _model_ready(model, None)
@@ -199,11 +200,11 @@ async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
     """The output's datatype and shape are those the model's load-time smoke test saw (the same
     class and kwargs for every version), so metadata never runs the model."""
     if version is not None:
-        model.record(_checked(model, version))  # 404 for a version that does not exist
+        await asyncio.to_thread(model.record, _checked(model, version))  # 404 when there is none
     spec, runtime = model.spec, model.active()
     return ModelMetadata(
         name=model.name,
-        versions=[record.id for record in model.versions()],
+        versions=[record.id for record in await asyncio.to_thread(model.versions)],
         platform=PLATFORM,
         inputs=[
             TensorMetadata(

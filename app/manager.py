@@ -1,0 +1,170 @@
+"""Weight management of one served model: upload, activate, roll back, delete, retention.
+
+Each action builds (or finds loaded) the runtime it needs, then commits one transaction on the
+version database, which decides on the state it reads then, not on what this process last saw;
+this process serves the outcome at once and the other replicas follow the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.errors import DigestMismatch, VersionConflict
+from app.runtime import ModelRuntime, check_acceptance, validation_report
+from app.served import CPU, ServedModel
+from app.state.database import Actor
+from app.store import StagedUpload, VersionRecord, version_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """What an upload became."""
+
+    record: VersionRecord
+    created: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class VersionManager:
+    """The management actions of one model (each holds the model's lock in this process)."""
+
+    model: ServedModel
+    keep_versions: int = 10
+
+    async def upload(
+        self,
+        staged: StagedUpload,
+        filename: str | None,
+        expected_sha256: list[str],
+        activate: bool,
+        actor: Actor,
+    ) -> UploadOutcome:
+        """Validate staged bytes beside the serving version, store them as a version (blob,
+        then its record), and activate them unless told not to."""
+        async with self.model.lock:
+            try:
+                return await self._upload(staged, filename, expected_sha256, activate, actor)
+            finally:
+                staged.discard()
+
+    async def _upload(
+        self,
+        staged: StagedUpload,
+        filename: str | None,
+        expected: list[str],
+        activate: bool,
+        actor: Actor,
+    ) -> UploadOutcome:
+        for digest in expected:
+            if digest.lower() != staged.sha256:
+                raise DigestMismatch(
+                    f"the body's sha256 is {staged.sha256}, not the expected {digest.lower()}"
+                )
+        model, db = self.model, self.model.state.db
+        version = version_id(staged.sha256)
+        existing = await asyncio.to_thread(db.version, model.name, version)
+        if existing is not None:
+            if activate:
+                await self._activate(existing, actor)
+            return UploadOutcome(existing, created=False, active=self._serves(version))
+        runtime, report = await asyncio.to_thread(self._validate, staged)
+        record = VersionRecord(
+            version,
+            staged.sha256,
+            staged.size,
+            runtime.weights.format,
+            datetime.now(UTC).isoformat(),
+            filename,
+            "upload",
+            report,
+        )
+        await asyncio.to_thread(model.state.blobs.put, record.sha256, staged.path)
+        created = await asyncio.to_thread(db.add_version, model.name, record, actor)
+        if activate:
+            # the staged file is gone once this returns; the blob is named by the sha256
+            runtime = replace(runtime, weights=replace(runtime.weights, path=Path(record.sha256)))
+            pointers = await asyncio.to_thread(db.activate, model.name, version, actor)
+            model.serve(runtime, pointers)
+        await self._prune(actor)
+        return UploadOutcome(record, created=created, active=activate)
+
+    def _validate(self, staged: StagedUpload) -> tuple[ModelRuntime, dict[str, Any]]:
+        """Uploads are always checked strictly, whatever the startup config allows."""
+        runtime = self.model.build_file(
+            staged.path, load_device=CPU, strict=True, expected_sha256=staged.sha256
+        )
+        acceptance = check_acceptance(runtime)
+        return runtime, validation_report(runtime, acceptance)
+
+    async def activate(self, version: str, actor: Actor) -> VersionRecord:
+        """Make ``version`` serve: built and smoke-tested beside the current one, recorded as
+        active, then swapped in."""
+        async with self.model.lock:
+            record = await asyncio.to_thread(self.model.record, version)
+            await self._activate(record, actor)
+            return record
+
+    async def _activate(self, record: VersionRecord, actor: Actor) -> None:
+        runtime = await self._runtime(record)
+        pointers = await asyncio.to_thread(
+            self.model.state.db.activate, self.model.name, record.id, actor
+        )
+        self.model.serve(runtime, pointers)
+
+    async def rollback(self, actor: Actor, to: str | None = None) -> VersionRecord:
+        """Switch back to the version that was active before the current one, as the database
+        records it (or to ``to``); instant when this process holds it loaded."""
+        model, db = self.model, self.model.state.db
+        async with model.lock:
+            seen = await asyncio.to_thread(db.pointers, model.name)
+            target = to or seen.previous
+            if target is None:
+                raise VersionConflict(
+                    f"model {model.name!r} has no previous version to roll back to"
+                )
+            record = await asyncio.to_thread(model.record, target)
+            runtime = await self._runtime(record)
+            pointers = await asyncio.to_thread(db.rollback, model.name, actor, to=to, expect=seen)
+            model.serve(runtime, pointers)
+            return record
+
+    async def delete(self, version: str, actor: Actor) -> None:
+        """Delete a stored version that the database says is neither active nor previous."""
+        model = self.model
+        async with model.lock:
+            record = await asyncio.to_thread(model.state.db.delete, model.name, version, actor)
+            await asyncio.to_thread(self._drop_blob, record)
+            model.forget(version)
+
+    async def _prune(self, actor: Actor) -> None:
+        """Keep the newest ``keep_versions`` uploads (never the active or previous one)."""
+        db = self.model.state.db
+        removed = await asyncio.to_thread(db.prune, self.model.name, self.keep_versions, actor)
+        for record in removed:
+            logger.info("model %s: retention removes version %s", self.model.name, record.id)
+            await asyncio.to_thread(self._drop_blob, record)
+            self.model.forget(record.id)
+
+    def _drop_blob(self, record: VersionRecord) -> None:
+        """Delete a removed version's bytes unless another version (of any model) holds them."""
+        state = self.model.state
+        if not state.db.shares_blob(record.sha256):
+            state.blobs.delete(record.sha256)
+
+    async def _runtime(self, record: VersionRecord) -> ModelRuntime:
+        loaded = self.model.loaded(record.id)
+        if loaded is not None:
+            return loaded
+        return await asyncio.to_thread(self.model.build, record, load_device=CPU)
+
+    def _serves(self, version: str) -> bool:
+        runtime = self.model.runtime
+        return runtime is not None and runtime.version == version

@@ -1,0 +1,1 @@
+"""Shared state: the version database and the blob store."""
