@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -145,25 +146,44 @@ class ModelRegistry:
         return found
 
     async def follow(self, interval_s: float, on_failure: Callable[[str], None]) -> None:
-        """Every ``interval_s``, follow what the version database records as active. A failure
-        is logged and counted (``on_failure``) and retried with backoff (up to 8x the interval);
-        it never ends the loop."""
+        """Follow what the version database records as active: at once when it notifies a
+        change (PostgreSQL), else every ``interval_s``. A failure is logged and counted
+        (``on_failure``) and retried with backoff (up to 8x the interval); it never ends the
+        loop."""
         self.following = True
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def notified(_: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing left to wake
+                loop.call_soon_threadsafe(changed.set)
+
+        stop_listening = self.state.db.listen(notified)
         failures = 0
-        while True:
-            await asyncio.sleep(min(interval_s * 2**failures, interval_s * 8))
-            failed = False
-            for model in self:
-                try:
-                    await model.follow()
-                except Exception as exc:  # never end the follower: retry, readiness tells
-                    failed = True
-                    on_failure(model.name)
-                    reason = exc.message if isinstance(exc, ModelportError) else repr(exc)
-                    logger.warning(
-                        "model %s: cannot follow the version database: %s", model.name, reason
-                    )
-            failures = min(failures + 1, 3) if failed else 0
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), interval_s * 2 ** min(failures, 3))
+                changed.clear()
+                failed = await self._follow_each(on_failure)
+                failures = failures + 1 if failed else 0
+        finally:
+            stop_listening()
+
+    async def _follow_each(self, on_failure: Callable[[str], None]) -> bool:
+        """One pass over the models; whether any could not follow."""
+        failed = False
+        for model in self:
+            try:
+                await model.follow()
+            except Exception as exc:  # never end the follower: retry, readiness tells
+                failed = True
+                on_failure(model.name)
+                reason = exc.message if isinstance(exc, ModelportError) else repr(exc)
+                logger.warning(
+                    "model %s cannot follow the version database: %s", model.name, reason
+                )
+        return failed
 
     def start(self) -> None:
         """Start every model's inference thread."""

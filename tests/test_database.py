@@ -4,15 +4,17 @@ same behaviour from one implementation, and one consistent order under concurren
 from __future__ import annotations
 
 import itertools
+import queue
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app.errors import ConfigError, StateUnavailable, VersionConflict, VersionNotFound
-from app.state.database import MIGRATIONS, Actor, HistoryEntry, Pointers, VersionDatabase
+from app.state.database import ANY_MODEL, MIGRATIONS, Actor, HistoryEntry, Pointers, VersionDatabase
 from app.store import VersionRecord
 from tests.services import PostgresServer, postgres_server
 
@@ -254,3 +256,40 @@ def test_postgresql_stopped_then_back_is_unavailable_then_serves_again(tmp_path:
         server.start()
         assert db.pointers("m") == Pointers(V1, None)  # reconnected by itself
         db.close()
+
+
+def test_a_listener_hears_every_committed_move_at_once_and_reconnects(tmp_path: Path) -> None:
+    """PostgreSQL LISTEN/NOTIFY: a move committed on one connection reaches a listener on
+    another; a rolled-back transaction tells nothing; after the server restarts, the listener
+    is back and says that anything may have changed."""
+    with postgres_server() as server:
+        writer = VersionDatabase.open(server.url(), tmp_path)
+        writer.migrate()
+        stored(writer, V1, V2)
+        heard: queue.Queue[str] = queue.Queue()
+        stop = VersionDatabase.open(server.url(), tmp_path).listen(heard.put)
+        try:
+            assert heard.get(timeout=10) == ANY_MODEL  # connected
+            started = time.monotonic()
+            writer.activate("m", V1, ACTOR)
+            assert heard.get(timeout=5) == "m"
+            assert time.monotonic() - started < 1
+            with pytest.raises(VersionNotFound):
+                writer.activate("m", V3, ACTOR)  # refused: rolled back, nothing to tell
+            writer.activate("m", V2, ACTOR)
+            assert heard.get(timeout=5) == "m"
+            assert heard.empty()
+            server.stop()
+            server.start()
+            assert heard.get(timeout=30) == ANY_MODEL  # back, and it may have missed changes
+        finally:
+            stop()
+            writer.close()
+
+
+def test_sqlite_has_nothing_to_listen_to(tmp_path: Path) -> None:
+    database = VersionDatabase.open(None, tmp_path)
+    heard: list[str] = []
+    stop = database.listen(heard.append)
+    stop()
+    assert heard == []

@@ -12,6 +12,7 @@ replicas end in one order and neither undoes the other.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +27,13 @@ import psycopg
 from app.errors import ConfigError, StateUnavailable, VersionConflict, VersionNotFound
 from app.store import VersionRecord
 
+logger = logging.getLogger(__name__)
 SQLITE_FILE = "modelport.db"
 """The SQLite database's file name in the store folder."""
+CHANNEL = "modelport_versions"
+"""The PostgreSQL notification channel of pointer changes; the payload is the model's name."""
+ANY_MODEL = "*"
+"""What a listener is told when it (re)connects: it may have missed changes of any model."""
 _MIGRATION_LOCK = 7_245_031_907
 """PostgreSQL advisory lock key held while the schema is migrated (any fixed number)."""
 
@@ -76,6 +82,8 @@ class Dialect:
     lock_model: str | None
     """Takes the model's write lock inside the transaction (None: the transaction holds it)."""
     lock_migrations: str | None
+    notify: str | None
+    """Tells the listening replicas, at commit, that a model's pointers moved (None: they poll)."""
     errors: tuple[type[Exception], ...]
     """What the driver raises when the database cannot be reached or used."""
 
@@ -91,6 +99,7 @@ SQLITE = Dialect(
     begin_write="BEGIN IMMEDIATE",
     lock_model=None,
     lock_migrations=None,
+    notify=None,
     errors=(sqlite3.Error,),
 )
 POSTGRESQL = Dialect(
@@ -100,6 +109,7 @@ POSTGRESQL = Dialect(
     begin_write="BEGIN",
     lock_model="SELECT pg_advisory_xact_lock(hashtext(%s))",
     lock_migrations=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
+    notify=f"SELECT pg_notify('{CHANNEL}', %s)",
     errors=(psycopg.Error,),
 )
 
@@ -344,6 +354,38 @@ class VersionDatabase:
                 _log(run, model, "retention", record.id, None, actor)
         return removed
 
+    def listen(self, on_change: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``on_change(model)`` from a thread of its own as soon as any process commits a
+        move of a model's pointers (PostgreSQL LISTEN/NOTIFY; ``ANY_MODEL`` after each
+        (re)connection, since changes may have been missed). Returns what stops it. SQLite has
+        nothing to listen to: its followers poll."""
+        stop = threading.Event()
+        if self.dialect.notify is not None:
+            args = (on_change, stop)
+            threading.Thread(
+                target=self._listen, args=args, name="version-listener", daemon=True
+            ).start()
+        return stop.set
+
+    def _listen(self, on_change: Callable[[str], None], stop: threading.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                connection = cast(psycopg.Connection[Any], self._connect())
+                with connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    on_change(ANY_MODEL)
+                    backoff = 0.5
+                    while not stop.is_set():
+                        for notice in connection.notifies(timeout=1.0):
+                            on_change(notice.payload)
+            except psycopg.Error as exc:
+                logger.warning(
+                    "listening to %s failed (%s); again in %.1f s", self.where, exc, backoff
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
     def shares_blob(self, sha256: str) -> bool:
         """Whether any version of any model still holds these bytes."""
         return bool(self._read("SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", sha256))
@@ -387,6 +429,8 @@ class VersionDatabase:
                 model,
             )
         _log(run, model, action, current.active, target, actor)
+        if self.dialect.notify is not None:
+            run(self.dialect.notify, model)  # delivered at commit; never if it rolls back
         return moved
 
     # --- connections and transactions --------------------------------------------------------
