@@ -86,8 +86,10 @@ class VersionManager:
             "upload",
             report,
         )
-        await asyncio.to_thread(model.state.blobs.put, record.sha256, staged.path)
+        await asyncio.to_thread(self._store_blob, record, staged)
         created = await asyncio.to_thread(db.add_version, model.name, record, actor)
+        # a delete of the same bytes on another replica may have removed the blob meanwhile
+        await asyncio.to_thread(self._store_blob, record, staged)
         if activate:
             # the staged file is gone once this returns; the blob is named by the sha256
             runtime = replace(runtime, weights=replace(runtime.weights, path=Path(record.sha256)))
@@ -113,7 +115,7 @@ class VersionManager:
             return record
 
     async def _activate(self, record: VersionRecord, actor: Actor) -> None:
-        runtime = await self._runtime(record)
+        runtime = await self.model.runtime_of(record, load_device=CPU)
         pointers = await asyncio.to_thread(
             self.model.state.db.activate, self.model.name, record.id, actor
         )
@@ -131,7 +133,7 @@ class VersionManager:
                     f"model {model.name!r} has no previous version to roll back to"
                 )
             record = await asyncio.to_thread(model.record, target)
-            runtime = await self._runtime(record)
+            runtime = await self.model.runtime_of(record, load_device=CPU)
             pointers = await asyncio.to_thread(db.rollback, model.name, actor, to=to, expect=seen)
             model.serve(runtime, pointers)
             return record
@@ -159,11 +161,8 @@ class VersionManager:
         if not state.db.shares_blob(record.sha256):
             state.blobs.delete(record.sha256)
 
-    async def _runtime(self, record: VersionRecord) -> ModelRuntime:
-        loaded = self.model.loaded(record.id)
-        if loaded is not None:
-            return loaded
-        return await asyncio.to_thread(self.model.build, record, load_device=CPU)
+    def _store_blob(self, record: VersionRecord, staged: StagedUpload) -> None:
+        self.model.state.blobs.put(record.sha256, staged.path)  # kept as it is when it exists
 
     def _serves(self, version: str) -> bool:
         runtime = self.model.runtime

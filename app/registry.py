@@ -99,6 +99,7 @@ class ModelRegistry:
             self.state.db.migrate()
         except StateUnavailable as exc:
             logger.error("%s", exc.message)
+        self.state.blobs.remove_abandoned()
         for model in self._models.values():
             model.load()
 

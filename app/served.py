@@ -125,9 +125,24 @@ class ServedModel:
             return loaded
         async with self.lock:
             record = await asyncio.to_thread(self.record, version)
-            runtime = await asyncio.to_thread(self.build, record)
+            runtime = await self.runtime_of(record)
             self._on_demand = [runtime, *self._on_demand][: self.on_demand_cache]
             return runtime
+
+    async def runtime_of(
+        self, record: VersionRecord, *, load_device: torch.device | None = None
+    ) -> ModelRuntime:
+        """The version's runtime: the one held, else built from its blob. A version that
+        another replica deleted meanwhile (its blob gone, even while it was being read) is
+        VersionNotFound, not weights that fail to load."""
+        loaded = self.loaded(record.id)
+        if loaded is not None:
+            return loaded
+        try:
+            return await asyncio.to_thread(self.build, record, load_device=load_device)
+        except WeightsError:
+            await asyncio.to_thread(self.record, record.id)  # VersionNotFound: it was deleted
+            raise
 
     def loaded(self, version: str | None) -> ModelRuntime | None:
         """A runtime of ``version`` this process already holds."""
@@ -305,11 +320,9 @@ class ServedModel:
             wanted = pointers.active
             if wanted is None or not self._moved_on(pointers):
                 return
-            runtime = self.loaded(wanted)
             try:
-                if runtime is None:
-                    record = await asyncio.to_thread(self.record, wanted)
-                    runtime = await asyncio.to_thread(self.build, record, load_device=CPU)
+                record = await asyncio.to_thread(self.record, wanted)
+                runtime = await self.runtime_of(record, load_device=CPU)
             except (WeightsError, VersionNotFound) as exc:
                 self._failed[wanted] = time.monotonic() + RETRY_FAILED_VERSION_S
                 self.fallback = f"the active version {wanted}: {exc.message}"

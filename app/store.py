@@ -71,8 +71,9 @@ class StagedUpload:
             self.lock_fd = -1
 
 
-def _owned_by_a_live_process(path: Path) -> bool:
-    """Whether a process still holds the lock a staged upload's owner takes."""
+def owned_by_a_live_process(path: Path) -> bool:
+    """Whether a live process holds the lock on ``path``: the writer of a staged upload or of
+    a blob being written holds it until it is done with the file, and it dies with the process."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -116,7 +117,7 @@ class IncomingFolder:
         incoming = self._incoming_dir(name)
         incoming.mkdir(parents=True, exist_ok=True)
         for leftover in incoming.iterdir():
-            if _owned_by_a_live_process(leftover):
+            if owned_by_a_live_process(leftover):
                 continue  # another replica is receiving or validating it
             logger.warning("removing interrupted upload %s of model %s", leftover.name, name)
             leftover.unlink(missing_ok=True)

@@ -4,7 +4,9 @@ verified against it on every fetch; in a local folder (the default) or in S3-com
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -25,15 +27,19 @@ from app.errors import (
     ModelportError,
     StateUnavailable,
 )
+from app.store import owned_by_a_live_process
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
+logger = logging.getLogger(__name__)
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 """A blob's name: a sha256 as 64 lowercase hex digits, safe in a path or an object key."""
 CHUNK_SIZE = 1 << 20
 """Bytes read at a time when copying or hashing."""
+TEMP_PREFIX = ".incoming-"
+"""The name of a blob being written, before it is verified and renamed into place."""
 PART_SIZE = 8 << 20
 """Bytes per part of an S3 multipart upload (S3 needs 5 MiB or more in all parts but the last)."""
 _BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -72,6 +78,19 @@ class BlobStore(ABC):
         """A local file holding blob ``sha256``, whose bytes this call verified. The file is
         read-only and owned by the store: read it, never move or change it."""
 
+    @property
+    @abstractmethod
+    def local_dir(self) -> Path:
+        """The local folder where this store writes its temporary files."""
+
+    def remove_abandoned(self) -> None:
+        """Remove temporary files that a process killed while writing them left behind (a
+        file still locked by its live writer, another worker's or replica's, stays)."""
+        for leftover in self.local_dir.glob(f"{TEMP_PREFIX}*"):
+            if not owned_by_a_live_process(leftover):
+                logger.warning("removing %s, left by an interrupted write", leftover)
+                leftover.unlink(missing_ok=True)
+
     @abstractmethod
     def delete(self, sha256: str) -> None:
         """Remove blob ``sha256``; a blob that is not there is fine."""
@@ -85,6 +104,10 @@ class FolderBlobStore(BlobStore):
 
     def __repr__(self) -> str:
         return f"FolderBlobStore({str(self.root)!r})"
+
+    @property
+    def local_dir(self) -> Path:
+        return self.root
 
     def _path(self, sha256: str) -> Path:
         return self.root / check_sha256(sha256)[:2] / sha256
@@ -135,6 +158,10 @@ class S3BlobStore(BlobStore):
 
     def __repr__(self) -> str:
         return f"S3BlobStore('s3://{self.bucket}/{self.prefix}')"
+
+    @property
+    def local_dir(self) -> Path:
+        return self.cache_dir
 
     def key(self, sha256: str) -> str:
         """The object key of blob ``sha256``."""
@@ -285,8 +312,10 @@ def _fsync_dir(directory: Path) -> None:
 def _store_verified(chunks: Iterable[bytes], sha256: str, temp_dir: Path, target: Path) -> bool:
     """Write ``chunks`` to a temp file in ``temp_dir`` and fsync it; when they hash to ``sha256``,
     rename it to ``target`` (read-only) and fsync that folder. False, and nothing kept, if not."""
-    fd, name = tempfile.mkstemp(dir=temp_dir, prefix=".incoming-")
+    fd, name = tempfile.mkstemp(dir=temp_dir, prefix=TEMP_PREFIX)
     temp = Path(name)
+    lock = os.open(temp, os.O_RDONLY)  # held until it is renamed: see remove_abandoned
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as stream:
@@ -301,5 +330,6 @@ def _store_verified(chunks: Iterable[bytes], sha256: str, temp_dir: Path, target
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
+        os.close(lock)
     _fsync_dir(target.parent)
     return True
