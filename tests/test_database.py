@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from app.errors import ConfigError, StateUnavailable, VersionConflict, VersionNotFound
-from app.state.database import ANY_MODEL, MIGRATIONS, Actor, HistoryEntry, Pointers, VersionDatabase
+from app.state.database import MIGRATIONS, Actor, HistoryEntry, Pointers, VersionDatabase
+from app.state.dialects import ANY_MODEL
 from app.store import VersionRecord
 from tests.services import PostgresServer, postgres_server
 

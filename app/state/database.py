@@ -3,7 +3,7 @@ history of every management action, in SQLite (the default: one file in the stor
 PostgreSQL (``MODELPORT_DATABASE_URL=postgresql://...``).
 
 One implementation of the logic; what the two dialects write differently lives in
-:class:`Dialect`. Every mutation is one transaction that first takes the model's write lock
+:mod:`app.state.dialects`. Every mutation is one transaction that first takes the model's write lock
 (SQLite: ``BEGIN IMMEDIATE``, one writer at a time; PostgreSQL: a transaction-scoped advisory
 lock per model), then reads the state it decides on, so that two conflicting calls from two
 replicas end in one order and neither undoes the other.
@@ -13,29 +13,30 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
-
-import psycopg
+from typing import Any, Protocol
 
 from app.errors import ConfigError, StateUnavailable, VersionConflict, VersionNotFound
+from app.state.dialects import (
+    POSTGRESQL,
+    SQLITE,
+    Connection,
+    Cursor,
+    Dialect,
+    connect_postgresql,
+    connect_sqlite,
+    listen_postgresql,
+)
 from app.store import VersionRecord
 
 logger = logging.getLogger(__name__)
 SQLITE_FILE = "modelport.db"
 """The SQLite database's file name in the store folder."""
-CHANNEL = "modelport_versions"
-"""The PostgreSQL notification channel of pointer changes; the payload is the model's name."""
-ANY_MODEL = "*"
-"""What a listener is told when it (re)connects: it may have missed changes of any model."""
-_MIGRATION_LOCK = 7_245_031_907
-"""PostgreSQL advisory lock key held while the schema is migrated (any fixed number)."""
 
 MIGRATIONS: Sequence[Sequence[str]] = (
     (
@@ -55,69 +56,10 @@ MIGRATIONS: Sequence[Sequence[str]] = (
 """The schema, one entry per version: a database at version N runs entries N+1... at startup."""
 
 
-class Cursor(Protocol):
-    """What both drivers' cursors offer."""
-
-    def fetchone(self) -> Any: ...
-    def fetchall(self) -> list[Any]: ...
-
-
-class Connection(Protocol):
-    """What both drivers' connections offer (each in autocommit mode here)."""
-
-    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """Everything SQLite and PostgreSQL write differently."""
-
-    name: str
-    placeholder: str
-    identity: str
-    """The column type of an auto-numbered primary key."""
-    begin_write: str
-    """Opens a transaction that will write."""
-    lock_model: str | None
-    """Takes the model's write lock inside the transaction (None: the transaction holds it)."""
-    lock_migrations: str | None
-    notify: str | None
-    """Tells the listening replicas, at commit, that a model's pointers moved (None: they poll)."""
-    errors: tuple[type[Exception], ...]
-    """What the driver raises when the database cannot be reached or used."""
-
-    def sql(self, statement: str) -> str:
-        """``statement`` written with ``?`` placeholders, in this dialect."""
-        return statement.replace("?", self.placeholder)
-
-
-SQLITE = Dialect(
-    name="sqlite",
-    placeholder="?",
-    identity="INTEGER PRIMARY KEY AUTOINCREMENT",
-    begin_write="BEGIN IMMEDIATE",
-    lock_model=None,
-    lock_migrations=None,
-    notify=None,
-    errors=(sqlite3.Error,),
-)
-POSTGRESQL = Dialect(
-    name="postgresql",
-    placeholder="%s",
-    identity="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-    begin_write="BEGIN",
-    lock_model="SELECT pg_advisory_xact_lock(hashtext(%s))",
-    lock_migrations=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
-    notify=f"SELECT pg_notify('{CHANNEL}', %s)",
-    errors=(psycopg.Error,),
-)
-
-
 @dataclass(frozen=True)
 class Pointers:
     """Which version of a model serves, and which served before it (the rollback target).
-    ``active`` is None until the first activation: the bundled weights serve."""
+    ``active`` is None only until the first start records the bundled weights as active."""
 
     active: str | None = None
     previous: str | None = None
@@ -164,10 +106,10 @@ class VersionDatabase:
         file in ``store_dir``. Connects lazily: nothing is reached until the first call."""
         if url is None or url.startswith("sqlite:///"):
             path = store_dir / SQLITE_FILE if url is None else Path(url.removeprefix("sqlite:///"))
-            return cls(lambda: _connect_sqlite(path), SQLITE, str(path))
+            return cls(lambda: connect_sqlite(path), SQLITE, str(path))
         if url.startswith(("postgresql://", "postgres://")):
             where = url.split("@")[-1]  # host, port and database: never the password
-            return cls(lambda: _connect_postgresql(url), POSTGRESQL, f"postgresql://{where}")
+            return cls(lambda: connect_postgresql(url), POSTGRESQL, f"postgresql://{where}")
         raise ConfigError(
             "MODELPORT_DATABASE_URL must start with postgresql:// (or sqlite:///); "
             f"received {url.split(':', 1)[0]!r}"
@@ -361,30 +303,11 @@ class VersionDatabase:
         nothing to listen to: its followers poll."""
         stop = threading.Event()
         if self.dialect.notify is not None:
-            args = (on_change, stop)
+            args = (self._connect, on_change, stop, self.where)
             threading.Thread(
-                target=self._listen, args=args, name="version-listener", daemon=True
+                target=listen_postgresql, args=args, name="version-listener", daemon=True
             ).start()
         return stop.set
-
-    def _listen(self, on_change: Callable[[str], None], stop: threading.Event) -> None:
-        backoff = 0.5
-        while not stop.is_set():
-            try:
-                connection = cast(psycopg.Connection[Any], self._connect())
-                with connection:
-                    connection.execute(f"LISTEN {CHANNEL}")
-                    on_change(ANY_MODEL)
-                    backoff = 0.5
-                    while not stop.is_set():
-                        for notice in connection.notifies(timeout=1.0):
-                            on_change(notice.payload)
-            except psycopg.Error as exc:
-                logger.warning(
-                    "listening to %s failed (%s); again in %.1f s", self.where, exc, backoff
-                )
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
 
     def shares_blob(self, sha256: str) -> bool:
         """Whether any version of any model still holds these bytes."""
@@ -489,20 +412,6 @@ class VersionDatabase:
 
 class _Run(Protocol):
     def __call__(self, statement: str, *params: Any) -> Cursor: ...
-
-
-def _connect_sqlite(path: Path) -> Connection:
-    # autocommit (isolation_level=None): transactions are the explicit BEGIN IMMEDIATE / COMMIT
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer
-    connection.execute("PRAGMA synchronous = FULL")  # an acknowledged commit survives power loss
-    connection.execute("PRAGMA busy_timeout = 30000")
-    return connection
-
-
-def _connect_postgresql(url: str) -> Connection:
-    # psycopg types its queries as literal strings; these are, once formatted with a dialect
-    return cast(Connection, psycopg.connect(url, autocommit=True, connect_timeout=5))
 
 
 def _columns(record: VersionRecord) -> tuple[Any, ...]:
