@@ -17,7 +17,7 @@ from typing import Any
 from app.errors import DigestMismatch, VersionConflict
 from app.runtime import ModelRuntime, check_acceptance, validation_report
 from app.served import CPU, ServedModel
-from app.state.database import Actor
+from app.state.database import Actor, Pointers
 from app.store import StagedUpload, VersionRecord, version_id
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ class UploadOutcome:
     record: VersionRecord
     created: bool
     active: bool
+    pointers: Pointers
+    """The model's pointers as the upload left them."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ class VersionManager:
         existing = await asyncio.to_thread(db.version, model.name, version)
         if existing is not None:
             if activate:
-                await self._activate(existing, actor)
-            return UploadOutcome(existing, created=False, active=self._serves(version))
+                pointers = await self._activate(existing, actor)
+            else:
+                pointers = await asyncio.to_thread(db.pointers, model.name)
+            return UploadOutcome(existing, False, model.serves(version), pointers)
         runtime, report = await asyncio.to_thread(self._validate, staged)
         record = VersionRecord(
             version,
@@ -95,8 +99,10 @@ class VersionManager:
             runtime = replace(runtime, weights=replace(runtime.weights, path=Path(record.sha256)))
             pointers = await asyncio.to_thread(db.activate, model.name, version, actor)
             model.serve(runtime, pointers)
+        else:
+            pointers = await asyncio.to_thread(db.pointers, model.name)
         await self._prune(actor)
-        return UploadOutcome(record, created=created, active=activate)
+        return UploadOutcome(record, created, activate, pointers)
 
     def _validate(self, staged: StagedUpload) -> tuple[ModelRuntime, dict[str, Any]]:
         """Uploads are always checked strictly, whatever the startup config allows."""
@@ -106,24 +112,25 @@ class VersionManager:
         acceptance = check_acceptance(runtime)
         return runtime, validation_report(runtime, acceptance)
 
-    async def activate(self, version: str, actor: Actor) -> VersionRecord:
+    async def activate(self, version: str, actor: Actor) -> tuple[VersionRecord, Pointers]:
         """Make ``version`` serve: built and smoke-tested beside the current one, recorded as
-        active, then swapped in."""
+        active, then swapped in; returns its record and the pointers it left."""
         async with self.model.lock:
             record = await asyncio.to_thread(self.model.record, version)
-            await self._activate(record, actor)
-            return record
+            return record, await self._activate(record, actor)
 
-    async def _activate(self, record: VersionRecord, actor: Actor) -> None:
+    async def _activate(self, record: VersionRecord, actor: Actor) -> Pointers:
         runtime = await self.model.runtime_of(record, load_device=CPU)
         pointers = await asyncio.to_thread(
             self.model.state.db.activate, self.model.name, record.id, actor
         )
         self.model.serve(runtime, pointers)
+        return pointers
 
-    async def rollback(self, actor: Actor, to: str | None = None) -> VersionRecord:
+    async def rollback(self, actor: Actor, to: str | None = None) -> tuple[VersionRecord, Pointers]:
         """Switch back to the version that was active before the current one, as the database
-        records it (or to ``to``); instant when this process holds it loaded."""
+        records it (or to ``to``); instant when this process holds it loaded. Returns the
+        record gone back to and the pointers it left."""
         model, db = self.model, self.model.state.db
         async with model.lock:
             seen = await asyncio.to_thread(db.pointers, model.name)
@@ -133,10 +140,10 @@ class VersionManager:
                     f"model {model.name!r} has no previous version to roll back to"
                 )
             record = await asyncio.to_thread(model.record, target)
-            runtime = await self.model.runtime_of(record, load_device=CPU)
+            runtime = await model.runtime_of(record, load_device=CPU)
             pointers = await asyncio.to_thread(db.rollback, model.name, actor, to=to, expect=seen)
             model.serve(runtime, pointers)
-            return record
+            return record, pointers
 
     async def delete(self, version: str, actor: Actor) -> None:
         """Delete a stored version that the database says is neither active nor previous."""
@@ -163,7 +170,3 @@ class VersionManager:
 
     def _store_blob(self, record: VersionRecord, staged: StagedUpload) -> None:
         self.model.state.blobs.put(record.sha256, staged.path)  # kept as it is when it exists
-
-    def _serves(self, version: str) -> bool:
-        runtime = self.model.runtime
-        return runtime is not None and runtime.version == version

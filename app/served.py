@@ -151,6 +151,10 @@ class ServedModel:
                 return runtime
         return None
 
+    def serves(self, version: str) -> bool:
+        """Whether ``version`` is the one this process serves now."""
+        return self.runtime is not None and self.runtime.version == version
+
     def forget(self, version: str) -> None:
         """Drop a loaded runtime of a version that no longer exists (never the active one)."""
         self._on_demand = [r for r in self._on_demand if r.version != version]
@@ -250,8 +254,9 @@ class ServedModel:
         pointers and the stored versions."""
         db, blobs = self.state.db, self.state.blobs
         import_legacy_store(self.state.incoming.root, self.name, db, blobs)
-        pointers = db.pointers(self.name)
-        if self.bundled is not None:
+        if self.bundled is None:
+            pointers = db.pointers(self.name)
+        else:
             db.add_version(self.name, self.bundled, _REGISTRAR, action=None)
             pointers = db.start_with(self.name, self.bundled.id)
             try:
@@ -335,6 +340,6 @@ class ServedModel:
         """Whether the database names another active version than this replica serves (and
         not one that failed to load here a moment ago)."""
         wanted = pointers.active
-        if wanted is None or (self.runtime is not None and self.runtime.version == wanted):
+        if wanted is None or self.serves(wanted):
             return False
         return self._failed.get(wanted, 0.0) <= time.monotonic()

@@ -153,8 +153,7 @@ async def upload_weights(
         outcome = await manager.upload(staged, body.filename, expected, activate, _actor(request))
         facts["version"] = outcome.record.id
         facts["outcome"] = "created" if outcome.created else "existing"
-        pointers = await asyncio.to_thread(model.state.db.pointers, name)
-    info = VersionInfo.of(outcome.record, pointers)
+    info = VersionInfo.of(outcome.record, outcome.pointers)
     answer = UploadResponse(**info.model_dump(), model=name, created=outcome.created)
     return Response(
         answer.model_dump_json(), 201 if outcome.created else 200, media_type="application/json"
@@ -172,7 +171,7 @@ async def list_versions(name: ModelName, registry: RegistryDep) -> VersionList:
     """The bundled weights and every stored version, oldest first, with which one serves."""
     model = registry.get(name)
     pointers, records = await asyncio.to_thread(_pointers_and_versions, model)
-    active = pointers.active or (model.bundled.id if model.bundled else None)
+    active = pointers.active or model.bundled_id()
     return VersionList(
         model=name,
         active=active,
@@ -203,11 +202,10 @@ async def activate_version(
     with _audited("activate", name, request) as facts:
         model = registry.get(name)
         facts["version"] = version
-        record = await VersionManager(model, settings.keep_versions).activate(
+        record, pointers = await VersionManager(model, settings.keep_versions).activate(
             version, _actor(request)
         )
         facts["sha256"] = record.sha256
-        pointers = await asyncio.to_thread(model.state.db.pointers, name)
     return VersionInfo.of(record, pointers)
 
 
@@ -235,9 +233,8 @@ async def rollback_version(
     with _audited("rollback", name, request) as facts:
         model = registry.get(name)
         manager = VersionManager(model, settings.keep_versions)
-        record = await manager.rollback(_actor(request), to)
+        record, pointers = await manager.rollback(_actor(request), to)
         facts |= {"version": record.id, "sha256": record.sha256}
-        pointers = await asyncio.to_thread(model.state.db.pointers, name)
     return VersionInfo.of(record, pointers)
 
 

@@ -87,6 +87,8 @@ class HistoryEntry:
 
 
 _VERSION_COLUMNS = "id, sha256, size, format, created_at, filename, source, report"
+_SELECT_VERSION = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE model = ? AND id = ?"
+_SELECT_POINTERS = "SELECT active, previous FROM pointers WHERE model = ?"
 
 
 class VersionDatabase:
@@ -152,14 +154,12 @@ class VersionDatabase:
 
     def version(self, model: str, version: str) -> VersionRecord | None:
         """One version's record, or None."""
-        rows = self._read(
-            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE model = ? AND id = ?", model, version
-        )
+        rows = self._read(_SELECT_VERSION, model, version)
         return _record(rows[0]) if rows else None
 
     def pointers(self, model: str) -> Pointers:
         """The active and previous version as the database says now."""
-        rows = self._read("SELECT active, previous FROM pointers WHERE model = ?", model)
+        rows = self._read(_SELECT_POINTERS, model)
         return Pointers(*rows[0]) if rows else Pointers()
 
     def history(self, model: str, limit: int = 50, before: int | None = None) -> list[HistoryEntry]:
@@ -316,15 +316,13 @@ class VersionDatabase:
     # --- transaction steps -------------------------------------------------------------------
 
     def _require(self, run: _Run, model: str, version: str) -> VersionRecord:
-        row = run(
-            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE model = ? AND id = ?", model, version
-        ).fetchone()
+        row = run(_SELECT_VERSION, model, version).fetchone()
         if row is None:
             raise VersionNotFound(f"model {model!r} has no version {version!r}")
         return _record(row)
 
     def _pointers(self, run: _Run, model: str, expect: Pointers | None) -> Pointers:
-        row = run("SELECT active, previous FROM pointers WHERE model = ?", model).fetchone()
+        row = run(_SELECT_POINTERS, model).fetchone()
         current = Pointers(*row) if row else Pointers()
         if expect is not None and current != expect:
             raise VersionConflict(
