@@ -12,6 +12,7 @@ import pytest
 
 from app.config import Settings
 from tests.helpers import make_settings, serve_in_process
+from tests.services import PostgresServer, S3Server, postgres_server, s3_server
 
 
 @pytest.fixture
@@ -43,3 +44,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the run (each test takes a new database of it); skipped
+    where Debian's postgresql package is missing."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One real S3 API server (moto, its own process) for the run."""
+    with s3_server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server

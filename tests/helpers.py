@@ -155,3 +155,31 @@ class PeakRss:
 
     def __exit__(self, *_: object) -> None:
         self.growth_mib = (rss_kib(self.pid, "VmHWM") - self._start) / 1024
+
+
+@contextlib.contextmanager
+def replicas(tmp_path: Path, count: int, **variables: str) -> Iterator[list[ServerProcess]]:
+    """``count`` server processes serving ``linear`` on their own ports and sharing one store
+    folder (blobs, and the SQLite database unless ``variables`` name another), started
+    together; all stopped on the way out, at once, so that each drains in parallel."""
+    config = write_config(tmp_path, LINEAR)
+    env = clean_env(
+        MODELPORT_STORE_DIR=str(tmp_path / "store"), MODELPORT_ACCESS_LOG="false", **variables
+    )
+    servers: list[ServerProcess] = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            args = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config)]
+            servers.append(ServerProcess(args, env, port, tmp_path / f"replica-{port}.log"))
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in servers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.process.wait(20)
+            server.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import secrets
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import torch
 
 from models.linear import MyModel
 from tests.helpers import LINEAR, run_server, write_config
-from tests.services import PostgresServer, S3Server, postgres_server, s3_server
+from tests.services import PostgresServer, S3Server
 
 TOKEN = secrets.token_urlsafe(32)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,16 +24,10 @@ BUCKET = "modelport-tests"
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
+def s3(s3: S3Server) -> S3Server:
+    """The run's S3 server, with this module's bucket."""
+    s3.client().create_bucket(Bucket=BUCKET)
+    return s3
 
 
 @pytest.fixture(params=["sqlite+folder", "postgresql+folder", "postgresql+s3"])

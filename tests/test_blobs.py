@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,19 +14,18 @@ import pytest
 from app.errors import BlobCorrupt, BlobMissing, ConfigError, InsufficientStorage, StateUnavailable
 from app.state.blobs import PART_SIZE, BlobStore, FolderBlobStore, S3BlobStore, open_blob_store
 from tests.helpers import PeakRss, free_port
-from tests.services import S3Server, s3_server
+from tests.services import S3Server
 
 BUCKET = "modelport-blobs"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A moto S3 server for this module, with a versioned bucket (to count writes of a key)."""
-    with s3_server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
-        client = server.client()
-        client.create_bucket(Bucket=BUCKET)
-        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-        yield server
+def s3(s3: S3Server) -> S3Server:
+    """The run's S3 server, with this module's bucket, versioned (to count writes of a key)."""
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    return s3
 
 
 def use_aws_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **settings: str) -> None:

@@ -13,8 +13,6 @@ import math
 import random
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,8 +34,7 @@ from tests.helpers import (
     LINEAR,
     WEIGHTS,
     ServerProcess,
-    clean_env,
-    free_port,
+    replicas,
     run_server,
     write_config,
 )
@@ -47,7 +44,8 @@ TOKEN = secrets.token_urlsafe(32)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SAMPLE = [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]]
 BUNDLED = hashlib.sha256((WEIGHTS / "linear.pth").read_bytes()).hexdigest()[:12]
-FAST_SYNC = {"MODELPORT_SYNC_INTERVAL_S": "0.2"}
+ADMIN = {"MODELPORT_ADMIN_TOKEN": TOKEN}
+FAST_SYNC = ADMIN | {"MODELPORT_SYNC_INTERVAL_S": "0.2"}
 CONVERGE_WITHIN_S = 1.0
 """The issue's bound: every replica serves an acknowledged change within a second."""
 MOVES = ("activate", "rollback", "import")
@@ -81,42 +79,6 @@ def linear_weights(seed: int, padding_mib: int = 0) -> Weights:
     stream = io.BytesIO()
     torch.save(state, stream)
     return Weights(stream.getvalue())
-
-
-@contextlib.contextmanager
-def replicas(tmp_path: Path, count: int, **variables: str) -> Iterator[list[ServerProcess]]:
-    """``count`` server processes sharing one store folder (blobs, and the SQLite database
-    unless ``variables`` name another), started together; all stopped on the way out."""
-    config = write_config(tmp_path, LINEAR)
-    env = clean_env(
-        MODELPORT_STORE_DIR=str(tmp_path / "store"),
-        MODELPORT_ADMIN_TOKEN=TOKEN,
-        MODELPORT_ACCESS_LOG="false",
-        **variables,
-    )
-    servers: list[ServerProcess] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            args = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config)]
-            servers.append(ServerProcess(args, env, port, tmp_path / f"replica-{port}.log"))
-        for server in servers:
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers:  # all at once: each drains in parallel
-            if server.process.poll() is None:
-                server.process.send_signal(signal.SIGTERM)
-        for server in servers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.process.wait(20)
-            server.stop()
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
 
 
 def described(server: ServerProcess) -> dict[str, Any]:
@@ -659,7 +621,7 @@ def test_replicas_follow_an_activation_on_one_of_them(
     PostgreSQL, where replicas are told of each change (LISTEN/NOTIFY)."""
     rounds = 8 if backend == "sqlite" else 20  # polling every 2 s: each SQLite round is ~2 s
     pauses = random.Random(4).uniform
-    env: dict[str, str] = {}
+    env = dict(ADMIN)
     if backend == "postgresql":
         server: PostgresServer = request.getfixturevalue("postgres")
         env["MODELPORT_DATABASE_URL"] = server.new_database()

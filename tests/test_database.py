@@ -22,12 +22,6 @@ from tests.services import PostgresServer, postgres_server
 ACTOR = Actor("req-1", "127.0.0.1")
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new, empty database of each kind."""

@@ -6,9 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +21,7 @@ import torch
 from app.state.blobs import FolderBlobStore
 from app.state.database import VersionDatabase
 from models.linear import MyModel
-from tests.helpers import LINEAR, WEIGHTS, ServerProcess, clean_env, free_port, write_config
+from tests.helpers import WEIGHTS, ServerProcess, replicas
 
 TOKEN = secrets.token_urlsafe(32)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -63,33 +60,10 @@ def seeded(tmp_path: Path, seed: int) -> Weights:
     return weights_of(path)
 
 
-@contextlib.contextmanager
-def replicas(tmp_path: Path, count: int = 3) -> Iterator[list[ServerProcess]]:
-    """``count`` server processes on their own ports, one store directory, started together."""
-    config = write_config(tmp_path, LINEAR)
-    env = clean_env(
-        MODELPORT_STORE_DIR=str(tmp_path / "store"),
-        MODELPORT_SYNC_INTERVAL_S=str(SYNC_INTERVAL_S),
-        MODELPORT_ADMIN_TOKEN=TOKEN,
-        MODELPORT_ACCESS_LOG="false",
-    )
-    servers: list[ServerProcess] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            args = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config)]
-            servers.append(ServerProcess(args, env, port, tmp_path / f"replica-{port}.log"))
-        for server in servers:
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers:  # all at once: each drains in parallel
-            if server.process.poll() is None:
-                server.process.send_signal(signal.SIGTERM)
-        for server in servers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.process.wait(20)
-            server.stop()
+REPLICA_ENV = {
+    "MODELPORT_SYNC_INTERVAL_S": str(SYNC_INTERVAL_S),
+    "MODELPORT_ADMIN_TOKEN": TOKEN,
+}
 
 
 def upload(server: ServerProcess, weights: Weights) -> httpx.Response:
@@ -220,7 +194,7 @@ def test_a_version_uploaded_to_one_replica_is_served_by_all_within_the_interval(
     tmp_path: Path, bundled: Weights
 ) -> None:
     new = seeded(tmp_path, 11)
-    with replicas(tmp_path) as servers:
+    with replicas(tmp_path, 3, **REPLICA_ENV) as servers:
         assert [served(s)["version"] for s in servers] == [bundled.version] * 3
         with Traffic(servers).running() as traffic:
             time.sleep(0.3)
@@ -249,7 +223,7 @@ def test_a_version_uploaded_to_one_replica_is_served_by_all_within_the_interval(
 
 def test_a_rollback_on_one_replica_is_followed_by_all(tmp_path: Path, bundled: Weights) -> None:
     new = seeded(tmp_path, 12)
-    with replicas(tmp_path) as servers:
+    with replicas(tmp_path, 3, **REPLICA_ENV) as servers:
         assert upload(servers[0], new).status_code == 201
         wait_until_all_serve(servers, new.version)
         with Traffic(servers).running() as traffic:
@@ -304,7 +278,7 @@ def test_uploads_racing_on_two_replicas_keep_the_store_whole_and_the_replicas_ag
     uploaded = [w for pair in rounds for w in pair]
     store = tmp_path / "store" / "linear"
     statuses, actives, follows, served_after = [], [], [], []
-    with replicas(tmp_path) as servers, Traffic(servers, 1).running() as traffic:
+    with replicas(tmp_path, 3, **REPLICA_ENV) as servers, Traffic(servers, 1).running() as traffic:
         for pair in rounds:
             responses = race_uploads(servers[0], servers[1], pair)
             statuses.append([r.status_code for r in responses])
