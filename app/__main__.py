@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from app import server
 from app.errors import ConfigError
-from app.logs import configure_logging
-from app.main import create_app, load_settings
+from app.http.app import create_app, load_settings
+from app.observability.logs import configure_logging
+from app.runner import supervisor as server
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.metrics import FLUSH_S  # noqa: E402
+from app.observability.metrics import FLUSH_S  # noqa: E402
 from models.bench import CNN, MLP, Tiny  # noqa: E402
 
 MODELS = {"tiny": (Tiny, (10,)), "mlp": (MLP, (784,)), "cnn": (CNN, (3, 64, 64))}

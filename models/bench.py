@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from app.catalog import register
+from app.serving import register
 
 
 @register("bench-tiny", input_shape=(10,), output_shape=(2,))

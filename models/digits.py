@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from app.catalog import Acceptance, Forward, register
+from app.serving import Acceptance, Forward, register
 
 PIXEL_MAX = 16.0
 HELDOUT = Path(__file__).resolve().parent / "data" / "digits_heldout.npz"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from app.catalog import register
+from app.serving import register
 
 
 @register(

@@ -17,9 +17,9 @@ import httpx
 import tomli_w
 from asgi_lifespan import LifespanManager
 
-from app.catalog import ModelSpec, discover, get_spec
 from app.config import Settings
-from app.main import create_app
+from app.http.app import create_app
+from app.serving.catalog import ModelSpec, discover, get_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.catalog import register
+from app.serving.catalog import register
 from models.linear import MyModel
 from tests.helpers import LINEAR, WEIGHTS, make_settings, serve_in_process
 

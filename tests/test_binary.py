@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from app.catalog import register
-from app.tensors import DTYPES
+from app.codecs.binary import DTYPES
+from app.serving.catalog import register
 from tests.helpers import LINEAR, make_settings, serve_in_process
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from app.catalog import (
+from app.codecs.arrays import to_batch
+from app.serving.catalog import (
     DuplicateRegistration,
     discover,
     get_spec,
     register,
     registered_names,
 )
-from app.inputs import to_batch
-from app.runtime import build_runtime
+from app.serving.runtime import build_runtime
 from models.digits import EXAMPLE_ZERO, DigitsCNN
 from models.linear import MyModel
 from tests.helpers import WEIGHTS, spec_named
@@ -101,7 +101,7 @@ def impostor_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     (tmp_path / package / "__init__.py").write_text("", encoding="utf-8")
     (tmp_path / package / "fake_linear.py").write_text(
         "from torch import nn\n"
-        "from app.catalog import register\n\n\n"
+        "from app.serving.catalog import register\n\n\n"
         '@register("linear", input_shape=(10,))\n'
         "class Impostor(nn.Module):\n"
         "    pass\n",

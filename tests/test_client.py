@@ -22,7 +22,7 @@ from app.client import (
     PermissionDeniedError,
     ServerUnreachable,
 )
-from app.main import create_app
+from app.http.app import create_app
 from models.linear import MyModel
 from tests.helpers import (
     DIGITS,

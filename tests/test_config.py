@@ -15,9 +15,9 @@ import torch
 
 from app.config import DEFAULT_CONFIG, Settings, load_service_config
 from app.errors import ConfigError
-from app.main import create_app, load_settings
-from app.metrics import Metrics
-from app.registry import ModelRegistry
+from app.http.app import create_app, load_settings
+from app.observability.metrics import Metrics
+from app.serving.registry import ModelRegistry
 from tests.helpers import (
     DIGITS,
     LINEAR,
@@ -379,7 +379,7 @@ def test_uvicorn_factory_with_a_bad_config_exits_with_one_line_and_no_traceback(
         "-m",
         "uvicorn",
         "--factory",
-        "app.main:create_app",
+        "app.http.app:create_app",
         "--host",
         "127.0.0.1",
         "--port",

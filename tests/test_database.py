@@ -16,7 +16,7 @@ import pytest
 from app.errors import ConfigError, StateUnavailable, VersionConflict, VersionNotFound
 from app.state.database import MIGRATIONS, Actor, HistoryEntry, Pointers, VersionDatabase
 from app.state.dialects import ANY_MODEL
-from app.store import VersionRecord
+from app.state.records import VersionRecord
 from tests.services import PostgresServer, postgres_server
 
 ACTOR = Actor("req-1", "127.0.0.1")

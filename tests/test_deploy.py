@@ -19,7 +19,7 @@ import yaml
 from kubernetes_validate.utils import validate
 
 from app.config import Settings
-from app.routes.health import router as health_router
+from app.http.routes.health import router as health_router
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from app.server import MAX_FAILED_STARTS
+from app.runner.supervisor import MAX_FAILED_STARTS
 from tests.helpers import (
     LINEAR,
     PeakRss,

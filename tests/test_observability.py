@@ -13,8 +13,8 @@ import httpx
 import pytest
 import torch
 
-from app.logs import JsonFormatter, configure_logging, request_id
-from app.metrics import FLUSH_S, Metrics
+from app.observability.logs import JsonFormatter, configure_logging, request_id
+from app.observability.metrics import FLUSH_S, Metrics
 from models.linear import MyModel
 from tests.helpers import LINEAR, make_settings, run_server, serve_in_process, write_config
 

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.main import create_app
+from app.http.app import create_app
 from tests.helpers import DIGITS, LINEAR, make_settings, run_server, serve_in_process, write_config
 
 API_TOKEN = "a" * 32

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.catalog import register
+from app.serving.catalog import register
 from models.digits import EXAMPLE_ZERO
 from models.linear import MyModel
 from tests.helpers import LINEAR, WEIGHTS, make_settings, serve_in_process

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from app.catalog import register
+from app.serving.catalog import register
 from tests.helpers import make_settings, serve_in_process
 
 

@@ -78,7 +78,7 @@ def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
         "-m",
         "uvicorn",
         "--factory",
-        "app.main:create_app",
+        "app.http.app:create_app",
         "--port",
         str(port),
     ]

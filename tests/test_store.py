@@ -14,8 +14,9 @@ import pytest
 from app.errors import BadRequest, PayloadTooLarge
 from app.state.blobs import FolderBlobStore
 from app.state.database import Pointers, VersionDatabase
+from app.state.incoming import IncomingFolder, StagedUpload
 from app.state.legacy import import_legacy_store
-from app.store import IncomingFolder, StagedUpload, VersionRecord, version_id
+from app.state.records import VersionRecord, version_id
 
 MODEL = "linear"
 

@@ -20,7 +20,7 @@ import tritonclient.http as triton
 from torch import nn
 from tritonclient.utils import InferenceServerException
 
-from app.catalog import register
+from app.serving.catalog import register
 from models.linear import MyModel
 from tests.helpers import (
     DIGITS,

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from app.catalog import ModelSpec, get_spec, register
+from app.codecs.arrays import to_batch
 from app.errors import (
     NonFiniteWeights,
     NotAStateDict,
@@ -27,9 +27,9 @@ from app.errors import (
     WeightsIncompatible,
     WeightsUnreadable,
 )
-from app.inputs import to_batch
-from app.runtime import ModelRuntime, build_runtime
-from app.weights import (
+from app.serving.catalog import ModelSpec, get_spec, register
+from app.serving.runtime import ModelRuntime, build_runtime
+from app.serving.weights import (
     check_finite,
     inspect_file,
     match_state_dict,

@@ -27,7 +27,7 @@ from app.errors import (
     ModelportError,
     StateUnavailable,
 )
-from app.store import owned_by_a_live_process
+from app.state.incoming import owned_by_a_live_process
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

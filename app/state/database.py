@@ -32,7 +32,7 @@ from app.state.dialects import (
     connect_sqlite,
     listen_postgresql,
 )
-from app.store import VersionRecord
+from app.state.records import VersionRecord
 
 logger = logging.getLogger(__name__)
 SQLITE_FILE = "modelport.db"

@@ -12,7 +12,7 @@ from pathlib import Path
 from app.errors import ModelportError
 from app.state.blobs import BlobStore
 from app.state.database import Actor, Pointers, VersionDatabase
-from app.store import VERSION_PATTERN, VersionRecord
+from app.state.records import VERSION_PATTERN, VersionRecord
 
 logger = logging.getLogger(__name__)
 IMPORTER = Actor(request_id=None, client="import")

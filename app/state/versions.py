@@ -9,7 +9,7 @@ from app.config import Settings
 from app.errors import ConfigError
 from app.state.blobs import BlobStore, open_blob_store
 from app.state.database import VersionDatabase
-from app.store import IncomingFolder
+from app.state.incoming import IncomingFolder
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from app.errors import InferenceFailed, InferenceTimeout, ModelportError, QueueFull
-from app.metrics import Metrics
-from app.runtime import ModelRuntime
+from app.observability.metrics import Metrics
+from app.serving.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 

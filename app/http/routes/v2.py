@@ -17,18 +17,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from app.config import Settings
-from app.deps import API_SECURITY, ApiDep, RegistryDep, SettingsDep
-from app.errors import (
-    InvalidInput,
-    ModelportError,
-    VersionNotFound,
-    WeightsError,
-    json_response,
-)
-from app.fastpath import VERSION_HEADER
-from app.inputs import check_array, read_capped
-from app.oip import (
+from app.codecs.arrays import check_array, read_capped
+from app.codecs.v2 import (
     EXTENSIONS,
     HEADER_LENGTH,
     INPUT_NAME,
@@ -50,9 +40,19 @@ from app.oip import (
     encode_response,
     from_bytes,
 )
-from app.openapi import REF
-from app.served import ServedModel
-from app.store import VERSION_PATTERN
+from app.config import Settings
+from app.errors import (
+    InvalidInput,
+    ModelportError,
+    VersionNotFound,
+    WeightsError,
+    json_response,
+)
+from app.http.deps import API_SECURITY, ApiDep, RegistryDep, SettingsDep
+from app.http.openapi import REF
+from app.http.predict import VERSION_HEADER
+from app.serving.model import ServedModel
+from app.state.records import VERSION_PATTERN
 
 
 def _v2_error(exc: ModelportError) -> Response:

@@ -1,5 +1,5 @@
-"""Version identity and records, and the incoming folder where an upload is received (streamed,
-hashed, capped) before it becomes a version in the blob store and the database.
+"""The incoming folder where an upload is received (streamed, hashed, capped) before it becomes a
+version in the blob store and the database.
 
 Layout under the store directory, per model::
 
@@ -16,36 +16,15 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from app.config import NAME_PATTERN
 from app.errors import BadRequest, InsufficientStorage, PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 
-VERSION_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 _NAME = re.compile(NAME_PATTERN)
-
-
-def version_id(sha256: str) -> str:
-    """A version id is the first 12 hex digits of the sha256 of its bytes."""
-    return sha256[:12]
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    """One immutable weights version."""
-
-    id: str
-    sha256: str
-    size: int
-    format: str
-    created_at: str
-    filename: str | None
-    source: str  # "upload" or "bundled"
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

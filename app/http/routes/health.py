@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.deps import API_SECURITY, MetricsDep, RegistryDep
-from app.lifecycle import draining
-from app.metrics import Metrics
-from app.openapi import REF
-from app.schemas import ErrorResponse, Liveness, Readiness
+from app.http.deps import API_SECURITY, MetricsDep, RegistryDep
+from app.http.openapi import REF
+from app.http.schemas import ErrorResponse, Liveness, Readiness
+from app.http.shutdown import draining
+from app.observability.metrics import Metrics
 
 router = APIRouter(prefix="/health", tags=["health"])
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.deps import API_SECURITY, ApiDep, RegistryDep
 from app.errors import StateUnavailable
-from app.schemas import ErrorResponse, ModelInfo, ModelList
-from app.served import ServedModel
+from app.http.deps import API_SECURITY, ApiDep, RegistryDep
+from app.http.schemas import ErrorResponse, ModelInfo, ModelList
+from app.serving.model import ServedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ApiDep])
 _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -11,7 +11,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import error_body
-from app.middleware import UNOBSERVED_PATHS
+from app.http.observer import UNOBSERVED_PATHS
 
 draining = threading.Event()
 """Set once per process, by the server's SIGTERM handler."""

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import DigestMismatch, VersionConflict
-from app.runtime import ModelRuntime, check_acceptance, validation_report
-from app.served import CPU, ServedModel
+from app.serving.model import CPU, ServedModel
+from app.serving.runtime import ModelRuntime, check_acceptance, validation_report
 from app.state.database import Actor, Pointers
-from app.store import StagedUpload, VersionRecord, version_id
+from app.state.incoming import StagedUpload
+from app.state.records import VersionRecord, version_id
 
 logger = logging.getLogger(__name__)
 

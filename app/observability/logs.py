@@ -68,7 +68,7 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
-    # app.middleware writes the access lines (with latency and request id) instead.
+    # app.http.observer writes the access lines (with latency and request id) instead.
     logging.getLogger("uvicorn.access").handlers.clear()
     logging.getLogger("uvicorn.access").propagate = False
 

@@ -11,13 +11,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
+from app.codecs.arrays import decimal
 from app.config import NAME_PATTERN
-from app.deps import API_SECURITY, AdminDep, ApiDep, RegistryDep, SettingsDep
 from app.errors import ModelportError, PayloadTooLarge
-from app.inputs import decimal
-from app.logs import request_id
-from app.manager import VersionManager
-from app.schemas import (
+from app.http.deps import API_SECURITY, AdminDep, ApiDep, RegistryDep, SettingsDep
+from app.http.schemas import (
     ErrorResponse,
     HistoryItem,
     HistoryPage,
@@ -25,10 +23,12 @@ from app.schemas import (
     VersionInfo,
     VersionList,
 )
-from app.served import ServedModel
+from app.http.uploads import UploadBody
+from app.observability.logs import request_id
+from app.serving.manager import VersionManager
+from app.serving.model import ServedModel
 from app.state.database import Actor, Pointers
-from app.store import VERSION_PATTERN, VersionRecord
-from app.uploads import UploadBody
+from app.state.records import VERSION_PATTERN, VersionRecord
 
 logger = logging.getLogger("app.audit")
 

@@ -1,4 +1,4 @@
-"""The OpenAPI description of the predict endpoints, which :mod:`app.fastpath` serves.
+"""The OpenAPI description of the predict endpoints, which :mod:`app.http.predict` serves.
 
 They are not framework routes (routing and dependency injection cost more than the whole
 request on a small model), so their path items are written here from the same pydantic models.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.deps import API_SECURITY
-from app.fastpath import VERSION_HEADER
-from app.openapi import REF, add_components
-from app.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
-from app.tensors import DTYPE_HEADER, DTYPES, NPY, RAW, SHAPE_HEADER
+from app.codecs.binary import DTYPE_HEADER, DTYPES, NPY, RAW, SHAPE_HEADER
+from app.http.deps import API_SECURITY
+from app.http.openapi import REF, add_components
+from app.http.predict import VERSION_HEADER
+from app.http.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
 
 _ERRORS = {
     "400": "Malformed JSON, or a raw body without its shape/dtype headers",

@@ -21,19 +21,19 @@ import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
 from app.config import Settings
-from app.lifecycle import draining
-from app.metrics import MULTIPROC_ENV
-from app.protocol import head_limited
+from app.http.shutdown import draining
+from app.observability.metrics import MULTIPROC_ENV
+from app.runner.protocol import head_limited
 
 logger = logging.getLogger(__name__)
-APP = "app.main:create_app"
+APP = "app.http.app:create_app"
 MAX_FAILED_STARTS = 3
 """Workers in a row that exit before they ever became ready; then the supervisor gives up."""
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, draining on SIGTERM: readiness turns 503 and new requests are refused at once
-    (:mod:`app.lifecycle`); once the requests already accepted have finished, queued ones
+    (:mod:`app.http.shutdown`); once the requests already accepted have finished, queued ones
     included, or the grace period is over, the usual shutdown follows and the process exits 0."""
 
     def __init__(
@@ -78,7 +78,7 @@ def _server(settings: Settings, on_ready: Callable[[], None] | None = None) -> D
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=None,  # app.logs configures every logger, uvicorn's included
+        log_config=None,  # app.observability.logs configures every logger, uvicorn's included
         access_log=False,  # the service writes its own access lines, with the request id
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )

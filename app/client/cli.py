@@ -170,7 +170,7 @@ def image_sample(path: Path, model: dict[str, Any]) -> Any:
     """One sample from an image, by the model class's registered ``image_to_input`` hook."""
     from PIL import Image, UnidentifiedImageError
 
-    from app.catalog import discover, get_spec
+    from app.serving.catalog import discover, get_spec
 
     discover()
     spec = get_spec(model["class"])

@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from app.batching import BatchPolicy
-from app.catalog import ModelSpec, discover, get_spec, registered_names
 from app.config import ServedModelConfig, Settings
 from app.errors import ConfigError, InvalidInput, ModelNotFound, ModelportError, StateUnavailable
-from app.metrics import Metrics
-from app.runtime import check_constructor_kwargs
-from app.served import ServedModel
+from app.observability.metrics import Metrics
+from app.serving.batching import BatchPolicy
+from app.serving.catalog import ModelSpec, discover, get_spec, registered_names
+from app.serving.model import ServedModel
+from app.serving.runtime import check_constructor_kwargs
 from app.state.versions import VersionState
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.logs import AccessLog, request_id
-from app.metrics import DeferredCounter, DeferredHistogram, Metrics
+from app.observability.logs import AccessLog, request_id
+from app.observability.metrics import DeferredCounter, DeferredHistogram, Metrics
 
 REQUEST_ID_HEADER = b"x-request-id"
 VERSION_HEADER = b"x-model-version"

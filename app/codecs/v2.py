@@ -13,9 +13,9 @@ import orjson
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+from app.codecs.arrays import check_numeric, decimal, parse_json
+from app.codecs.binary import MAX_DIMS, tensor_bytes, widen_bfloat16
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge
-from app.inputs import check_numeric, decimal, parse_json
-from app.tensors import MAX_DIMS, tensor_bytes, widen_bfloat16
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"

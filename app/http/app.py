@@ -17,15 +17,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings, load_service_config, settings_error_line
 from app.errors import ConfigError, install_error_handlers
-from app.fastpath import PredictEndpoint
-from app.lifecycle import ShutdownGate
-from app.logs import AccessLog, configure_logging
-from app.metrics import Metrics
-from app.middleware import RequestObserver
-from app.openapi import add_components, describe_shared_answers
-from app.registry import ModelRegistry
-from app.routes import admin, health, models, v2
-from app.routes.predict import add_predict_paths
+from app.http.observer import RequestObserver
+from app.http.openapi import add_components, describe_shared_answers
+from app.http.predict import PredictEndpoint
+from app.http.routes import admin, health, models, v2
+from app.http.routes.predict import add_predict_paths
+from app.http.shutdown import ShutdownGate
+from app.observability.logs import AccessLog, configure_logging
+from app.observability.metrics import Metrics
+from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ModelportAPI(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. Checks the config at once (ConfigError); weights load in the lifespan.
 
-    Without ``settings`` (as ``uvicorn --factory app.main:create_app`` calls it) the settings
+    Without ``settings`` (as ``uvicorn --factory app.http.app:create_app`` calls it) the settings
     come from the environment and a bad config exits with one line on stderr.
     """
     if settings is None:
@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=_lifespan,
-        # app.metrics and app.middleware observe every request; FastAPI's OpenTelemetry
+        # app.observability.metrics and app.http.observer observe every request; OpenTelemetry
         # hooks would cost each request a provider lookup for nothing.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )

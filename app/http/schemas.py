@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.inputs import dtype_name
-from app.served import ServedModel
+from app.codecs.arrays import dtype_name
+from app.serving.model import ServedModel
 from app.state.database import Pointers
-from app.store import VersionRecord
+from app.state.records import VersionRecord
 
 
 class ErrorResponse(BaseModel):

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.catalog import Acceptance, ModelSpec
+from app.codecs.arrays import to_batch
 from app.errors import AcceptanceFailed, SmokeTestFailed, WeightsChanged
-from app.inputs import to_batch
-from app.weights import (
+from app.serving.catalog import Acceptance, ModelSpec
+from app.serving.weights import (
     LoadReport,
     WeightsFile,
     check_finite,

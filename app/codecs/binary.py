@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.codecs.arrays import decimal
 from app.errors import BadRequest
-from app.inputs import decimal
 
 SHAPE_HEADER = "X-Tensor-Shape"
 DTYPE_HEADER = "X-Tensor-Dtype"

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.middleware import UNOBSERVED_PATHS
-from app.schemas import ErrorResponse
+from app.http.observer import UNOBSERVED_PATHS
+from app.http.schemas import ErrorResponse
 
 REF = "#/components/schemas/{model}"
 """Where every ``$ref`` of the document points: OpenAPI resolves refs from the document's root,
@@ -42,7 +42,7 @@ def describe_shared_answers(document: dict[str, Any]) -> None:
     """Answers every route shares whatever it declares: a request that does not validate gets
     the one error body (:func:`app.errors.install_error_handlers`), not the framework's
     ``detail`` list; and from SIGTERM on, every endpoint but probes and scrapes answers 503
-    (:class:`app.lifecycle.ShutdownGate`)."""
+    (:class:`app.http.shutdown.ShutdownGate`)."""
     add_components(document, ErrorResponse)
     framework_error = {"$ref": REF.format(model="HTTPValidationError")}
     for path, operations in document["paths"].items():

@@ -3,7 +3,7 @@ kept for rollback, startup with fallback, and following the version database.
 
 The database decides which version is active (:mod:`app.state.database`); this process keeps
 runtimes of what it says and swaps its reference when it changes. The management actions that
-change it live in :mod:`app.manager`.
+change it live in :mod:`app.serving.manager`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.batching import BatchPolicy, DynamicBatcher
-from app.catalog import ModelSpec
 from app.config import ServedModelConfig
 from app.errors import (
     InsufficientStorage,
@@ -29,13 +27,15 @@ from app.errors import (
     VersionNotFound,
     WeightsError,
 )
-from app.metrics import Metrics
-from app.runtime import ModelRuntime, build_runtime
+from app.observability.metrics import Metrics
+from app.serving.batching import BatchPolicy, DynamicBatcher
+from app.serving.catalog import ModelSpec
+from app.serving.runtime import ModelRuntime, build_runtime
+from app.serving.weights import inspect_file
 from app.state.database import Actor, Pointers
 from app.state.legacy import import_legacy_store
+from app.state.records import VersionRecord, version_id
 from app.state.versions import VersionState
-from app.store import VersionRecord, version_id
-from app.weights import inspect_file
 
 logger = logging.getLogger(__name__)
 CPU = torch.device("cpu")

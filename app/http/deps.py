@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from app.errors import Forbidden, ManagementDisabled, ModelportError, Unauthorized
-from app.registry import ModelRegistry
+from app.serving.registry import ModelRegistry
 
 audit = logging.getLogger("app.audit")
 BEARER_SCHEME = "HTTPBearer"

@@ -4,7 +4,7 @@ ASGI middleware in front of the framework's routing and dependency injection.
 On small models the HTTP and JSON path is the whole cost, so this path does only what each
 request needs: authenticate, read the body with a byte cap, decode it with orjson + numpy (or
 take raw tensor bytes / ``.npy``), check shape and dtype on the array, queue it for the model's
-batcher, and answer. :mod:`app.routes.predict` describes the endpoints in the OpenAPI document.
+batcher, and answer. :mod:`app.http.routes.predict` describes the endpoints in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -20,21 +20,8 @@ import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.config import Settings
-from app.deps import authorize_api
-from app.errors import (
-    BadRequest,
-    InvalidInput,
-    MethodNotAllowed,
-    ModelportError,
-    UnsupportedMediaType,
-    error_body,
-)
-from app.inputs import check_array, parse_json, read_capped, to_batch
-from app.middleware import ROUTE_KEY
-from app.registry import ModelRegistry
-from app.served import ServedModel
-from app.tensors import (
+from app.codecs.arrays import check_array, parse_json, read_capped, to_batch
+from app.codecs.binary import (
     DTYPE_HEADER,
     NPY,
     RAW,
@@ -45,6 +32,19 @@ from app.tensors import (
     encode_raw,
     parse_shape,
 )
+from app.config import Settings
+from app.errors import (
+    BadRequest,
+    InvalidInput,
+    MethodNotAllowed,
+    ModelportError,
+    UnsupportedMediaType,
+    error_body,
+)
+from app.http.deps import authorize_api
+from app.http.observer import ROUTE_KEY
+from app.serving.model import ServedModel
+from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 VERSION_HEADER = "X-Model-Version"

@@ -1,0 +1,1 @@
+"""Wire formats: the one dtype table, JSON lists, raw tensors and .npy, V2 tensors."""
