@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test test-quick lint bench
 
 # torch first, pinned to the CPU build on this disk: a bare `pip install torch` (or the range in
 # pyproject.toml with no torch installed yet) would download a multi-GB CUDA build.
@@ -25,6 +25,10 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The unit and app tiers only (no server processes, sockets or database servers): under a minute.
+test-quick: setup
+	$(VENV)/bin/pytest -m "unit or app"
 
 # Needs wrk (Debian: apt-get install -y wrk). About 7 minutes; writes bench/results.md.
 bench: setup

@@ -1,9 +1,9 @@
-"""The launcher: ``python -m app [--host H] [--port P] [--config FILE] [--workers N]``."""
+"""The launcher: ``python -m app [--host H] [--port P] [--config FILE] [--workers N]`` (which
+``modelport serve`` runs)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from app.errors import ConfigError
@@ -27,19 +27,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Check the settings and config, then serve them."""
-    args = _parse_args(argv)
-    # Worker processes build their app from the environment, so flags travel there.
-    for name, value in vars(args).items():
-        if value is not None:
-            os.environ[f"MODELPORT_{name.upper()}"] = str(value)
+    flags = {name: value for name, value in vars(_parse_args(argv)).items() if value is not None}
     try:
-        settings = load_settings()
-        create_app(settings)  # fail fast with one line, before uvicorn starts
+        settings = load_settings(**flags)
+        app = create_app(settings)  # fail fast with one line, before uvicorn starts
     except ConfigError as exc:
         print(f"modelport: config error: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    return server.run(settings)
+    return server.run(settings, app)
 
 
 if __name__ == "__main__":

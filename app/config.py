@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.errors import ConfigError
+from app.errors import ConfigError, location
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "modelport.toml"
@@ -202,11 +202,11 @@ def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
     """The first validation error as one line, naming the model it belongs to."""
     error = exc.errors()[0]
     loc = list(error["loc"])
-    where = ".".join(str(part) for part in loc)
+    where = location(loc)
     if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
         entry = raw.get("models", [])[loc[1]]
         name = entry.get("name") if isinstance(entry, dict) else None
-        field = ".".join(str(part) for part in loc[2:]) or "entry"
+        field = location(loc[2:]) or "entry"
         where = f"model {name!r}: {field}" if name else f"models[{loc[1]}].{field}"
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{where}: {message}"
@@ -215,5 +215,5 @@ def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
 def settings_error_line(exc: ValidationError) -> str:
     """A Settings validation error as one line naming the environment variable."""
     error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"])
+    field = location(error["loc"])
     return f"MODELPORT_{field.upper()}: {error['msg']}"

@@ -1,31 +1,29 @@
-"""The modelport error hierarchy and the handlers that render every error in one JSON format."""
+"""The modelport error hierarchy: each error names its condition and carries its HTTP status.
+No web imports: each front door renders these (:mod:`app.http.answers`)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
-
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
-logger = logging.getLogger(__name__)
 
 
 class ModelportError(Exception):
     """Base of every error the service raises on purpose; carries its HTTP status and code."""
 
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
-    headers: ClassVar[dict[str, str]] = {}
+    status: int = 500
+    code: str = "internal_error"
+    default_headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        detail: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+        self.headers = {**self.default_headers, **(headers or {})}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -44,12 +42,52 @@ class BadRequest(ModelportError):
     code = "bad_request"
 
 
+class InvalidRequest(ModelportError):
+    """The request's path, query or body does not match what the endpoint declares."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class FrameworkError(ModelportError):
+    """An HTTP error the web framework raised with a status of its own choosing."""
+
+    code = "http_error"
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None) -> None:
+        super().__init__(message, None, headers)
+        self.status = status
+
+
+class NoSuchEndpoint(ModelportError):
+    """No endpoint answers this path."""
+
+    status = 404
+    code = "not_found"
+
+
+class Draining(ModelportError):
+    """The process is shutting down and takes no new request."""
+
+    status = 503
+    code = "draining"
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1", "Connection": "close"}
+
+
+class HeadTooLarge(ModelportError):
+    """A request head over the caps on its size or its number of header fields."""
+
+    status = 431
+    code = "request_header_fields_too_large"
+    default_headers: ClassVar[dict[str, str]] = {"Connection": "close"}
+
+
 class Unauthorized(ModelportError):
     """A credential is required and none (or a malformed one) was sent."""
 
     status = 401
     code = "unauthorized"
-    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+    default_headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ModelportError):
@@ -99,7 +137,7 @@ class StateUnavailable(ModelportError):
 
     status = 503
     code = "state_unavailable"
-    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class ModelNotFound(ModelportError):
@@ -121,7 +159,7 @@ class MethodNotAllowed(ModelportError):
 
     status = 405
     code = "method_not_allowed"
-    headers: ClassVar[dict[str, str]] = {"Allow": "POST"}
+    default_headers: ClassVar[dict[str, str]] = {"Allow": "POST"}
 
 
 class UnsupportedMediaType(ModelportError):
@@ -150,7 +188,7 @@ class QueueFull(ModelportError):
 
     status = 503
     code = "queue_full"
-    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class InferenceTimeout(ModelportError):
@@ -249,45 +287,11 @@ def error_body(message: str, code: str, detail: dict[str, Any] | None = None) ->
     return body
 
 
-def json_response(
-    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> Response:
-    """A JSON answer encoded with orjson."""
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+def location(parts: Iterable[Any]) -> str:
+    """A pydantic error's ``loc`` as ``models.0.name``."""
+    return ".".join(str(part) for part in parts)
 
 
-async def _modelport_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ModelportError)
-    return json_response(error_body(exc.message, exc.code, exc.detail), exc.status, exc.headers)
-
-
-async def _validation_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
-    return json_response(error_body("; ".join(problems), "invalid_request"), 422)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    where = f"{request.method} {request.url.path}"
-    if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        body = error_body(f"{where}: method not allowed; allowed: {allowed}", "method_not_allowed")
-    elif exc.status_code == 404 and exc.detail == "Not Found":
-        body = error_body(f"{where}: no such endpoint (see /docs)", "not_found")
-    else:
-        body = error_body(str(exc.detail), "http_error")
-    return json_response(body, exc.status_code, exc.headers)
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return json_response(error_body("internal server error", "internal_error"), 500)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Render every error, ours or the framework's, in the one error body."""
-    app.add_exception_handler(ModelportError, _modelport_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+def describe_problems(errors: Iterable[Mapping[str, Any]]) -> str:
+    """Pydantic validation errors as one line: ``where: what; where: what``."""
+    return "; ".join(f"{location(err['loc']) or 'body'}: {err['msg']}" for err in errors)

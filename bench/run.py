@@ -37,6 +37,7 @@ from models.bench import CNN, MLP, Tiny  # noqa: E402
 
 MODELS = {"tiny": (Tiny, (10,)), "mlp": (MLP, (784,)), "cnn": (CNN, (3, 64, 64))}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+JSON_ENV = {"CONTENT_TYPE": "application/json"}
 
 
 @dataclass
@@ -260,11 +261,54 @@ def prepare(directory: Path) -> dict[str, dict[str, Path]]:
         raw = directory / f"{name}.bin"
         raw.write_bytes(sample.tobytes())
         files[name] = {"weights": weights, "json": body, "raw": raw}
+        files[name] |= _v2_bodies(directory, name, sample)
         entries.append(
             f'[[models]]\nname = "{name}"\nclass = "bench-{name}"\nweights = "{weights}"\n'
         )
     (directory / "bench.toml").write_text("\n".join(entries))
     return files
+
+
+def _v2_bodies(directory: Path, name: str, sample: np.ndarray) -> dict[str, Path]:
+    """The same sample as Open Inference Protocol requests: JSON tensors (the same four
+    decimals as the native JSON body), and the binary extension as tritonclient sends it."""
+    tensor = {"name": "input", "shape": list(sample.shape), "datatype": "FP32"}
+    values = sample.astype(np.float64).round(4).reshape(-1).tolist()
+    as_json = directory / f"{name}.v2.json"
+    as_json.write_text(json.dumps({"inputs": [tensor | {"data": values}]}))
+    header = json.dumps(
+        {
+            "inputs": [tensor | {"parameters": {"binary_data_size": sample.nbytes}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    binary = directory / f"{name}.v2.bin"
+    binary.write_bytes(header + sample.tobytes())
+    return {"v2_json": as_json, "v2_binary": binary}
+
+
+def protocols(name: str, files: dict[str, Path]) -> list[tuple[str, str, Path, dict[str, str]]]:
+    """Each front door measured: its label, path, body and wrk environment."""
+    shape = ",".join(str(d) for d in (1, *MODELS[name][1]))
+    native, v2 = f"/v1/models/{name}/predict", f"/v2/models/{name}/infer"
+    header_length = files["v2_binary"].stat().st_size - files["raw"].stat().st_size
+    octets = "application/octet-stream"
+    return [
+        ("modelport", native, files["json"], JSON_ENV),
+        (
+            "modelport (binary)",
+            native,
+            files["raw"],
+            {"CONTENT_TYPE": octets, "TENSOR_SHAPE": shape, "TENSOR_DTYPE": "float32"},
+        ),
+        ("modelport (V2 JSON)", v2, files["v2_json"], JSON_ENV),
+        (
+            "modelport (V2 binary)",
+            v2,
+            files["v2_binary"],
+            {"CONTENT_TYPE": octets, "HEADER_LENGTH": str(header_length)},
+        ),
+    ]
 
 
 def machine() -> str:
@@ -347,72 +391,43 @@ def main() -> None:
         def base(label: str) -> str:
             return f"http://127.0.0.1:{ours_port if label == 'modelport' else base_port}"
 
-        servers = [
-            (
-                "modelport",
-                [
-                    python,
-                    "-m",
-                    "app",
-                    "--port",
-                    str(ours_port),
-                    "--config",
-                    str(directory / "bench.toml"),
-                    "--workers",
-                    str(args.workers),
-                ],
-                ours_env,
-                f"http://127.0.0.1:{ours_port}/health/ready",
-                lambda n: f"http://127.0.0.1:{ours_port}/v1/models/{n}/predict",
-            ),
-            (
-                "tutorial",
-                [python, "bench/tutorial_server.py", tmp, str(base_port)],
-                env,
-                f"http://127.0.0.1:{base_port}/openapi.json",
-                lambda n: f"http://127.0.0.1:{base_port}/predict/{n}",
-            ),
-        ]
-        for label, command, server_env, ready, url in servers:
-            server = Server(label, command, server_env, ready)
-            try:
-                for name in names:
+        launch = [python, "-m", "app", "--port", str(ours_port), "--workers", str(args.workers)]
+        ours = Server(
+            "modelport",
+            [*launch, "--config", str(directory / "bench.toml")],
+            ours_env,
+            f"http://127.0.0.1:{ours_port}/health/ready",
+        )
+        try:
+            for name in names:
+                for label, path, body, wrk_env in protocols(name, files[name]):
                     for concurrency in concurrencies:
-                        before = batch_totals(base(label), name) if label == "modelport" else None
-                        row = run_wrk(
-                            server,
-                            url(name),
-                            files[name]["json"],
-                            concurrency,
-                            args.duration,
-                            {"CONTENT_TYPE": "application/json"},
-                        )
-                        row.model = name
-                        row.mean_batch = _mean_batch(base(label), name, before)
+                        before = batch_totals(base("modelport"), name)
+                        url = f"{base('modelport')}{path}"
+                        row = run_wrk(ours, url, body, concurrency, args.duration, wrk_env)
+                        row.model, row.server = name, label
+                        row.mean_batch = _mean_batch(base("modelport"), name, before)
                         rows.append(row)
                         print(table([row]).splitlines()[-1], flush=True)
-                    if label == "modelport" and name == "cnn":
-                        shape = ",".join(str(d) for d in (1, *MODELS[name][1]))
-                        for concurrency in concurrencies:
-                            before = batch_totals(base(label), name)
-                            row = run_wrk(
-                                server,
-                                url(name),
-                                files[name]["raw"],
-                                concurrency,
-                                args.duration,
-                                {
-                                    "CONTENT_TYPE": "application/octet-stream",
-                                    "TENSOR_SHAPE": shape,
-                                    "TENSOR_DTYPE": "float32",
-                                },
-                            )
-                            row.model, row.server = name, "modelport (binary)"
-                            row.mean_batch = _mean_batch(base(label), name, before)
-                            rows.append(row)
-                            print(table([row]).splitlines()[-1], flush=True)
-            finally:
-                server.stop()
+        finally:
+            ours.stop()
+        tutorial = Server(
+            "tutorial",
+            [python, "bench/tutorial_server.py", tmp, str(base_port)],
+            env,
+            f"http://127.0.0.1:{base_port}/openapi.json",
+        )
+        try:
+            for name in names:
+                for concurrency in concurrencies:
+                    url = f"{base('tutorial')}/predict/{name}"
+                    json_body = files[name]["json"]
+                    row = run_wrk(tutorial, url, json_body, concurrency, args.duration, JSON_ENV)
+                    row.model = name
+                    rows.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
+        finally:
+            tutorial.stop()
         # batch 1, the batch sizes the batcher reached under load, and a few for reference
         limits = {
             name: {
@@ -427,6 +442,29 @@ def main() -> None:
     report = render(rows, limits, args, threads)
     print(report)
     args.out.write_text(report)
+
+
+def front_doors(rows: list[Row]) -> str:
+    """Each protocol's req/s per model and concurrency, and V2 against native in each form."""
+    by_point = {(r.model, r.concurrency, r.server): r.rps for r in rows}
+    lines = [
+        "| model | conc | native JSON | V2 JSON | native binary | V2 binary | V2 / native JSON "
+        "| V2 / native binary |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for model, concurrency in dict.fromkeys((r.model, r.concurrency) for r in rows):
+        point = [
+            by_point.get((model, concurrency, f"modelport{suffix}"), 0.0)
+            for suffix in ("", " (V2 JSON)", " (binary)", " (V2 binary)")
+        ]
+        if not all(point):
+            continue
+        lines.append(
+            f"| {model} | {concurrency} | "
+            + " | ".join(f"{rps:,.0f}" for rps in point)
+            + f" | {point[1] / point[0]:.2f} | {point[3] / point[2]:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def render(
@@ -451,7 +489,7 @@ def render(
             f"| {row.model} | {row.concurrency} | {row.rps / base.rps:.1f}x | "
             f"{row.p99_ms / base.p99_ms:.2f} |"
         )
-    binary = [r for r in rows if r.server == "modelport (binary)"]
+    binary = [r for r in rows if r.server == "modelport (binary)" and r.model == "cnn"]
     best = max(limits.get("cnn", {0: 0.0}).values())
     cnn_line = (
         f"\ncnn binary path at its best concurrency: {max(r.rps for r in binary):,.0f} "
@@ -468,6 +506,7 @@ def render(
         f"tutorial: 1 uvicorn worker, default settings. One sample per request. Server CPU is "
         f"in cores (per worker in brackets).\n\n"
         f"{table(rows)}\n\n## Ratios\n\n" + "\n".join(ratios) + "\n"
+        f"\n## Front doors, side by side (req/s; V2 / native)\n\n{front_doors(rows)}\n"
         f"\n## In-process limit (samples/s, {args.workers} processes x {threads} thread(s), "
         f"no HTTP)\n\n" + "\n".join(limit_lines) + "\n" + cnn_line
     )

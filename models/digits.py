@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from app.serving import Acceptance, Forward, register
+from app.serving import Acceptance, Forward, ImageInput, register
 
 PIXEL_MAX = 16.0
 HELDOUT = Path(__file__).resolve().parent / "data" / "digits_heldout.npz"
@@ -44,19 +43,6 @@ def to_label_and_probabilities(logits: torch.Tensor) -> list[dict[str, Any]]:
     ]
 
 
-def image_to_pixels(image: Image.Image) -> list[list[float]]:
-    """Any picture of one digit -> 8x8 pixel values 0-16, bright ink on a dark ground as in the
-    training data: transparency goes onto white, and dark ink on a light ground is inverted."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    gray = np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BOX), np.float32)
-    if gray.mean() > 127.5:  # mostly light: the ground is light and the ink dark
-        gray = 255.0 - gray
-    pixels: list[list[float]] = (gray * (PIXEL_MAX / 255.0)).round(2).tolist()
-    return pixels
-
-
 def _classes(kwargs: Mapping[str, Any]) -> tuple[int, ...]:
     return (int(kwargs["num_classes"]),)
 
@@ -79,7 +65,9 @@ def heldout_accuracy(forward: Forward) -> Acceptance:
     preprocess=to_network_input,
     postprocess=to_label_and_probabilities,
     acceptance=heldout_accuracy,
-    image_to_input=image_to_pixels,
+    # Any picture of one digit: 8x8 grey values 0-16, bright ink on a dark ground as in the
+    # training data (dark ink on a light ground is inverted).
+    image_input=ImageInput(max_value=PIXEL_MAX, light_on_dark=True),
 )
 class DigitsCNN(nn.Module):
     """Two 3x3 convolutions and two linear layers: 8x8 digit images to class logits."""

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import psycopg
 import pytest
 from boto3.session import Session
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -135,15 +134,17 @@ class S3Server:
         command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"moto exited {self.process.returncode}:\n{self.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(f"{self.url}/moto-api/", timeout=2)
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"moto not answering after {timeout}s:\n{self.output()}")
+        wait_until(self._answers, timeout, f"moto answering (its output: {self.log})", every=0.1)
+
+    def _answers(self) -> bool:
+        """Whether the server answers HTTP (any status); fails once its process has exited."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"moto exited {self.process.returncode}:\n{self.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"{self.url}/moto-api/", timeout=2)
+            return True
+        return False
 
     def output(self) -> str:
         """Everything the process wrote so far."""

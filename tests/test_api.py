@@ -6,10 +6,13 @@ import hashlib
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from models.linear import MyModel
-from tests.helpers import DIGITS, LINEAR, WEIGHTS, make_settings, serve_in_process
+from tests.helpers import BROKEN, DIGITS, LINEAR, WEIGHTS, make_settings, serve_in_process
+
+pytestmark = pytest.mark.app
 
 
 async def test_liveness_and_readiness_answer_200_when_every_model_serves(
@@ -30,8 +33,7 @@ async def test_liveness_and_readiness_answer_200_when_every_model_serves(
 async def test_a_model_whose_weights_do_not_fit_makes_readiness_503_naming_it(
     tmp_path: Path,
 ) -> None:
-    broken = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
-    async with serve_in_process(make_settings(tmp_path, LINEAR, broken)) as client:
+    async with serve_in_process(make_settings(tmp_path, LINEAR, BROKEN)) as client:
         ready = await client.get("/health/ready")
         predict = await client.post("/v1/models/broken/predict", json={"inputs": [[0] * 10]})
         info = (await client.get("/v1/models/broken")).json()

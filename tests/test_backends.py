@@ -4,22 +4,28 @@ restart, which must find exactly what was acknowledged."""
 
 from __future__ import annotations
 
-import io
-import secrets
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from models.linear import MyModel
-from tests.helpers import LINEAR, run_server, write_config
+from tests.helpers import (
+    AUTH,
+    LINEAR,
+    SAMPLE,
+    TOKEN,
+    activate,
+    linear_weights,
+    rollback,
+    run_server,
+    upload,
+    write_config,
+)
 from tests.services import PostgresServer, S3Server
 
-TOKEN = secrets.token_urlsafe(32)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
+pytestmark = pytest.mark.process
+
 BUCKET = "modelport-tests"
 
 
@@ -44,13 +50,6 @@ def backends(request: pytest.FixtureRequest) -> dict[str, str]:
     return env
 
 
-def weights(seed: int) -> bytes:
-    torch.manual_seed(seed)
-    stream = io.BytesIO()
-    torch.save(MyModel().state_dict(), stream)
-    return stream.getvalue()
-
-
 def test_uploads_moves_and_deletes_are_what_a_restart_finds(
     tmp_path: Path, backends: dict[str, str]
 ) -> None:
@@ -60,15 +59,13 @@ def test_uploads_moves_and_deletes_are_what_a_restart_finds(
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
     ):
         bundled = client.get("/v1/models/linear").json()["version"]
-        one = client.put("/v1/models/linear/weights", content=weights(1)).json()["version"]
-        two = client.put(
-            "/v1/models/linear/weights", content=weights(2), params={"activate": "false"}
-        ).json()["version"]
-        assert client.post(f"/v1/models/linear/versions/{two}/activate").status_code == 200
-        assert client.post("/v1/models/linear/rollback").json()["version"] == one
+        one = upload(server, linear_weights(1).data).json()["version"]
+        two = upload(server, linear_weights(2).data, activate="false").json()["version"]
+        assert activate(server, two).status_code == 200
+        assert rollback(server).json()["version"] == one
         refused = client.delete(f"/v1/models/linear/versions/{two}")  # the rollback target
         assert refused.status_code == 409
-        three = client.put("/v1/models/linear/weights", content=weights(3)).json()["version"]
+        three = upload(server, linear_weights(3).data).json()["version"]
         assert client.delete(f"/v1/models/linear/versions/{two}").status_code == 204
         history = client.get("/v1/models/linear/history").json()["entries"]
     moves = [(e["action"], e["from_version"], e["to_version"]) for e in reversed(history)]
@@ -89,7 +86,7 @@ def test_uploads_moves_and_deletes_are_what_a_restart_finds(
         info = client.get("/v1/models/linear").json()
         listing = client.get("/v1/models/linear/versions").json()
         served = client.post("/predict", json={"inputs": [SAMPLE]}).headers["X-Model-Version"]
-        back = client.post("/v1/models/linear/rollback").json()["version"]
+        back = rollback(server).json()["version"]
     assert info["version"] == info["active_version"] == three
     assert info["previous_version"] == one
     assert info["fallback"] is None

@@ -7,14 +7,25 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from app.serving.catalog import register
-from models.linear import MyModel
-from tests.helpers import LINEAR, WEIGHTS, make_settings, serve_in_process
+from tests.helpers import (
+    BROKEN,
+    BUNDLED,
+    LINEAR,
+    label_rows,
+    make_settings,
+    metric,
+    serve_in_process,
+    wait_until_async,
+)
+
+pytestmark = pytest.mark.app
 
 
 @register("test-batch-recorder", input_shape=(4,), output_shape=(4,))
@@ -22,7 +33,11 @@ class Recorder(nn.Module):
     """Doubles its input; records every forward's batch; a gate can hold the forward; an input
     holding -999 makes the whole forward raise."""
 
+    entered: ClassVar[list[int]] = []
+    """The size of every forward that started (and may wait at the gate)."""
     sizes: ClassVar[list[int]] = []
+    firsts: ClassVar[list[float]] = []
+    """The first value of every sample that went through a forward."""
     gate: ClassVar[threading.Event] = threading.Event()
 
     def __init__(self) -> None:
@@ -30,18 +45,13 @@ class Recorder(nn.Module):
         self.scale = nn.Parameter(torch.full((4,), 2.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Recorder.entered.append(len(x))
         Recorder.gate.wait(10)
         Recorder.sizes.append(len(x))
+        Recorder.firsts.extend(x[:, 0].tolist())
         if (x == -999).any():
             raise ValueError("poisoned sample")
         return x * self.scale
-
-
-def label_rows(output: torch.Tensor) -> list[dict[str, float]]:
-    """One label per row; a row holding 14 (twice 7) has none."""
-    if (output == 14).any():
-        raise ValueError("no label for 14")
-    return [{"sum": float(row.sum())} for row in output]
 
 
 @register("test-batch-picky", input_shape=(4,), output_shape=(4,), postprocess=label_rows)
@@ -51,17 +61,36 @@ class PickyRecorder(Recorder):
 
 @pytest.fixture
 def recorder_entry(tmp_path: Path) -> dict[str, Any]:
+    Recorder.entered.clear()
     Recorder.sizes.clear()
+    Recorder.firsts.clear()
     Recorder.gate.set()
     torch.save(Recorder().state_dict(), tmp_path / "recorder.pth")
     return {"name": "recorder", "class": "test-batch-recorder", "weights": "recorder.pth"}
 
 
-def linear_reference(samples: np.ndarray) -> np.ndarray:
-    model = MyModel().eval()
-    model.load_state_dict(torch.load(WEIGHTS / "linear.pth", weights_only=True))
-    with torch.inference_mode():
-        return model(torch.from_numpy(samples)).numpy()
+Inputs = list[list[float]]
+
+
+async def hold_a_forward(client: httpx.AsyncClient, inputs: Inputs) -> asyncio.Task[httpx.Response]:
+    """Close the gate and send ``inputs``; returns once their forward waits at the gate."""
+    Recorder.gate.clear()
+    entered = len(Recorder.entered)
+    task = asyncio.create_task(client.post("/predict", json={"inputs": inputs}))
+    await wait_until_async(lambda: len(Recorder.entered) > entered, "a forward at the gate")
+    return task
+
+
+async def queue(client: httpx.AsyncClient, *bodies: Inputs) -> list[asyncio.Task[httpx.Response]]:
+    """Send a request for each of ``bodies``; returns once they all wait in the queue."""
+    tasks = [asyncio.create_task(client.post("/predict", json={"inputs": b})) for b in bodies]
+
+    async def all_queued() -> bool:
+        scrape = (await client.get("/metrics")).text
+        return metric(scrape, "modelport_queue_depth", model="recorder") == len(bodies)
+
+    await wait_until_async(all_queued, f"{len(bodies)} requests in the queue")
+    return tasks
 
 
 async def test_concurrent_mixed_size_requests_get_their_own_outputs_in_order(
@@ -77,19 +106,16 @@ async def test_concurrent_mixed_size_requests_get_their_own_outputs_in_order(
         )
     for samples, response in zip(requests, responses, strict=True):
         assert response.status_code == 200
-        assert np.allclose(response.json()["outputs"], linear_reference(samples), atol=1e-5)
+        assert np.allclose(response.json()["outputs"], BUNDLED.outputs(samples), atol=1e-5)
 
 
 async def test_a_forward_that_raises_fails_only_the_request_that_broke_it(
     tmp_path: Path, recorder_entry: dict[str, Any]
 ) -> None:
     async with serve_in_process(make_settings(tmp_path, recorder_entry)) as client:
-        Recorder.gate.clear()  # hold the first forward so that the rest queue into one batch
-        first = asyncio.create_task(client.post("/predict", json={"inputs": [[0, 0, 0, 0]]}))
-        await asyncio.sleep(0.2)
+        first = await hold_a_forward(client, [[0, 0, 0, 0]])  # so the rest queue into one batch
         bodies = [[[i, i, i, i]] for i in range(1, 6)] + [[[1, 2, 3, -999]]]
-        rest = [asyncio.create_task(client.post("/predict", json={"inputs": b})) for b in bodies]
-        await asyncio.sleep(0.2)
+        rest = await queue(client, *bodies)
         Recorder.gate.set()
         responses = [await first, *[await task for task in rest]]
         after = await client.post("/predict", json={"inputs": [[1, 1, 1, 1]]})
@@ -109,12 +135,9 @@ async def test_a_postprocess_that_raises_fails_only_the_request_whose_rows_broke
 ) -> None:
     entry = {**recorder_entry, "class": "test-batch-picky"}
     async with serve_in_process(make_settings(tmp_path, entry)) as client:
-        Recorder.gate.clear()  # hold the first forward so that the rest queue into one batch
-        first = asyncio.create_task(client.post("/predict", json={"inputs": [[0, 0, 0, 0]]}))
-        await asyncio.sleep(0.2)
+        first = await hold_a_forward(client, [[0, 0, 0, 0]])  # so the rest queue into one batch
         bodies = [[[i, i, i, i]] for i in range(1, 6)] + [[[7, 7, 7, 7]]]
-        rest = [asyncio.create_task(client.post("/predict", json={"inputs": b})) for b in bodies]
-        await asyncio.sleep(0.2)
+        rest = await queue(client, *bodies)
         Recorder.gate.set()
         responses = [await first, *[await task for task in rest]]
     assert max(Recorder.sizes) == 6, f"the queued requests were not one batch: {Recorder.sizes}"
@@ -133,14 +156,8 @@ async def test_a_full_queue_answers_503_with_retry_after(
 ) -> None:
     settings = make_settings(tmp_path, recorder_entry, max_queue=2)
     async with serve_in_process(settings) as client:
-        Recorder.gate.clear()
-        running = asyncio.create_task(client.post("/predict", json={"inputs": [[1, 1, 1, 1]]}))
-        await asyncio.sleep(0.2)  # its forward is now held at the gate
-        queued = [
-            asyncio.create_task(client.post("/predict", json={"inputs": [[1, 1, 1, 1]]}))
-            for _ in range(2)
-        ]
-        await asyncio.sleep(0.2)
+        running = await hold_a_forward(client, [[1, 1, 1, 1]])
+        queued = await queue(client, [[1, 1, 1, 1]], [[1, 1, 1, 1]])
         refused = await client.post("/predict", json={"inputs": [[1, 1, 1, 1]]})
         Recorder.gate.set()
         others = [await running, *[await task for task in queued]]
@@ -155,9 +172,7 @@ async def test_a_request_past_its_timeout_gets_504_and_is_dropped_unrun(
 ) -> None:
     settings = make_settings(tmp_path, recorder_entry, request_timeout_s=0.3)
     async with serve_in_process(settings) as client:
-        Recorder.gate.clear()
-        held = asyncio.create_task(client.post("/predict", json={"inputs": [[1, 1, 1, 1]]}))
-        await asyncio.sleep(0.05)
+        held = await hold_a_forward(client, [[1, 1, 1, 1]])
         waiting = await client.post("/predict", json={"inputs": [[5, 5, 5, 5], [6, 6, 6, 6]]})
         timed_out = await held
         Recorder.gate.set()
@@ -166,7 +181,7 @@ async def test_a_request_past_its_timeout_gets_504_and_is_dropped_unrun(
     assert waiting.json()["code"] == "timeout"
     assert timed_out.status_code == 504  # its forward started: answered late, still 504
     assert after.status_code == 200
-    assert 2 not in Recorder.sizes, "the timed-out request's forward ran anyway"
+    assert {5.0, 6.0}.isdisjoint(Recorder.firsts), "the timed-out request's forward ran anyway"
 
 
 async def test_a_lone_client_does_not_wait_for_the_batch_delay(
@@ -187,14 +202,8 @@ async def test_a_request_is_never_split_and_batches_respect_the_max_size(
 ) -> None:
     entry = {**recorder_entry, "max_batch_size": 7}
     async with serve_in_process(make_settings(tmp_path, entry)) as client:
-        Recorder.gate.clear()
-        first = asyncio.create_task(client.post("/predict", json={"inputs": [[0] * 4] * 3}))
-        await asyncio.sleep(0.2)
-        rest = [
-            asyncio.create_task(client.post("/predict", json={"inputs": [[i] * 4] * 3}))
-            for i in range(1, 9)
-        ]
-        await asyncio.sleep(0.2)
+        first = await hold_a_forward(client, [[0] * 4] * 3)
+        rest = await queue(client, *([[i] * 4] * 3 for i in range(1, 9)))
         Recorder.gate.set()
         responses = [await first, *[await task for task in rest]]
     assert all(r.status_code == 200 for r in responses)
@@ -210,21 +219,16 @@ async def test_batching_turned_off_runs_every_request_alone(
 ) -> None:
     entry = {**recorder_entry, "batching": False}
     async with serve_in_process(make_settings(tmp_path, entry)) as client:
-        Recorder.gate.clear()
-        tasks = [
-            asyncio.create_task(client.post("/predict", json={"inputs": [[i] * 4]}))
-            for i in range(6)
-        ]
-        await asyncio.sleep(0.2)
+        first = await hold_a_forward(client, [[0] * 4])  # the others wait meanwhile
+        rest = await queue(client, *([[i] * 4] for i in range(1, 6)))
         Recorder.gate.set()
-        responses = [await task for task in tasks]
+        responses = [await first, *[await task for task in rest]]
     assert all(r.status_code == 200 for r in responses)
     assert Recorder.sizes[1:] == [1] * 6  # after the startup smoke test
 
 
 async def test_unavailable_model_is_refused_before_it_is_queued(tmp_path: Path) -> None:
-    broken = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
-    async with serve_in_process(make_settings(tmp_path, broken)) as client:
+    async with serve_in_process(make_settings(tmp_path, BROKEN)) as client:
         response = await client.post("/predict", json={"inputs": [[0] * 10]})
     assert response.status_code == 503
     assert response.json()["code"] == "model_unavailable"

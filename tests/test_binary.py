@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from app.codecs.binary import DTYPES
+from app.codecs.dtypes import BY_NAME as DTYPES
 from app.serving.catalog import register
 from tests.helpers import LINEAR, make_settings, serve_in_process
+
+pytestmark = pytest.mark.app
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 

@@ -40,7 +40,7 @@ def use_aws_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **settings
         monkeypatch.setenv(name, value)
 
 
-@pytest.fixture(params=["folder", "s3"])
+@pytest.fixture(params=["folder", pytest.param("s3", marks=pytest.mark.process)])
 def store(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> BlobStore:

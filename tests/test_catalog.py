@@ -21,9 +21,9 @@ from app.serving.catalog import (
 from app.serving.runtime import build_runtime
 from models.digits import EXAMPLE_ZERO, DigitsCNN
 from models.linear import MyModel
-from tests.helpers import WEIGHTS, spec_named
+from tests.helpers import CPU, SAMPLE, WEIGHTS, spec_named
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.unit
 
 
 class Tiny(nn.Module):
@@ -132,7 +132,7 @@ def test_linear_spec_carries_its_shapes_dtype_and_example() -> None:
     assert spec.sample_shape({}) == (10,)
     assert spec.input_dtype == torch.float32
     assert spec.output_sample_shape({}) == (2,)
-    assert spec.example({}) == [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
+    assert spec.example({}) == SAMPLE
     assert spec.preprocess is None
     assert spec.postprocess is None
     assert spec.description == "Ten features in, two scores out."

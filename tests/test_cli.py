@@ -6,47 +6,46 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import struct
 import subprocess
 import sys
 import termios
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.digits import HELDOUT
-from models.linear import MyModel
 from tests.helpers import (
+    BROKEN,
+    BUNDLED,
     DIGITS,
     LINEAR,
+    SAMPLE,
+    TOKEN,
     WEIGHTS,
     ServerProcess,
     clean_env,
     free_port,
+    linear_weights,
+    wait_until,
     write_config,
 )
 
+pytestmark = pytest.mark.process
+
 MODELPORT = Path(sys.executable).parent / "modelport"
-TOKEN = secrets.token_urlsafe(32)
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
 # The upload walkthrough changes this copy of linear, so the other tests see the bundled one.
 COPY = {**LINEAR, "name": "linear-cli"}
-# A model whose weights do not fit its class: unavailable until fitting weights are uploaded.
-BROKEN = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """``modelport serve`` itself; live (not ready: one model is broken on purpose)."""
+    """``modelport serve`` itself; live (not ready: BROKEN is, until fitting weights arrive)."""
     directory = tmp_path_factory.mktemp("cli-server")
     config = write_config(directory, LINEAR, DIGITS, COPY, BROKEN)
     port = free_port()
@@ -54,20 +53,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     args = [str(MODELPORT), "serve", "--port", str(port), "--config", str(config)]
     process = ServerProcess(args, env, port, directory / "server.log")
     try:
-        deadline = time.monotonic() + 60
-        while not _live(process.url):
-            assert process.process.poll() is None, process.output()
-            assert time.monotonic() < deadline, process.output()
-            time.sleep(0.1)
+        wait_until(lambda: process.answers("/health/live"), 60, "live", every=0.1, server=process)
         yield process
     finally:
         process.stop()
-
-
-def _live(url: str) -> bool:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(f"{url}/health/live", timeout=2).status_code == 200
-    return False
 
 
 def modelport(
@@ -106,13 +95,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("modelport: ")
     return lines[0]
-
-
-def bundled_linear(batch: list[list[float]]) -> np.ndarray:
-    model = MyModel().eval()
-    model.load_state_dict(torch.load(WEIGHTS / "linear.pth", weights_only=True))
-    with torch.inference_mode():
-        return model(torch.tensor(batch)).numpy()
 
 
 def test_health_exits_1_naming_a_model_that_cannot_serve_until_fitting_weights_arrive(
@@ -161,7 +143,7 @@ def test_predict_reads_json_and_npy_files_with_a_batch_or_one_sample(
     )
 
     for name, answer in zip(files, answers, strict=True):
-        expected = bundled_linear(batch if name != "one.json" else [SAMPLE])
+        expected = BUNDLED.outputs(batch if name != "one.json" else [SAMPLE])
         assert np.allclose(as_json(answer)["outputs"], expected, atol=1e-6), name
     version = as_json(answers[2])["version"]
     assert text.stdout.splitlines()[0] == f"linear (version {version})"
@@ -191,10 +173,9 @@ def test_predict_turns_png_and_jpeg_pictures_into_the_digits_input(
 def test_upload_shows_the_report_then_versions_activate_and_rollback(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    torch.manual_seed(1)
-    torch.save(MyModel().state_dict(), tmp_path / "retrained.pth")
+    retrained = linear_weights(1).write(tmp_path / "retrained.pth")
 
-    upload = modelport(server, "upload", "linear-cli", str(tmp_path / "retrained.pth"))
+    upload = modelport(server, "upload", "linear-cli", str(retrained))
     version = upload.stdout.split()[2]
     versions, listed = concurrently(
         server, ["versions", "linear-cli"], ["versions", "linear-cli", "--json"]
@@ -250,7 +231,7 @@ def test_failures_print_one_line_and_exit_1(server: ServerProcess, tmp_path: Pat
     Image.new("L", (8, 8)).save(tmp_path / "picture.png")
     one = str(tmp_path / "one.json")
 
-    unknown, no_image_hook, missing, wrong_token, refused, usage = concurrently(
+    unknown, takes_no_images, missing, wrong_token, refused, usage = concurrently(
         server,
         ["predict", "nope", "--input", one],
         ["predict", "linear", "--input", str(tmp_path / "picture.png")],
@@ -262,7 +243,7 @@ def test_failures_print_one_line_and_exit_1(server: ServerProcess, tmp_path: Pat
     down = modelport(None, "health", "--url", f"http://127.0.0.1:{free_port()}")
 
     assert "no model named 'nope'" in one_error_line(unknown)
-    assert "registers no image_to_input hook" in one_error_line(no_image_hook)
+    assert "takes no images" in one_error_line(takes_no_images)
     assert "cannot read" in one_error_line(missing)
     assert one_error_line(wrong_token).endswith("(forbidden, HTTP 403)")
     assert "weights do not fit the model" in one_error_line(refused)

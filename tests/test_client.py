@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,20 +22,24 @@ from app.client import (
     ServerUnreachable,
 )
 from app.http.app import create_app
-from models.linear import MyModel
 from tests.helpers import (
+    BROKEN,
+    BUNDLED,
     DIGITS,
     LINEAR,
+    SAMPLE,
+    TOKEN,
     WEIGHTS,
     ServerProcess,
     free_port,
+    linear_weights,
     make_settings,
     run_server,
     write_config,
 )
 
-TOKEN = secrets.token_urlsafe(32)
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
+pytestmark = pytest.mark.process
+
 # Each management test changes its own copy of the linear model, so tests stay independent.
 SYNC_COPY = {**LINEAR, "name": "linear-sync"}
 ASYNC_COPY = {**LINEAR, "name": "linear-async"}
@@ -56,19 +59,6 @@ def client(server: ServerProcess) -> Iterator[ModelportClient]:
         yield client
 
 
-def seeded_linear(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    torch.save(MyModel().state_dict(), path)
-    return path
-
-
-def bundled_linear(batch: list[list[float]]) -> np.ndarray:
-    model = MyModel().eval()
-    model.load_state_dict(torch.load(WEIGHTS / "linear.pth", weights_only=True))
-    with torch.inference_mode():
-        return model(torch.tensor(batch)).numpy()
-
-
 def test_predict_takes_lists_numpy_arrays_and_torch_tensors(client: ModelportClient) -> None:
     batch = [SAMPLE, [1.0] * 10]
     answers = [
@@ -79,7 +69,7 @@ def test_predict_takes_lists_numpy_arrays_and_torch_tensors(client: ModelportCli
     for answer in answers:
         assert answer["model"] == "linear"
         assert answer["version"] == answers[0]["version"]
-        assert np.allclose(answer["outputs"], bundled_linear(batch), atol=1e-6)
+        assert np.allclose(answer["outputs"], BUNDLED.outputs(batch), atol=1e-6)
 
 
 def test_metadata_and_health(client: ModelportClient) -> None:
@@ -95,7 +85,7 @@ def test_metadata_and_health(client: ModelportClient) -> None:
 def test_upload_streams_in_chunks_with_progress_then_versions_activate_and_rollback(
     client: ModelportClient, tmp_path: Path
 ) -> None:
-    weights = seeded_linear(tmp_path / "seed1.pth", seed=1)
+    weights = linear_weights(1).write(tmp_path / "seed1.pth")
     bundled = client.versions("linear-sync")["active"]
     progress: list[tuple[int, int]] = []
 
@@ -126,7 +116,7 @@ def test_upload_streams_in_chunks_with_progress_then_versions_activate_and_rollb
 async def test_async_client_predicts_uploads_and_rolls_back(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    weights = seeded_linear(tmp_path / "seed2.pth", seed=2)
+    weights = linear_weights(2).write(tmp_path / "seed2.pth")
     progress: list[int] = []
     async with AsyncModelportClient(server.url, TOKEN) as client:
         health = await client.health()
@@ -143,7 +133,7 @@ async def test_async_client_predicts_uploads_and_rolls_back(
         models = await client.models()
     assert health["ready"] is True
     assert info["version"] == before["version"]
-    assert np.allclose(before["outputs"], bundled_linear([SAMPLE]), atol=1e-6)
+    assert np.allclose(before["outputs"], BUNDLED.outputs([SAMPLE]), atol=1e-6)
     assert progress[-1] == weights.stat().st_size
     assert after["version"] == stored["version"] != before["version"]
     assert versions["previous"] == before["version"]
@@ -183,11 +173,11 @@ def test_errors_are_typed_and_carry_the_server_message_and_code(
     assert "cannot reach the server" in unreachable.value.message
 
 
+@pytest.mark.app
 async def test_health_of_a_server_with_a_model_that_cannot_serve_says_why(
     tmp_path: Path,
 ) -> None:
-    broken = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
-    app = create_app(make_settings(tmp_path, LINEAR, broken))
+    app = create_app(make_settings(tmp_path, LINEAR, BROKEN))
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with AsyncModelportClient("http://modelport", transport=transport) as client:

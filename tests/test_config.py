@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import torch
 
+import app.__main__ as launcher
 from app.config import DEFAULT_CONFIG, Settings, load_service_config
 from app.errors import ConfigError
 from app.http.app import create_app, load_settings
 from app.observability.metrics import Metrics
+from app.runner import supervisor
 from app.serving.registry import ModelRegistry
 from tests.helpers import (
     DIGITS,
@@ -26,6 +28,7 @@ from tests.helpers import (
     clean_env,
     free_port,
     make_settings,
+    uvicorn_factory,
     write_config,
 )
 
@@ -340,10 +343,6 @@ def bad_config(tmp_path: Path) -> Path:
     return write_config(tmp_path, LINEAR, {**DIGITS, "kwargs": {"num_clases": 3}})
 
 
-def process_env(**extra: str) -> dict[str, str]:
-    return clean_env(**extra)
-
-
 def run_process(
     args: list[str], env: dict[str, str]
 ) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -354,11 +353,12 @@ def run_process(
     return result, time.monotonic() - started
 
 
+@pytest.mark.process
 def test_launcher_with_a_bad_config_exits_2_with_one_line_on_stderr(tmp_path: Path) -> None:
     config = bad_config(tmp_path)
     args = [sys.executable, "-m", "app", "--config", str(config), "--port", str(free_port())]
 
-    result, elapsed = run_process(args, process_env())
+    result, elapsed = run_process(args, clean_env())
 
     assert result.returncode == 2, result.stderr
     assert elapsed < 15
@@ -370,23 +370,14 @@ def test_launcher_with_a_bad_config_exits_2_with_one_line_on_stderr(tmp_path: Pa
     assert result.stdout == ""
 
 
+@pytest.mark.process
 def test_uvicorn_factory_with_a_bad_config_exits_with_one_line_and_no_traceback(
     tmp_path: Path,
 ) -> None:
     config = bad_config(tmp_path)
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "app.http.app:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(free_port()),
-    ]
+    args = uvicorn_factory("--host", "127.0.0.1", "--port", str(free_port()))
 
-    result, elapsed = run_process(args, process_env(MODELPORT_CONFIG=str(config)))
+    result, elapsed = run_process(args, clean_env(MODELPORT_CONFIG=str(config)))
 
     assert result.returncode != 0, result.stderr
     assert elapsed < 15
@@ -395,3 +386,26 @@ def test_uvicorn_factory_with_a_bad_config_exits_with_one_line_and_no_traceback(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("modelport: config error: model 'digits': bad kwargs: ")
     assert "num_clases" in lines[0]
+
+
+@pytest.mark.unit
+def test_launcher_flags_reach_the_server_as_settings_and_leave_the_environment_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers get the checked Settings themselves: no flag travels through os.environ,
+    and the environment still sets what no flag does."""
+    config = write_config(tmp_path, LINEAR)
+    monkeypatch.setenv("MODELPORT_STORE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("MODELPORT_PORT", "8001")
+    served: list[tuple[Settings, Any]] = []
+    monkeypatch.setattr(supervisor, "run", lambda settings, app: served.append((settings, app)))
+    monkeypatch.setattr(launcher, "configure_logging", lambda *_: None)
+    environment = dict(os.environ)
+
+    launcher.main(["--port", "8123", "--workers", "3", "--config", str(config)])
+
+    (settings, app), *_ = served
+    app.state.registry.state.db.close()
+    assert dict(os.environ) == environment
+    assert (settings.port, settings.workers, settings.config) == (8123, 3, config)
+    assert settings.store_dir == tmp_path / "store"

@@ -7,11 +7,8 @@ bound asserted for PostgreSQL)."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import math
 import random
-import secrets
 import signal
 import threading
 import time
@@ -29,21 +26,31 @@ import pytest
 import torch
 
 from app.state.blobs import FolderBlobStore
-from models.linear import MyModel
 from tests.helpers import (
+    AUTH,
+    BUNDLED,
     LINEAR,
-    WEIGHTS,
+    TOKEN,
+    PredictLoad,
     ServerProcess,
+    Weights,
+    activate,
+    all_serve,
+    described,
+    linear_weights,
+    predict,
     replicas,
     run_server,
+    saved,
+    seeded_state_dict,
+    upload,
+    wait_until,
     write_config,
 )
 from tests.services import PostgresServer, postgres_server
 
-TOKEN = secrets.token_urlsafe(32)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SAMPLE = [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]]
-BUNDLED = hashlib.sha256((WEIGHTS / "linear.pth").read_bytes()).hexdigest()[:12]
+pytestmark = pytest.mark.process
+
 ADMIN = {"MODELPORT_ADMIN_TOKEN": TOKEN}
 FAST_SYNC = ADMIN | {"MODELPORT_SYNC_INTERVAL_S": "0.2"}
 CONVERGE_WITHIN_S = 1.0
@@ -52,47 +59,14 @@ MOVES = ("activate", "rollback", "import")
 """History actions that move the active pointer (each from one version to another)."""
 
 
-@dataclass(frozen=True)
-class Weights:
-    """A linear state_dict file and its version."""
-
-    data: bytes
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
-
-    @property
-    def version(self) -> str:
-        return self.sha256[:12]
-
-
-def linear_weights(seed: int, padding_mib: int = 0) -> Weights:
-    """Seeded linear weights; with ``padding_mib``, the weight is a view of a storage that
-    large, which torch.save writes whole: a valid file of that size, slow to commit."""
-    torch.manual_seed(seed)
-    state = MyModel().state_dict()
-    if padding_mib:
-        storage = torch.zeros(padding_mib * 1024 * 1024 // 4)
-        storage[:20] = state["linear.weight"].flatten()
-        state["linear.weight"] = storage[:20].view(2, 10)
-    stream = io.BytesIO()
-    torch.save(state, stream)
-    return Weights(stream.getvalue())
-
-
-def described(server: ServerProcess) -> dict[str, Any]:
-    """GET /v1/models/linear: ``version`` serves here, ``active_version`` is the database's."""
-    info: dict[str, Any] = httpx.get(f"{server.url}/v1/models/linear", timeout=5).json()
-    return info
-
-
-def predicted_version(server: ServerProcess) -> str:
-    response = httpx.post(
-        f"{server.url}/v1/models/linear/predict", json={"inputs": SAMPLE}, timeout=5
-    )
-    assert response.status_code == 200, response.text
-    return response.headers["X-Model-Version"]
+def padded_weights(seed: int, padding_mib: int) -> Weights:
+    """Seeded linear weights whose weight is a view of a storage ``padding_mib`` large, which
+    torch.save writes whole: a valid file of that size, slow to commit."""
+    state = seeded_state_dict(seed)
+    storage = torch.zeros(padding_mib * 1024 * 1024 // 4)
+    storage[:20] = state["linear.weight"].flatten()
+    state["linear.weight"] = storage[:20].view(2, 10)
+    return Weights(saved(state))
 
 
 def listed(server: ServerProcess) -> dict[str, Any]:
@@ -120,80 +94,27 @@ def full_history(server: ServerProcess) -> list[dict[str, Any]]:
     raise AssertionError("the history never ended")
 
 
-def seconds_until(
-    condition: Callable[[], bool], timeout: float, what: str, every: float = 0.02
-) -> float:
-    """Poll ``condition`` every ``every`` seconds; the seconds it took to hold."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not after {timeout}s")
-        time.sleep(every)
-    return time.monotonic() - started
-
-
 def seconds_until_each(
     servers: list[ServerProcess], condition: Callable[[ServerProcess], bool], timeout: float
 ) -> list[float]:
     """Poll every server every 50 ms; the seconds until ``condition`` first held for each."""
     started = time.monotonic()
     reached: dict[int, float] = {}
-    while len(reached) < len(servers):
+
+    def each_got_there() -> bool:
         for index, server in enumerate(servers):
             if index not in reached and condition(server):
                 reached[index] = time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"after {timeout}s, only replicas {sorted(reached)} got there")
-        time.sleep(0.05)
+        return len(reached) == len(servers)
+
+    wait_until(each_got_there, timeout, "every replica", every=0.05)
     return [reached[index] for index in range(len(servers))]
-
-
-def all_serve(servers: list[ServerProcess], version: str) -> Callable[[], bool]:
-    return lambda: all(described(server)["version"] == version for server in servers)
 
 
 def ready_status(server: ServerProcess) -> int:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{server.url}/health/ready", timeout=2).status_code
     return 0
-
-
-class PredictLoad:
-    """One client thread per replica predicting in a loop; records (replica, status, version)."""
-
-    def __init__(self, servers: list[ServerProcess]) -> None:
-        self.servers = servers
-        self.answers: list[tuple[int, int, str | None]] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._loop, args=(replica,)) for replica in range(len(servers))
-        ]
-
-    def _loop(self, replica: int) -> None:
-        with httpx.Client(base_url=self.servers[replica].url, timeout=10) as http:
-            while not self._stop.is_set():
-                try:
-                    response = http.post("/v1/models/linear/predict", json={"inputs": SAMPLE})
-                except httpx.HTTPError:
-                    self.answers.append((replica, 0, None))
-                    continue
-                version = response.headers.get("X-Model-Version")
-                self.answers.append((replica, response.status_code, version))
-                time.sleep(0.005)
-
-    def failures(self) -> list[tuple[int, int, str | None]]:
-        return [answer for answer in self.answers if answer[1] != 200]
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[PredictLoad]:
-        for thread in self._threads:
-            thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            for thread in self._threads:
-                thread.join()
 
 
 # --- 1. random management on three replicas -----------------------------------------------------
@@ -220,11 +141,11 @@ class Call:
 
 
 def manage(
-    http: httpx.Client, action: str, weights: Weights, version: str | None, activate: bool
+    http: httpx.Client, action: str, weights: Weights, version: str | None, activating: bool
 ) -> httpx.Response:
     """One management call: ``upload`` sends ``weights``; the others name ``version``."""
     if action == "upload":
-        params = {"activate": "true" if activate else "false"}
+        params = {"activate": "true" if activating else "false"}
         return http.put("/v1/models/linear/weights", content=weights.data, params=params)
     if action == "activate":
         return http.post(f"/v1/models/linear/versions/{version}/activate")
@@ -239,14 +160,14 @@ def operate(
     """Random uploads, activations, rollbacks (to the previous version, or to one named) and
     deletes against random replicas until the monotonic time ``until``; every call recorded."""
     rng = random.Random(seed)
-    targets = [w.version for w in pool] + [BUNDLED]
+    targets = [w.version for w in pool] + [BUNDLED.version]
     calls: list[Call] = []
     clients = [httpx.Client(base_url=s.url, headers=AUTH, timeout=30) for s in servers]
     try:
         while time.monotonic() < until:
             replica = rng.randrange(len(servers))
             action = rng.choices(["upload", "activate", "rollback", "delete"], [3, 3, 2, 2])[0]
-            weights, activate = rng.choice(pool), rng.random() < 0.6
+            weights, activating = rng.choice(pool), rng.random() < 0.6
             version: str | None = rng.choice(targets)
             if action == "upload":
                 version = weights.version
@@ -254,7 +175,7 @@ def operate(
                 version = None
             started = time.time()
             try:
-                response = manage(clients[replica], action, weights, version, activate)
+                response = manage(clients[replica], action, weights, version, activating)
             except httpx.HTTPError as exc:
                 status, request_id, answered = 0, None, repr(exc)
             else:
@@ -264,7 +185,15 @@ def operate(
             ended = time.time()
             calls.append(
                 Call(
-                    action, version, activate, status, answered, request_id, started, ended, replica
+                    action,
+                    version,
+                    activating,
+                    status,
+                    answered,
+                    request_id,
+                    started,
+                    ended,
+                    replica,
                 )
             )
     finally:
@@ -279,7 +208,7 @@ def active_at_some_point(
     """Whether the chain of moves names ``version`` active at some moment of [started, ended]
     (wall clock, a little slack for the gap between a commit's timestamp and its commit)."""
     slack = 0.2
-    current, since = BUNDLED, -math.inf
+    current, since = BUNDLED.version, -math.inf
     spans = []
     for move in moves:
         at = datetime.fromisoformat(move["at"]).timestamp()
@@ -299,7 +228,7 @@ def test_random_management_on_three_replicas_leaves_one_history_that_every_repli
     database = postgres.new_database()
     store = tmp_path / "store"
     with replicas(tmp_path, 3, MODELPORT_DATABASE_URL=database, **FAST_SYNC) as servers:
-        with PredictLoad(servers).running() as load:
+        with PredictLoad(servers, pause_s=0.005).running() as load:
             until = time.monotonic() + 8.0
             with ThreadPoolExecutor(4) as pool_of_clients:
                 futures = [
@@ -311,12 +240,12 @@ def test_random_management_on_three_replicas_leaves_one_history_that_every_repli
 
             def every_replica_serves_final() -> bool:
                 return all_serve(servers, final)() and all(
-                    predicted_version(server) == final for server in servers
+                    predict(server)[0] == final for server in servers
                 )
 
-            seconds_until(every_replica_serves_final, 5.0, f"every replica serving {final}")
+            wait_until(every_replica_serves_final, 5.0, f"every replica serving {final}")
             converged_after = time.time() - last_action
-            time.sleep(0.3)
+            load.wait_for(final)  # and the load goes on, answered by it everywhere
         history = full_history(servers[1])
         versions = listed(servers[2])
         infos = [described(server) for server in servers]
@@ -326,18 +255,18 @@ def test_random_management_on_three_replicas_leaves_one_history_that_every_repli
         counts = statuses.setdefault(call.action, {})
         counts[call.status] = counts.get(call.status, 0) + 1
     print(
-        f"\nrandom management: {len(calls)} calls {statuses}, {len(load.answers)} predicts, "
+        f"\nrandom management: {len(calls)} calls {statuses}, {len(load.every())} predicts, "
         f"{len(history)} history entries, converged {converged_after:.3f}s after the last"
     )
 
     assert not load.failures(), f"predicts failed: {load.failures()[:5]}"
-    assert {replica for replica, _, _ in load.answers} == {0, 1, 2}
+    assert {answer.server for answer in load.every()} == {0, 1, 2}
     assert sum(1 for c in calls if c.status in (200, 201, 204)) > 20, "too little happened"
 
     # one chain of moves, ending where the database and every replica are
     moves = [entry for entry in history if entry["action"] in MOVES]
     assert moves, "no activation happened"
-    position = BUNDLED
+    position = BUNDLED.version
     for move in moves:
         assert move["from_version"] == position, f"a move that does not chain: {move}"
         position = move["to_version"]
@@ -414,38 +343,30 @@ def test_postgresql_down_keeps_predictions_answering_and_readiness_returns_by_it
             "MODELPORT_MAX_SYNC_AGE_S": str(max_age_s),
         } | FAST_SYNC
         with replicas(tmp_path, 2, **env) as servers:
-            stored = httpx.put(
-                f"{servers[0].url}/v1/models/linear/weights",
-                content=new.data,
-                headers=AUTH,
-                params={"activate": "false"},
-                timeout=30,
-            )
+            stored = upload(servers[0], new.data, activate="false")
             assert stored.status_code == 201, stored.text
-            with PredictLoad(servers).running() as load:
+            with PredictLoad(servers, pause_s=0.005).running() as load:
                 database.stop()
                 turned = seconds_until_each(servers, lambda s: ready_status(s) == 503, 8.0)
+                # what is checked is that readiness stays 503 while the database is down: a
+                # stretch of time, not an event to wait for
                 time.sleep(1.0)
                 still_down = [ready_status(server) for server in servers]
                 database.start()
                 back = seconds_until_each(servers, lambda s: ready_status(s) == 200, 10.0)
-            served_meanwhile = {version for _, _, version in load.answers}
-            activated = httpx.post(
-                f"{servers[1].url}/v1/models/linear/versions/{new.version}/activate",
-                headers=AUTH,
-                timeout=30,
-            )
-            followed = seconds_until(all_serve(servers, new.version), 5.0, "following")
-            answers = [predicted_version(server) for server in servers]
+            served_meanwhile = {answer.version for answer in load.every()}
+            activated = activate(servers[1], new.version)
+            followed = wait_until(all_serve(servers, new.version), 5.0, "following")
+            answers = [predict(server)[0] for server in servers]
 
     print(
         f"\ndatabase down: 503 after {[round(t, 2) for t in turned]}s (max age {max_age_s}s), "
         f"200 again {[round(t, 2) for t in back]}s after the restart, "
-        f"{len(load.answers)} predicts meanwhile; activation followed in {followed:.3f}s"
+        f"{len(load.every())} predicts meanwhile; activation followed in {followed:.3f}s"
     )
     assert not load.failures(), f"predicts failed: {load.failures()[:5]}"
-    assert {replica for replica, _, _ in load.answers} == {0, 1}
-    assert served_meanwhile == {BUNDLED}
+    assert {answer.server for answer in load.every()} == {0, 1}
+    assert served_meanwhile == {BUNDLED.version}
     for seconds in turned:  # the last read can be up to one sync interval before the stop
         assert max_age_s - 0.5 <= seconds <= max_age_s + 2.0
     assert still_down == [503, 503]
@@ -502,10 +423,8 @@ def kill_during_upload(
             answer.append(response.status_code)
 
     def until(condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 15
-        while not answer and not condition():
-            assert time.monotonic() < deadline, f"{point}: never reached"
-            time.sleep(0)  # spin: a temporary blob lives for milliseconds
+        # a spin (no pause between polls): a temporary blob lives for milliseconds
+        wait_until(lambda: answer or condition(), 15, f"{point}: never reached", every=0)
 
     holder = psycopg.connect(url, autocommit=True)
     next_in_line = psycopg.connect(url, autocommit=True)
@@ -544,7 +463,7 @@ def check_whole(server: ServerProcess, store: Path, whole: dict[str, Weights]) -
     the active version serves; returns the version list, with the blob store's temporary
     files (half-written blobs) under ``half_written``."""
     versions = listed(server)
-    assert predicted_version(server) == versions["active"]
+    assert predict(server)[0] == versions["active"]
     staged = [p.name for p in (store / "linear" / "incoming").iterdir()]
     assert not staged, f"staged uploads left: {staged}"
     versions["half_written"] = [p.name for p in (store / "blobs").rglob(".*")]
@@ -564,19 +483,14 @@ def test_sigkill_inside_an_upload_commit_leaves_only_whole_versions_and_the_ackn
     url = postgres.new_database()
     env = {"MODELPORT_ADMIN_TOKEN": TOKEN, "MODELPORT_DATABASE_URL": url}
     acknowledged = linear_weights(300)
-    killed = [linear_weights(301 + i, padding_mib=24) for i in range(len(KILL_POINTS))]
+    killed = [padded_weights(301 + i, padding_mib=24) for i in range(len(KILL_POINTS))]
     whole = {w.sha256: w for w in [acknowledged, *killed]}
     reached: list[str] = []
     found: list[dict[str, Any]] = []
     for index, (point, weights) in enumerate(zip(KILL_POINTS, killed, strict=True)):
         with run_server(tmp_path, config, env=env) as server:
             if index == 0:
-                done = httpx.put(
-                    f"{server.url}/v1/models/linear/weights",
-                    content=acknowledged.data,
-                    headers=AUTH,
-                    timeout=30,
-                )
+                done = upload(server, acknowledged.data)
                 assert done.status_code == 201, done.text
             else:  # the restart after the kill before
                 found.append(check_whole(server, store, whole))
@@ -585,19 +499,15 @@ def test_sigkill_inside_an_upload_commit_leaves_only_whole_versions_and_the_ackn
         found.append(check_whole(server, store, whole))
         every = [v["version"] for v in found[-1]["versions"]]
         for version in every:
-            activated = httpx.post(
-                f"{server.url}/v1/models/linear/versions/{version}/activate",
-                headers=AUTH,
-                timeout=30,
-            )
+            activated = activate(server, version)
             assert activated.status_code == 200, activated.text
-            assert predicted_version(server) == version
+            assert predict(server)[0] == version
 
     print(
         f"\nSIGKILL during uploads, killed at: {reached}; "
         f"active after each restart: {[v['active'] for v in found]}"
     )
-    active, stored = acknowledged.version, {BUNDLED, acknowledged.version}
+    active, stored = acknowledged.version, {BUNDLED.version, acknowledged.version}
     for weights, point, outcome, versions in zip(killed, KILL_POINTS, reached, found, strict=True):
         if outcome.startswith("answered"):  # it raced the kill and won: acknowledged
             active = weights.version
@@ -628,26 +538,18 @@ def test_replicas_follow_an_activation_on_one_of_them(
     pair = [linear_weights(401), linear_weights(402)]
     with replicas(tmp_path, 3, **env) as servers:
         for weights in pair:
-            stored = httpx.put(
-                f"{servers[0].url}/v1/models/linear/weights",
-                content=weights.data,
-                headers=AUTH,
-                params={"activate": "false"},
-                timeout=30,
-            )
+            stored = upload(servers[0], weights.data, activate="false")
             assert stored.status_code == 201, stored.text
         figures = []
         for index in range(rounds):
             version = pair[index % 2].version
-            if backend == "sqlite":  # at a random moment of the replicas' polling period
+            if backend == "sqlite":
+                # the figure is over the phases of the replicas' polling period: this pause
+                # picks one at random, it waits for nothing
                 time.sleep(pauses(0.0, 2.0))
-            activated = httpx.post(
-                f"{servers[0].url}/v1/models/linear/versions/{version}/activate",
-                headers=AUTH,
-                timeout=30,
-            )
+            activated = activate(servers[0], version)
             assert activated.status_code == 200, activated.text
-            figures.append(seconds_until(all_serve(servers, version), 10.0, f"round {index}"))
+            figures.append(wait_until(all_serve(servers, version), 10.0, f"round {index}"))
 
     p50, p99 = np.percentile(figures, [50, 99])
     print(

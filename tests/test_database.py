@@ -22,7 +22,7 @@ from tests.services import PostgresServer, postgres_server
 ACTOR = Actor("req-1", "127.0.0.1")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.process)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new, empty database of each kind."""
     if request.param == "sqlite":
@@ -224,6 +224,7 @@ def test_concurrent_writers_on_separate_connections_end_in_one_order(
         database.close()
 
 
+@pytest.mark.process  # libpq tries a TCP connection to 127.0.0.1:1
 def test_an_unusable_database_is_state_unavailable_and_a_bad_url_a_config_error(
     tmp_path: Path,
 ) -> None:
@@ -239,6 +240,7 @@ def test_an_unusable_database_is_state_unavailable_and_a_bad_url_a_config_error(
     assert "s3cret" not in refused.value.message
 
 
+@pytest.mark.process
 def test_postgresql_stopped_then_back_is_unavailable_then_serves_again(tmp_path: Path) -> None:
     with postgres_server() as server:
         db = VersionDatabase.open(server.url(), tmp_path)
@@ -253,6 +255,7 @@ def test_postgresql_stopped_then_back_is_unavailable_then_serves_again(tmp_path:
         db.close()
 
 
+@pytest.mark.process
 def test_a_listener_hears_every_committed_move_at_once_and_reconnects(tmp_path: Path) -> None:
     """PostgreSQL LISTEN/NOTIFY: a move committed on one connection reaches a listener on
     another; a rolled-back transaction tells nothing; after the server restarts, the listener

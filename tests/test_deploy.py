@@ -20,8 +20,8 @@ from kubernetes_validate.utils import validate
 
 from app.config import Settings
 from app.http.routes.health import router as health_router
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -264,6 +264,7 @@ def test_every_manifest_is_a_resource_or_patch_of_a_variant_or_an_example() -> N
     assert not examples & {f for v in VARIANTS.values() for f in _resource_files(v.resolve())}
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl to compare with")
 @variants
 def test_hand_built_kustomization_matches_kubectl_kustomize(variant: str) -> None:

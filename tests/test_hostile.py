@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,24 +19,33 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from models.linear import MyModel
+from models.digits import EXAMPLE_ZERO
 from tests.helpers import (
+    API_TOKEN,
+    AUTH,
+    BUNDLED,
     DIGITS,
     LINEAR,
+    SAMPLE,
+    TOKEN,
     PeakRss,
     ServerProcess,
+    linear_weights,
     make_settings,
+    metric,
     run_server,
+    saved,
+    seeded_state_dict,
     serve_in_process,
+    upload,
     write_config,
 )
 
-TOKEN = secrets.token_urlsafe(32)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+pytestmark = pytest.mark.process
+
 BODY_BOUND_MIB = 48
 """Most the server's resident memory may grow while it refuses a body of up to 1 MB: Python
 objects of the parsed JSON and at most a copy or two, never an array built from strings."""
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     tmp = tmp_path_factory.mktemp("guarded")
     env = {
         "MODELPORT_ADMIN_TOKEN": TOKEN,
-        "MODELPORT_API_TOKEN": secrets.token_urlsafe(32),
+        "MODELPORT_API_TOKEN": API_TOKEN,
         "MODELPORT_MAX_UPLOAD_BYTES": str(1024 * 1024),
     }
     with run_server(tmp, write_config(tmp, LINEAR), env=env) as running:
@@ -242,10 +250,7 @@ def test_an_npy_body_still_serves(server: ServerProcess) -> None:
         server, "/v1/models/linear/predict", npy(array), **{"Content-Type": "application/x-npy"}
     )
     assert response.status_code == 200
-    model = MyModel()
-    model.load_state_dict(torch.load(LINEAR["weights"], weights_only=True))
-    expected = model(torch.tensor(array, dtype=torch.float32)).tolist()
-    assert np.allclose(response.json()["outputs"], expected, atol=1e-6)
+    assert np.allclose(response.json()["outputs"], BUNDLED.outputs(array), atol=1e-6)
 
 
 # --- 2. metric label cardinality --------------------------------------------------------------
@@ -281,27 +286,10 @@ def series(exposition: str) -> set[str]:
 # --- 5. upload validation that cannot be made expensive ---------------------------------------
 
 
-def saved(state_dict: dict[str, torch.Tensor]) -> bytes:
-    stream = io.BytesIO()
-    torch.save(state_dict, stream)
-    return stream.getvalue()
-
-
-def upload(server: ServerProcess, data: bytes) -> httpx.Response:
-    return httpx.put(
-        f"{server.url}/v1/models/linear/weights", content=data, headers=AUTH, timeout=60
-    )
-
-
-def good_linear(seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    return {k: v.clone() for k, v in MyModel().state_dict().items()}
-
-
 def test_an_expanded_tensor_the_model_does_not_take_costs_nothing(guarded: ServerProcess) -> None:
     """A 2 KB file whose extra key is a 1 x 1 float expanded to 40000 x 40000 (6.4 GB once
     materialised): the keys are matched first, so it is refused before any value is read."""
-    weights = good_linear(1) | {"extra": torch.zeros(1).expand(40_000, 40_000)}
+    weights = seeded_state_dict(1) | {"extra": torch.zeros(1).expand(40_000, 40_000)}
     data = saved(weights)
     with PeakRss(guarded.process.pid) as rss:
         response = upload(guarded, data)
@@ -325,7 +313,7 @@ def test_an_expanded_tensor_the_model_does_not_take_costs_nothing(guarded: Serve
 def test_a_tensor_bigger_than_its_bytes_is_refused_naming_its_key_and_audited(
     guarded: ServerProcess, tensor: torch.Tensor
 ) -> None:
-    response = upload(guarded, saved(good_linear(2) | {"linear.weight": tensor}))
+    response = upload(guarded, saved(seeded_state_dict(2) | {"linear.weight": tensor}))
     assert response.status_code == 422
     assert response.json()["code"] == "unsafe_tensor"
     assert "'linear.weight'" in response.json()["error"]
@@ -384,9 +372,14 @@ def test_metrics_can_be_opened_to_scrapers_without_credentials(tmp_path: Path) -
 def test_metadata_and_readiness_never_run_a_model(server: ServerProcess) -> None:
     def forward_passes() -> float:
         text = httpx.get(f"{server.url}/metrics").text
-        found = re.search(r'modelport_batch_size_count\{model="digits"\} (\S+)', text)
-        return float(found.group(1)) if found else 0.0
+        return metric(text, "modelport_batch_size_count", model="digits")
 
+    def predict_digits() -> None:
+        body = {"inputs": [EXAMPLE_ZERO]}
+        url = f"{server.url}/v1/models/digits/predict"
+        assert httpx.post(url, json=body).status_code == 200
+
+    predict_digits()  # a forward, so that the count exists (and a control: it counts forwards)
     before = forward_passes()
     for _ in range(5):
         assert httpx.get(f"{server.url}/v2/models/digits").status_code == 200
@@ -394,6 +387,8 @@ def test_metadata_and_readiness_never_run_a_model(server: ServerProcess) -> None
     metadata = httpx.get(f"{server.url}/v2/models/digits").json()
     assert forward_passes() == before
     assert metadata["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+    predict_digits()
+    assert forward_passes() == before + 1
 
 
 # --- 6. faults answered with a reason ---------------------------------------------------------
@@ -421,7 +416,7 @@ async def test_a_disk_that_fills_between_receiving_and_storing_answers_507_and_k
 ) -> None:
     """The upload is received whole, then its blob cannot be written: no blob, no record, no
     staged bytes, and the active version serves on."""
-    data = save_safetensors(good_linear(5), metadata={"pad": "x" * 300_000})  # 300 KB, valid
+    data = save_safetensors(seeded_state_dict(5), metadata={"pad": "x" * 300_000})  # 300 KB
     settings = make_settings(tmp_path, LINEAR, admin_token=TOKEN, store_dir=small_disk)
     async with serve_in_process(settings) as client:
         before = (await client.get("/v1/models/linear/versions")).json()
@@ -443,11 +438,11 @@ def test_weights_changed_on_disk_are_refused_at_load_with_a_loud_error(tmp_path:
     env = {"MODELPORT_ADMIN_TOKEN": TOKEN}
     config = write_config(tmp_path, LINEAR)
     with run_server(tmp_path, config, env=env) as first:
-        uploaded = upload(first, saved(good_linear(3))).json()
+        uploaded = upload(first, linear_weights(3).data).json()
     version, digest = uploaded["version"], uploaded["sha256"]
     stored = tmp_path / "store" / "blobs" / digest[:2] / digest
     stored.chmod(0o644)
-    stored.write_bytes(saved(good_linear(4)))  # other valid weights under the old name
+    stored.write_bytes(linear_weights(4).data)  # other valid weights under the old name
     with run_server(tmp_path, config, env=env) as second:
         served = httpx.post(f"{second.url}/predict", json={"inputs": [SAMPLE]}).json()["version"]
         again = httpx.post(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import secrets
-import shlex
 import struct
 import zipfile
 from collections.abc import AsyncIterator, Callable
@@ -17,83 +14,59 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from models.digits import EXAMPLE_ZERO, DigitsCNN
 from models.linear import MyModel
-from tests.helpers import WEIGHTS, make_settings, serve_in_process
+from tests.helpers import (
+    API_TOKEN,
+    AUTH,
+    BUNDLED,
+    ONE_CHAR_OFF,
+    SAMPLE,
+    TOKEN,
+    WEIGHTS,
+    RunsCodeWhenUnpickled,
+    Weights,
+    linear_weights,
+    make_settings,
+    saved,
+    seeded_state_dict,
+    serve_in_process,
+)
 
-TOKEN = secrets.token_urlsafe(32)
-API_TOKEN = secrets.token_urlsafe(32)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-ONE_CHAR_OFF = TOKEN[:-1] + ("y" if TOKEN.endswith("x") else "x")
+pytestmark = pytest.mark.app
+
 SAMPLES = [
-    [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0],
+    SAMPLE,
     [float(i) for i in range(10)],
     [-3.0, 0.1, 0.0, 7.5, -0.25, 1.0, 2.0, -1.0, 4.0, 0.5],
 ]
-BUNDLED_LINEAR = hashlib.sha256((WEIGHTS / "linear.pth").read_bytes()).hexdigest()[:12]
 WEIGHTS_URL = "/v1/models/linear/weights"
 
 
 # --- weight files built from real models -------------------------------------------------------
 
 
-def seeded(cls: type[nn.Module], seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return cls().eval()
-
-
-def saved(obj: Any, path: Path) -> bytes:
-    torch.save(obj, path)
-    return path.read_bytes()
-
-
-def linear_weights(tmp_path: Path, seed: int) -> bytes:
-    """A torch.save state_dict of MyModel with seeded random weights."""
-    return saved(seeded(MyModel, seed).state_dict(), tmp_path / f"linear-{seed}.pth")
-
-
-def linear_reference(data: bytes, tmp_path: Path) -> list[list[float]]:
-    """MyModel's forward on SAMPLES with the weights in ``data``."""
-    path = tmp_path / "reference.pth"
-    path.write_bytes(data)
-    model = MyModel().eval()
-    model.load_state_dict(torch.load(path, weights_only=True))
-    with torch.inference_mode():
-        result: list[list[float]] = model(torch.tensor(SAMPLES)).tolist()
-    return result
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class RunsCodeWhenUnpickled:
-    """Pickles as a call to os.system; unpickling it would create ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
 def marker_of(tmp_path: Path) -> Path:
     return tmp_path / "pwned"
 
 
-def whole_pickled_model(tmp_path: Path) -> bytes:
-    return saved(seeded(MyModel, 3), tmp_path / "whole.pth")
+def whole_pickled_model(_: Path) -> bytes:
+    return saved(MyModel())
 
 
 def code_running_pickle(tmp_path: Path) -> bytes:
-    return saved(RunsCodeWhenUnpickled(marker_of(tmp_path)), tmp_path / "evil.pth")
+    return saved(RunsCodeWhenUnpickled(marker_of(tmp_path)))
 
 
-def truncated_torch_file(tmp_path: Path) -> bytes:
-    data = linear_weights(tmp_path, 3)
+def truncated_torch_file(_: Path) -> bytes:
+    data = linear_weights(3).data
     return data[: len(data) // 2]
 
 
@@ -101,33 +74,31 @@ def random_bytes(_: Path) -> bytes:
     return random.Random(20240601).randbytes(2048)
 
 
-def digits_weights(tmp_path: Path) -> bytes:
-    return saved(seeded(DigitsCNN, 3).state_dict(), tmp_path / "digits.pth")
+def digits_weights(_: Path) -> bytes:
+    return saved(seeded_state_dict(3, DigitsCNN))
 
 
-def wrong_shapes(tmp_path: Path) -> bytes:
+def wrong_shapes(_: Path) -> bytes:
     torch.manual_seed(3)
     wrong = nn.Linear(10, 3)
-    state_dict = {"linear.weight": wrong.weight.detach(), "linear.bias": wrong.bias.detach()}
-    return saved(state_dict, tmp_path / "three-outputs.pth")
+    return saved({"linear.weight": wrong.weight.detach(), "linear.bias": wrong.bias.detach()})
 
 
-def uncastable_dtype(tmp_path: Path) -> bytes:
-    state_dict = dict(seeded(MyModel, 3).state_dict())
+def uncastable_dtype(_: Path) -> bytes:
+    state_dict = seeded_state_dict(3)
     state_dict["linear.weight"] = torch.ones(2, 10, dtype=torch.complex64)
-    return saved(state_dict, tmp_path / "complex.pth")
+    return saved(state_dict)
 
 
-def nan_weights(tmp_path: Path) -> bytes:
-    state_dict = {k: v.clone() for k, v in seeded(MyModel, 3).state_dict().items()}
+def nan_weights(_: Path) -> bytes:
+    state_dict = seeded_state_dict(3)
     state_dict["linear.bias"][1] = float("nan")
-    return saved(state_dict, tmp_path / "nan.pth")
+    return saved(state_dict)
 
 
 def zip_bomb(tmp_path: Path) -> bytes:
     """A real torch.save archive rewritten with compressed (deflated) entries."""
-    original = tmp_path / "stored.pth"
-    torch.save(seeded(MyModel, 3).state_dict(), original)
+    original = linear_weights(3).write(tmp_path / "stored.pth")
     path = tmp_path / "deflated.pth"
     with zipfile.ZipFile(original) as source, zipfile.ZipFile(path, "w") as target:
         for entry in source.infolist():
@@ -135,22 +106,20 @@ def zip_bomb(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def linear_safetensors(tmp_path: Path, seed: int) -> bytes:
-    path = tmp_path / f"linear-{seed}.safetensors"
-    save_file(dict(seeded(MyModel, seed).state_dict()), str(path))
-    return path.read_bytes()
+def linear_safetensors(seed: int) -> bytes:
+    return save_safetensors(seeded_state_dict(seed))
 
 
-def corrupt_safetensors(tmp_path: Path) -> bytes:
-    data = linear_safetensors(tmp_path, 3)
+def corrupt_safetensors(_: Path) -> bytes:
+    data = linear_safetensors(3)
     header_len = struct.unpack("<Q", data[:8])[0]
     header = b"{" + b"\x00garbage, not json" + b" " * (header_len - 19)
     assert len(header) == header_len
     return data[:8] + header + data[8 + header_len :]
 
 
-def untrained_digits(tmp_path: Path) -> bytes:
-    return saved(seeded(DigitsCNN, 0).state_dict(), tmp_path / "untrained-digits.pth")
+def untrained_digits(_: Path) -> bytes:
+    return saved(seeded_state_dict(0, DigitsCNN))
 
 
 # --- calling the API ---------------------------------------------------------------------------
@@ -227,7 +196,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 async def test_raw_upload_becomes_the_active_version_and_predict_serves_it(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path
 ) -> None:
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
     digest = sha256(data)
 
     response = await admin.put(WEIGHTS_URL, content=data, headers=AUTH)
@@ -251,13 +220,13 @@ async def test_raw_upload_becomes_the_active_version_and_predict_serves_it(
     assert (store / blob(digest)).read_bytes() == data
     served, outputs = await predict(admin)
     assert served == version
-    assert_close(outputs, linear_reference(data, tmp_path))
+    assert_close(outputs, Weights(data).outputs(SAMPLES))
 
 
 async def test_multipart_upload_in_the_file_field_records_its_filename(
     admin: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
 
     response = await admin.put(WEIGHTS_URL, files={"file": ("new.pth", data)}, headers=AUTH)
 
@@ -270,13 +239,13 @@ async def test_multipart_upload_in_the_file_field_records_its_filename(
     assert versions[-1]["filename"] == "new.pth"
     served, outputs = await predict(admin)
     assert served == body["version"]
-    assert_close(outputs, linear_reference(data, tmp_path))
+    assert_close(outputs, Weights(data).outputs(SAMPLES))
 
 
 async def test_safetensors_upload_becomes_a_version_in_safetensors_format(
     admin: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    data = linear_safetensors(tmp_path, 1)
+    data = linear_safetensors(1)
 
     body = await upload(admin, data)
 
@@ -284,16 +253,14 @@ async def test_safetensors_upload_becomes_a_version_in_safetensors_format(
     assert body["version"] == sha256(data)[:12]
     served, outputs = await predict(admin)
     assert served == body["version"]
-    with torch.inference_mode():
-        expected = seeded(MyModel, 1)(torch.tensor(SAMPLES)).tolist()
-    assert_close(outputs, expected)
+    assert_close(outputs, linear_weights(1).outputs(SAMPLES))
 
 
 @pytest.mark.parametrize("sent", ["../../etc/passwd", "..\\..\\evil.pth", "/abs/new.pth"])
 async def test_uploaded_filename_is_kept_as_metadata_without_its_path(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path, sent: str
 ) -> None:
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
 
     response = await admin.put(WEIGHTS_URL, files={"file": (sent, data)}, headers=AUTH)
 
@@ -303,14 +270,14 @@ async def test_uploaded_filename_is_kept_as_metadata_without_its_path(
     assert "\\" not in recorded
     assert recorded == sent.replace("\\", "/").rsplit("/", 1)[-1]
     assert stored_files(store) == [blob(response.json()["sha256"])]
-    assert names_in(tmp_path) == ["linear-1.pth", "modelport.toml", "store"]
+    assert names_in(tmp_path) == ["modelport.toml", "store"]
 
 
 @pytest.mark.parametrize("where", ["header", "query"])
 async def test_upload_with_the_right_expected_sha256_is_accepted(
     admin: httpx.AsyncClient, tmp_path: Path, where: str
 ) -> None:
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
     digest = sha256(data).upper() if where == "header" else sha256(data)
     headers = AUTH | {"X-Content-SHA256": digest} if where == "header" else AUTH
     params = {"sha256": digest} if where == "query" else {}
@@ -323,7 +290,7 @@ async def test_upload_with_the_right_expected_sha256_is_accepted(
 async def test_identical_bytes_again_answer_200_with_the_same_version_and_store_nothing_new(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path
 ) -> None:
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
     first = await upload(admin, data)
     files = stored_files(store)
 
@@ -341,13 +308,13 @@ async def test_staged_upload_does_not_serve_until_activated(
     admin: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     before, _ = await predict(admin)
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
 
     staged = await upload(admin, data, activate="false")
 
     assert staged["created"] is True
     assert staged["active"] is False
-    assert (await predict(admin))[0] == before == BUNDLED_LINEAR
+    assert (await predict(admin))[0] == before == BUNDLED.version
     version = staged["version"]
 
     response = await admin.post(f"/v1/models/linear/versions/{version}/activate", headers=AUTH)
@@ -357,16 +324,16 @@ async def test_staged_upload_does_not_serve_until_activated(
     assert response.json()["active"] is True
     served, outputs = await predict(admin)
     assert served == version
-    assert_close(outputs, linear_reference(data, tmp_path))
+    assert_close(outputs, Weights(data).outputs(SAMPLES))
     info = (await admin.get("/v1/models/linear")).json()
-    assert (info["version"], info["previous_version"]) == (version, BUNDLED_LINEAR)
+    assert (info["version"], info["previous_version"]) == (version, BUNDLED.version)
 
 
 async def test_rollback_returns_to_the_previous_version_and_twice_toggles(
     admin: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    one = await upload(admin, linear_weights(tmp_path, 1))
-    two = await upload(admin, linear_weights(tmp_path, 2))
+    one = await upload(admin, linear_weights(1).data)
+    two = await upload(admin, linear_weights(2).data)
     assert (await predict(admin))[0] == two["version"]
 
     back = await admin.post("/v1/models/linear/rollback", headers=AUTH)
@@ -376,7 +343,7 @@ async def test_rollback_returns_to_the_previous_version_and_twice_toggles(
     assert back.json()["active"] is True
     served, outputs = await predict(admin)
     assert served == one["version"]
-    assert_close(outputs, linear_reference(linear_weights(tmp_path, 1), tmp_path))
+    assert_close(outputs, linear_weights(1).outputs(SAMPLES))
     info = (await admin.get("/v1/models/linear")).json()
     assert (info["version"], info["previous_version"]) == (one["version"], two["version"])
 
@@ -394,7 +361,7 @@ async def test_rollback_with_no_previous_version_is_a_conflict(admin: httpx.Asyn
 
     body = assert_error_body(response, 409, "version_conflict")
     assert "no previous version" in body["error"]
-    assert (await predict(admin))[0] == BUNDLED_LINEAR
+    assert (await predict(admin))[0] == BUNDLED.version
 
 
 async def test_versions_list_the_bundled_weights_and_uploads_with_active_and_previous(
@@ -402,31 +369,31 @@ async def test_versions_list_the_bundled_weights_and_uploads_with_active_and_pre
 ) -> None:
     listing = (await admin.get("/v1/models/linear/versions")).json()
     assert listing["model"] == "linear"
-    assert (listing["active"], listing["previous"]) == (BUNDLED_LINEAR, None)
+    assert (listing["active"], listing["previous"]) == (BUNDLED.version, None)
     [bundled] = listing["versions"]
-    assert bundled["version"] == BUNDLED_LINEAR
+    assert bundled["version"] == BUNDLED.version
     assert bundled["source"] == "bundled"
     assert bundled["filename"] == "linear.pth"
     assert (bundled["active"], bundled["previous"]) == (True, False)
 
-    one = await upload(admin, linear_weights(tmp_path, 1))
-    two = await upload(admin, linear_weights(tmp_path, 2), activate="false")
+    one = await upload(admin, linear_weights(1).data)
+    two = await upload(admin, linear_weights(2).data, activate="false")
 
     listing = (await admin.get("/v1/models/linear/versions")).json()
-    assert (listing["active"], listing["previous"]) == (one["version"], BUNDLED_LINEAR)
+    assert (listing["active"], listing["previous"]) == (one["version"], BUNDLED.version)
     flags = {v["version"]: (v["source"], v["active"], v["previous"]) for v in listing["versions"]}
     assert [v["version"] for v in listing["versions"]] == [
-        BUNDLED_LINEAR,
+        BUNDLED.version,
         one["version"],
         two["version"],
     ]
     assert flags == {
-        BUNDLED_LINEAR: ("bundled", False, True),
+        BUNDLED.version: ("bundled", False, True),
         one["version"]: ("upload", True, False),
         two["version"]: ("upload", False, False),
     }
     info = (await admin.get("/v1/models/linear")).json()
-    assert (info["version"], info["previous_version"]) == (one["version"], BUNDLED_LINEAR)
+    assert (info["version"], info["previous_version"]) == (one["version"], BUNDLED.version)
 
 
 # --- deleting versions -------------------------------------------------------------------------
@@ -435,8 +402,8 @@ async def test_versions_list_the_bundled_weights_and_uploads_with_active_and_pre
 async def test_deleting_a_version_that_does_not_serve_removes_its_files(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path
 ) -> None:
-    active = await upload(admin, linear_weights(tmp_path, 1))
-    staged = await upload(admin, linear_weights(tmp_path, 2), activate="false")
+    active = await upload(admin, linear_weights(1).data)
+    staged = await upload(admin, linear_weights(2).data, activate="false")
     version = staged["version"]
 
     response = await admin.delete(f"/v1/models/linear/versions/{version}", headers=AUTH)
@@ -454,8 +421,8 @@ async def test_deleting_a_version_that_does_not_serve_removes_its_files(
 async def test_deleting_the_previous_version_is_a_conflict_and_rollback_still_works(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path
 ) -> None:
-    one = await upload(admin, linear_weights(tmp_path, 1))
-    two = await upload(admin, linear_weights(tmp_path, 2))
+    one = await upload(admin, linear_weights(1).data)
+    two = await upload(admin, linear_weights(2).data)
     files = stored_files(store)
 
     response = await admin.delete(f"/v1/models/linear/versions/{one['version']}", headers=AUTH)
@@ -472,7 +439,7 @@ async def test_deleting_the_previous_version_is_a_conflict_and_rollback_still_wo
 async def test_deleting_the_active_version_is_a_conflict(
     admin: httpx.AsyncClient, tmp_path: Path, store: Path
 ) -> None:
-    active = await upload(admin, linear_weights(tmp_path, 1))
+    active = await upload(admin, linear_weights(1).data)
     files = stored_files(store)
 
     response = await admin.delete(f"/v1/models/linear/versions/{active['version']}", headers=AUTH)
@@ -486,18 +453,18 @@ async def test_deleting_the_active_version_is_a_conflict(
 async def test_deleting_the_bundled_weights_is_a_conflict(
     admin: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    await upload(admin, linear_weights(tmp_path, 1))
-    await upload(admin, linear_weights(tmp_path, 2))
+    await upload(admin, linear_weights(1).data)
+    await upload(admin, linear_weights(2).data)
     listing = (await admin.get("/v1/models/linear/versions")).json()
-    assert BUNDLED_LINEAR not in (listing["active"], listing["previous"])
+    assert BUNDLED.version not in (listing["active"], listing["previous"])
 
-    response = await admin.delete(f"/v1/models/linear/versions/{BUNDLED_LINEAR}", headers=AUTH)
+    response = await admin.delete(f"/v1/models/linear/versions/{BUNDLED.version}", headers=AUTH)
 
     body = assert_error_body(response, 409, "version_conflict")
     assert "bundled" in body["error"]
     assert (WEIGHTS / "linear.pth").exists()
     listed = (await admin.get("/v1/models/linear/versions")).json()["versions"]
-    assert listed[0]["version"] == BUNDLED_LINEAR
+    assert listed[0]["version"] == BUNDLED.version
 
 
 @pytest.mark.parametrize(
@@ -519,12 +486,12 @@ async def test_deleting_the_bundled_weights_is_a_conflict(
 async def test_unknown_or_malformed_versions_and_models_are_refused(
     admin: httpx.AsyncClient, tmp_path: Path, method: str, url: str, status: int, code: str
 ) -> None:
-    content = linear_weights(tmp_path, 1) if method == "PUT" else None
+    content = linear_weights(1).data if method == "PUT" else None
 
     response = await admin.request(method, url, headers=AUTH, content=content)
 
     assert_error_body(response, status, code)
-    assert (await predict(admin))[0] == BUNDLED_LINEAR
+    assert (await predict(admin))[0] == BUNDLED.version
 
 
 # --- retention ---------------------------------------------------------------------------------
@@ -533,21 +500,21 @@ async def test_unknown_or_malformed_versions_and_models_are_refused(
 async def test_retention_keeps_the_newest_versions(tmp_path: Path, store: Path) -> None:
     settings = make_settings(tmp_path, admin_token=TOKEN, keep_versions=2)
     async with serve_in_process(settings) as client:
-        uploads = [await upload(client, linear_weights(tmp_path, seed)) for seed in range(1, 5)]
+        uploads = [await upload(client, linear_weights(seed).data) for seed in range(1, 5)]
         listing = (await client.get("/v1/models/linear/versions")).json()
 
     kept = [u["version"] for u in uploads[2:]]
     assert stored_files(store) == sorted(blob(u["sha256"]) for u in uploads[2:])
-    assert [v["version"] for v in listing["versions"]] == [BUNDLED_LINEAR, *kept]
+    assert [v["version"] for v in listing["versions"]] == [BUNDLED.version, *kept]
     assert (listing["active"], listing["previous"]) == (kept[1], kept[0])
 
 
 async def test_retention_never_removes_the_active_version(tmp_path: Path, store: Path) -> None:
     settings = make_settings(tmp_path, admin_token=TOKEN, keep_versions=2)
     async with serve_in_process(settings) as client:
-        active = await upload(client, linear_weights(tmp_path, 1))
+        active = await upload(client, linear_weights(1).data)
         staged = [
-            await upload(client, linear_weights(tmp_path, seed), activate="false")
+            await upload(client, linear_weights(seed).data, activate="false")
             for seed in range(2, 5)
         ]
         served, outputs = await predict(client)
@@ -557,7 +524,7 @@ async def test_retention_never_removes_the_active_version(tmp_path: Path, store:
     assert {staged[-2]["version"], staged[-1]["version"]} <= remaining
     assert staged[0]["version"] not in remaining
     assert served == active["version"]
-    assert_close(outputs, linear_reference(linear_weights(tmp_path, 1), tmp_path))
+    assert_close(outputs, linear_weights(1).outputs(SAMPLES))
 
 
 # --- refused uploads ---------------------------------------------------------------------------
@@ -626,21 +593,21 @@ REFUSALS = {
         model="digits",
     ),
     "sha256-mismatch-header": Refusal(
-        lambda tmp_path: linear_weights(tmp_path, 1),
+        lambda _: linear_weights(1).data,
         400,
         "digest_mismatch",
         (WRONG_DIGEST,),
         headers={"X-Content-SHA256": WRONG_DIGEST},
     ),
     "sha256-mismatch-query": Refusal(
-        lambda tmp_path: linear_weights(tmp_path, 1),
+        lambda _: linear_weights(1).data,
         400,
         "digest_mismatch",
         (WRONG_DIGEST,),
         params={"sha256": WRONG_DIGEST},
     ),
     "multipart-without-file-field": Refusal(
-        lambda tmp_path: linear_weights(tmp_path, 1),
+        lambda _: linear_weights(1).data,
         422,
         "invalid_input",
         ("no 'file' field",),
@@ -670,7 +637,7 @@ async def test_refused_upload_answers_one_error_body_stores_nothing_and_keeps_se
     admin: httpx.AsyncClient, tmp_path: Path, store: Path, case: Refusal
 ) -> None:
     if case.model == "linear":
-        await upload(admin, linear_weights(tmp_path, 2))  # an uploaded version serves
+        await upload(admin, linear_weights(2).data)  # an uploaded version serves
     before = await snapshot(admin, case.model)
     files = stored_files(store, case.model)
     data = case.body(tmp_path)
@@ -755,7 +722,7 @@ async def chunked(data: bytes, size: int = 256) -> AsyncIterator[bytes]:
 async def test_upload_over_max_upload_bytes_is_413_and_stores_nothing(
     tmp_path: Path, store: Path, streamed: bool
 ) -> None:
-    data = linear_weights(tmp_path, 1)
+    data = linear_weights(1).data
     assert len(data) > 1000
     settings = make_settings(tmp_path, admin_token=TOKEN, max_upload_bytes=1000)
     async with serve_in_process(settings) as client:
@@ -776,7 +743,7 @@ async def test_upload_over_max_upload_bytes_is_413_and_stores_nothing(
 
 MANAGEMENT = [
     ("PUT", WEIGHTS_URL),
-    ("POST", f"/v1/models/linear/versions/{BUNDLED_LINEAR}/activate"),
+    ("POST", f"/v1/models/linear/versions/{BUNDLED.version}/activate"),
     ("POST", "/v1/models/linear/rollback"),
     ("DELETE", "/v1/models/linear/versions/0123456789ab"),
 ]
@@ -787,7 +754,7 @@ async def test_without_an_admin_token_configured_management_is_disabled(
     tmp_path: Path, store: Path, method: str, url: str
 ) -> None:
     async with serve_in_process(make_settings(tmp_path)) as client:
-        content = linear_weights(tmp_path, 1) if method == "PUT" else None
+        content = linear_weights(1).data if method == "PUT" else None
 
         response = await client.request(method, url, headers=AUTH, content=content)
         bare = await client.request(method, url, content=content)
@@ -798,7 +765,7 @@ async def test_without_an_admin_token_configured_management_is_disabled(
             assert "MODELPORT_ADMIN_TOKEN" in body["error"]
         assert versions.status_code == 200
         assert stored_files(store) == []
-        assert (await predict(client))[0] == BUNDLED_LINEAR
+        assert (await predict(client))[0] == BUNDLED.version
 
 
 @pytest.mark.parametrize(("method", "url"), MANAGEMENT)
@@ -836,7 +803,7 @@ async def test_management_refuses_missing_malformed_and_wrong_credentials(
     code: str,
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    content = linear_weights(tmp_path, 1) if method == "PUT" else None
+    content = linear_weights(1).data if method == "PUT" else None
 
     response = await admin.request(method, url, headers=headers, content=content)
 
@@ -845,14 +812,14 @@ async def test_management_refuses_missing_malformed_and_wrong_credentials(
     if status == 401:
         assert response.headers["WWW-Authenticate"] == "Bearer"
     assert stored_files(store) == []
-    assert (await predict(admin))[0] == BUNDLED_LINEAR
+    assert (await predict(admin))[0] == BUNDLED.version
 
 
 async def test_version_list_is_open_without_an_api_token(admin: httpx.AsyncClient) -> None:
     response = await admin.get("/v1/models/linear/versions")
 
     assert response.status_code == 200
-    assert response.json()["active"] == BUNDLED_LINEAR
+    assert response.json()["active"] == BUNDLED.version
 
 
 @pytest.mark.parametrize(

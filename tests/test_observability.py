@@ -2,43 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-import secrets
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from app.observability.logs import JsonFormatter, configure_logging, request_id
-from app.observability.metrics import FLUSH_S, Metrics
-from models.linear import MyModel
-from tests.helpers import LINEAR, make_settings, run_server, serve_in_process, write_config
-
-SAMPLE = [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]]
-TOKEN = secrets.token_urlsafe(32)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rsplit("}", 1)[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+from app.observability.logs import configure_logging, request_id
+from app.observability.metrics import FLUSH_S, LATENCY_BUCKETS, Metrics
+from tests.helpers import (
+    API_TOKEN,
+    AUTH,
+    LINEAR,
+    ONE_CHAR_OFF,
+    SAMPLE,
+    TOKEN,
+    linear_weights,
+    make_settings,
+    metric,
+    run_server,
+    serve_in_process,
+    wait_until,
+    write_config,
+)
 
 
 async def test_a_caller_request_id_is_echoed_and_one_is_made_otherwise(
     client: httpx.AsyncClient,
 ) -> None:
     given = await client.post(
-        "/v1/models/linear/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "abc-1"}
+        "/v1/models/linear/predict", json={"inputs": [SAMPLE]}, headers={"X-Request-ID": "abc-1"}
     )
     made = await client.get("/v1/models/linear")
     bad = await client.get("/health/live", headers={"X-Request-ID": "no spaces allowed"})
@@ -47,12 +46,27 @@ async def test_a_caller_request_id_is_echoed_and_one_is_made_otherwise(
     assert bad.headers["X-Request-ID"] != "no spaces allowed"
 
 
+@contextlib.contextmanager
+def json_logs(level: str) -> Iterator[None]:
+    """JSON log lines on stderr, from ``level`` up, for the block (then the root logger as it
+    was)."""
+    root = logging.getLogger()
+    before = root.level
+    configure_logging(level, "json")
+    try:
+        yield
+    finally:
+        root.handlers.clear()
+        root.setLevel(before)
+
+
+@pytest.mark.app
 async def test_the_access_line_has_the_request_id_status_and_latency_and_skips_probes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with serve_in_process(make_settings(tmp_path, LINEAR)) as client:
         await client.post(
-            "/v1/models/nope/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "req-7"}
+            "/v1/models/nope/predict", json={"inputs": [SAMPLE]}, headers={"X-Request-ID": "req-7"}
         )
         await client.get("/health/ready", headers={"X-Request-ID": "probe-1"})
         await client.get("/metrics")
@@ -65,12 +79,13 @@ async def test_the_access_line_has_the_request_id_status_and_latency_and_skips_p
     assert re.fullmatch(pattern, lines[0]), lines[0]
 
 
+@pytest.mark.app
 async def test_json_access_lines_are_json_objects(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = make_settings(tmp_path, LINEAR, log_format="json")
     async with serve_in_process(settings) as client:
-        await client.post("/predict", json={"inputs": SAMPLE}, headers={"X-Request-ID": "j-1"})
+        await client.post("/predict", json={"inputs": [SAMPLE]}, headers={"X-Request-ID": "j-1"})
     (line,) = [x for x in capsys.readouterr().err.splitlines() if '"app.access"' in x]
     entry = json.loads(line)
     assert entry["request_id"] == "j-1"
@@ -79,21 +94,79 @@ async def test_json_access_lines_are_json_objects(
 
 
 def test_json_log_lines_hold_the_request_id_and_never_the_token(
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    configure_logging("info", "json")
-    try:
-        token = request_id.set("rid-42")
-        logging.getLogger("app.test").info("loaded %s", "linear", extra={"model": "linear"})
-        request_id.reset(token)
-    finally:
-        logging.getLogger().handlers.clear()
-    entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    """Settings, or the token itself, logged as a message argument or an extra field: the
+    line shows it masked."""
+    settings = make_settings(tmp_path, LINEAR, admin_token=TOKEN)
+    with json_logs("info"):
+        rid = request_id.set("rid-42")
+        logger = logging.getLogger("app.test")
+        logger.info("loaded %s", "linear", extra={"model": "linear"})
+        logger.info("settings %s, %r", settings, settings, extra={"token": settings.admin_token})
+        request_id.reset(rid)
+    err = capsys.readouterr().err
+    entry, with_settings = (json.loads(line) for line in err.strip().splitlines()[-2:])
     assert entry["request_id"] == "rid-42"
     assert entry["message"] == "loaded linear"
     assert entry["model"] == "linear"
     assert entry["level"] == "INFO"
-    assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
+    assert with_settings["request_id"] == "rid-42"
+    assert "admin_token" in with_settings["message"]
+    assert with_settings["token"]
+    assert TOKEN not in err
+
+
+@pytest.mark.app
+async def test_no_log_line_holds_a_token_that_a_request_carried(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Management with the admin token, refusals of a token one character off, predictions
+    and a scrape with the API token, at the debug level: the access and audit lines name each
+    request, and never a credential."""
+    settings = make_settings(
+        tmp_path,
+        LINEAR,
+        admin_token=TOKEN,
+        api_token=API_TOKEN,
+        log_format="json",
+        log_level="debug",
+    )
+    api, wrong = (
+        {"Authorization": f"Bearer {API_TOKEN}"},
+        {"Authorization": f"Bearer {ONE_CHAR_OFF}"},
+    )
+    weights, predict = "/v1/models/linear/weights", "/v1/models/linear/predict"
+    with json_logs(settings.log_level):  # as the launcher sets them up
+        async with serve_in_process(settings) as client:
+            answers = {
+                "upload": await client.put(weights, content=linear_weights(3).data, headers=AUTH),
+                "refused-upload": await client.put(weights, content=b"not weights", headers=AUTH),
+                "wrong-rollback": await client.post("/v1/models/linear/rollback", headers=wrong),
+                "predict": await client.post(predict, json={"inputs": [SAMPLE]}, headers=api),
+                "wrong-predict": await client.post(
+                    predict, json={"inputs": [SAMPLE]}, headers=wrong
+                ),
+                "scrape": await client.get("/metrics", headers=api),
+            }
+    err = capsys.readouterr().err
+    statuses = {name: answer.status_code for name, answer in answers.items()}
+    assert statuses == {
+        "upload": 201,
+        "refused-upload": 422,
+        "wrong-rollback": 403,
+        "predict": 200,
+        "wrong-predict": 403,
+        "scrape": 200,
+    }
+    entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    logged = {(entry["logger"], entry["request_id"]) for entry in entries}
+    for name in ("upload", "refused-upload", "wrong-rollback"):
+        assert ("app.audit", answers[name].headers["X-Request-ID"]) in logged, name
+    for name in ("predict", "wrong-predict"):
+        assert ("app.access", answers[name].headers["X-Request-ID"]) in logged, name
+    for secret in (TOKEN, API_TOKEN, ONE_CHAR_OFF):
+        assert secret not in err
 
 
 async def test_metrics_count_requests_by_model_version_endpoint_and_status(
@@ -101,9 +174,9 @@ async def test_metrics_count_requests_by_model_version_endpoint_and_status(
 ) -> None:
     version = (await client.get("/v1/models/linear")).json()["version"]
     for _ in range(3):
-        await client.post("/v1/models/linear/predict", json={"inputs": SAMPLE})
+        await client.post("/v1/models/linear/predict", json={"inputs": [SAMPLE]})
     await client.post("/v1/models/linear/predict", json={"inputs": [[1, 2]]})
-    await client.post("/predict", json={"model": "linear", "inputs": SAMPLE})
+    await client.post("/predict", json={"model": "linear", "inputs": [SAMPLE]})
     for _ in range(5):
         await client.get("/health/ready")
         await client.get("/metrics")
@@ -129,15 +202,13 @@ async def test_metrics_count_requests_by_model_version_endpoint_and_status(
     assert metric(text, "modelport_active_version_info", model="linear", sha256=sha) == 1
 
 
+@pytest.mark.app
 async def test_metrics_count_uploads_and_refusals_by_reason(tmp_path: Path) -> None:
-    torch.manual_seed(3)
-    torch.save(MyModel().state_dict(), tmp_path / "new.pth")
-    auth = {"Authorization": f"Bearer {TOKEN}"}
     async with serve_in_process(make_settings(tmp_path, LINEAR, admin_token=TOKEN)) as client:
         url = "/v1/models/linear/weights"
-        await client.put(url, content=(tmp_path / "new.pth").read_bytes(), headers=auth)
-        await client.put(url, content=b"not weights", headers=auth)
-        await client.post("/v1/models/linear/rollback", headers=auth)
+        await client.put(url, content=linear_weights(3).data, headers=AUTH)
+        await client.put(url, content=b"not weights", headers=AUTH)
+        await client.post("/v1/models/linear/rollback", headers=AUTH)
         await client.post("/v1/models/linear/rollback", headers={"Authorization": "Bearer x"})
         text = (await client.get("/metrics")).text
     total = "modelport_management_total"
@@ -147,31 +218,75 @@ async def test_metrics_count_uploads_and_refusals_by_reason(tmp_path: Path) -> N
     assert metric(text, total, model="linear", action="rollback", outcome="refused:forbidden") == 1
 
 
+@pytest.mark.process
 def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
     config = write_config(tmp_path, LINEAR)
-    with run_server(tmp_path, config, "--workers", "2") as server:
+    (tmp_path / "tmp").mkdir()  # where the launcher makes the workers' metrics folder
+    with run_server(
+        tmp_path, config, "--workers", "2", env={"TMPDIR": str(tmp_path / "tmp")}
+    ) as server:
         for _ in range(40):
             # a new connection each time, so that both workers take some
-            httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": SAMPLE})
-        time.sleep(FLUSH_S + 0.3)  # each worker writes what it counted at least this often
+            httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+        [folder] = (tmp_path / "tmp").glob("modelport-metrics-*")
+
+        def written() -> float:
+            """The count in the workers' files: what each wrote by itself (a scrape would make
+            the worker answering it write first)."""
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(folder))
+            text = generate_latest(registry).decode()
+            return metric(text, "modelport_requests_total", missing=0, model="linear", status="200")
+
+        # each worker writes what it counted at least every FLUSH_S
+        wait_until(lambda: written() == 40, FLUSH_S + 0.3, "both workers' counts written")
         scrapes = [httpx.get(f"{server.url}/metrics").text for _ in range(6)]
+    latency = "modelport_request_duration_seconds"
     for text in scrapes:  # whichever worker answers, the count is the whole service's
         assert metric(text, "modelport_requests_total", model="linear", status="200") == 40
+        assert metric(text, f"{latency}_count", model="linear") == 40
+        assert metric(text, f"{latency}_bucket", model="linear", le="+Inf") == 40
+        assert 0 < metric(text, f"{latency}_bucket", model="linear", le="1.0") <= 40
 
 
 def test_deferred_observations_are_written_as_observe_and_inc_would() -> None:
-    """The bulk write (one update per bucket touched) matches prometheus_client's own."""
+    """The bulk write (one update per bucket touched) scrapes as prometheus_client's own
+    Histogram and Counter would, however many times it is scraped."""
     values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 99.0, 0.0]
-    deferred, direct = Metrics(list, ["m"]), Metrics(list, ["m"])
+    deferred, direct = Metrics(list, ["m"]), CollectorRegistry()
+    histogram = Histogram(
+        "modelport_request_duration_seconds",
+        "Time from the request's arrival to its answer.",
+        ["model", "endpoint"],
+        buckets=LATENCY_BUCKETS,
+        registry=direct,
+    )
+    counter = Counter(
+        "modelport_requests",
+        "Requests by model, version, endpoint and status (health and metrics excluded).",
+        ["model", "version", "endpoint", "status"],
+        registry=direct,
+    )
     for value in values:
-        deferred.deferred_histogram(deferred.request_seconds.labels("m", "/e")).observe(value)
+        deferred.request_seconds.labels("m", "/e").observe(value)
         deferred.deferred_counter(deferred.requests.labels("m", "v", "/e", "200")).inc()
-        direct.request_seconds.labels("m", "/e").observe(value)
-        direct.requests.labels("m", "v", "/e", "200").inc()
-    assert exposition(deferred) == exposition(direct)
-    assert exposition(deferred) == exposition(direct)  # written once, not again
+        histogram.labels("m", "/e").observe(value)
+        counter.labels("m", "v", "/e", "200").inc()
+    expected = families(generate_latest(direct), "modelport_request_duration_seconds")
+    assert len(expected) == 2 + len(LATENCY_BUCKETS) + 3  # HELP, TYPE, buckets, +Inf, count, sum
+    for _ in range(2):  # written once, not again
+        scrape = deferred.render()[0]
+        assert families(scrape, "modelport_request_duration_seconds") == expected
+        assert families(scrape, "modelport_requests") == families(
+            generate_latest(direct), "modelport_requests"
+        )
 
 
-def exposition(metrics: Metrics) -> list[str]:
-    """The scrape's lines, less the creation timestamps."""
-    return [line for line in metrics.render()[0].decode().splitlines() if "_created" not in line]
+def families(exposition: bytes, name: str) -> list[str]:
+    """The lines of the family ``name`` (HELP, TYPE, samples), less the creation timestamps."""
+    found = []
+    for line in exposition.decode().splitlines():
+        metric_name = line.split()[2] if line.startswith("#") else re.split(r"[{ ]", line)[0]
+        if metric_name == name or metric_name.startswith(f"{name}_"):
+            found.append(line)
+    return [line for line in found if "_created" not in line]

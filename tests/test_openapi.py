@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -202,6 +203,7 @@ async def _answer(
     return response.status_code
 
 
+@pytest.mark.app
 async def test_documented_security_is_what_the_server_does_with_and_without_tokens(
     tmp_path: Path,
 ) -> None:
@@ -280,6 +282,7 @@ def _explore(operation: APIOperation, check: Callable[[Case], None]) -> None:
                 run()
 
 
+@pytest.mark.process
 def test_a_bounded_schemathesis_run_finds_no_5xx_and_no_answer_contradicting_the_schema(
     tmp_path: Path,
 ) -> None:

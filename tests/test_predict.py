@@ -12,18 +12,9 @@ import torch
 
 from app.serving.catalog import register
 from models.digits import EXAMPLE_ZERO
-from models.linear import MyModel
-from tests.helpers import LINEAR, WEIGHTS, make_settings, serve_in_process
+from tests.helpers import BUNDLED, LINEAR, SAMPLE, make_settings, serve_in_process
 
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
-
-
-def reference_linear(samples: list[list[float]]) -> list[list[float]]:
-    model = MyModel()
-    model.load_state_dict(torch.load(WEIGHTS / "linear.pth", weights_only=True))
-    with torch.inference_mode():
-        result: list[list[float]] = model(torch.tensor(samples)).tolist()
-    return result
+pytestmark = pytest.mark.app
 
 
 async def test_linear_predict_equals_the_model_forward_in_input_order(
@@ -34,7 +25,7 @@ async def test_linear_predict_equals_the_model_forward_in_input_order(
     assert response.status_code == 200
     body = response.json()
     assert body["model"] == "linear"
-    assert np.allclose(body["outputs"], reference_linear(samples), atol=1e-6)
+    assert np.allclose(body["outputs"], BUNDLED.outputs(samples), atol=1e-6)
     assert response.headers["X-Model-Version"] == body["version"]
 
 

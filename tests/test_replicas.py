@@ -3,252 +3,132 @@ the version activated (or rolled back) on any of them, without failing a request
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import secrets
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from app.state.blobs import FolderBlobStore
 from app.state.database import VersionDatabase
-from models.linear import MyModel
-from tests.helpers import WEIGHTS, ServerProcess, replicas
+from tests.helpers import (
+    BUNDLED,
+    SAMPLE,
+    TOKEN,
+    PredictLoad,
+    ServerProcess,
+    Weights,
+    all_serve,
+    described,
+    linear_weights,
+    predict,
+    replicas,
+    rollback,
+    upload,
+    wait_until,
+)
 
-TOKEN = secrets.token_urlsafe(32)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SAMPLE = [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0], [1.0] * 10]
+pytestmark = pytest.mark.process
+
+BATCH = [SAMPLE, [1.0] * 10]
 SYNC_INTERVAL_S = 0.5
 FOLLOW_WITHIN_S = 5.0
 """The sync interval plus a generous margin for loading and checking the new version."""
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A linear state_dict file: its bytes, identity and output on SAMPLE."""
-
-    data: bytes
-    sha256: str
-    outputs: list[list[float]]
-
-    @property
-    def version(self) -> str:
-        return self.sha256[:12]
-
-
-def weights_of(path: Path) -> Weights:
-    model = MyModel().eval()
-    model.load_state_dict(torch.load(path, weights_only=True))
-    with torch.inference_mode():
-        outputs: list[list[float]] = model(torch.tensor(SAMPLE)).tolist()
-    data = path.read_bytes()
-    return Weights(data, hashlib.sha256(data).hexdigest(), outputs)
-
-
-def seeded(tmp_path: Path, seed: int) -> Weights:
-    torch.manual_seed(seed)
-    path = tmp_path / f"seed{seed}.pth"
-    torch.save(MyModel().state_dict(), path)
-    return weights_of(path)
-
-
 REPLICA_ENV = {
     "MODELPORT_SYNC_INTERVAL_S": str(SYNC_INTERVAL_S),
     "MODELPORT_ADMIN_TOKEN": TOKEN,
 }
 
 
-def upload(server: ServerProcess, weights: Weights) -> httpx.Response:
-    return httpx.put(
-        f"{server.url}/v1/models/linear/weights", content=weights.data, headers=AUTH, timeout=30
-    )
-
-
-def served(server: ServerProcess) -> dict[str, Any]:
-    info: dict[str, Any] = httpx.get(f"{server.url}/v1/models/linear", timeout=5).json()
-    return info
-
-
-def wait_until_all_serve(
-    servers: list[ServerProcess], version: str, timeout: float = FOLLOW_WITHIN_S
-) -> float:
+def followed(servers: list[ServerProcess], version: str) -> float:
     """Seconds until every replica describes ``version`` as the one it serves."""
-    started = time.monotonic()
-    while True:
-        versions = [served(server)["version"] for server in servers]
-        if all(v == version for v in versions):
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"replicas serve {versions}, not {version}, after {timeout}s")
-        time.sleep(0.05)
+    return wait_until(all_serve(servers, version), FOLLOW_WITHIN_S, f"all serving {version}")
 
 
-def predict(server: ServerProcess) -> tuple[str, str, list[list[float]]]:
-    response = httpx.post(
-        f"{server.url}/v1/models/linear/predict", json={"inputs": SAMPLE}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
-    return response.headers["X-Model-Version"], body["version"], body["outputs"]
+def traffic(servers: list[ServerProcess], clients_per_replica: int = 2) -> PredictLoad:
+    """Clients predicting BATCH on every replica in a loop, and probing its readiness."""
+    return PredictLoad(servers, clients_per_replica, batch=BATCH, probe_readiness=True)
 
 
-@dataclass(frozen=True)
-class Answer:
-    replica: int
-    status: int
-    version: str | None = None
-    header: str | None = None
-    outputs: list[list[float]] | None = None
+def under_traffic(
+    servers: list[ServerProcess], change: Callable[[], httpx.Response], version: str
+) -> tuple[httpx.Response, float, PredictLoad]:
+    """``change`` made while every replica serves traffic: its answer, the seconds until every
+    replica serves ``version``, and the traffic (which every client saw before the change and
+    after it, with that version)."""
+    with traffic(servers).running() as load:
+        load.wait_for()
+        answer = change()
+        followed_in = followed(servers, version)
+        load.wait_for(version)
+    return answer, followed_in, load
 
 
-class Traffic:
-    """Client threads predicting against every replica in a loop (and probing readiness),
-    recording every answer in order."""
-
-    def __init__(self, servers: list[ServerProcess], clients_per_replica: int = 2) -> None:
-        self.servers = servers
-        self.answers: list[list[Answer]] = []
-        self.not_ready: list[tuple[int, int]] = []
-        self._stop = threading.Event()
-        self._threads = []
-        for replica in range(len(servers)):
-            for _ in range(clients_per_replica):
-                answers: list[Answer] = []
-                self.answers.append(answers)
-                self._threads.append(
-                    threading.Thread(target=self._predict_loop, args=(replica, answers))
-                )
-            self._threads.append(threading.Thread(target=self._ready_loop, args=(replica,)))
-
-    def _predict_loop(self, replica: int, answers: list[Answer]) -> None:
-        with httpx.Client(base_url=self.servers[replica].url, timeout=10) as http:
-            while not self._stop.is_set():
-                try:
-                    response = http.post("/v1/models/linear/predict", json={"inputs": SAMPLE})
-                except httpx.HTTPError:
-                    answers.append(Answer(replica, 0))
-                    continue
-                if response.status_code != 200:
-                    answers.append(Answer(replica, response.status_code))
-                    continue
-                body = response.json()
-                header = response.headers.get("X-Model-Version")
-                answers.append(Answer(replica, 200, body["version"], header, body["outputs"]))
-
-    def _ready_loop(self, replica: int) -> None:
-        with httpx.Client(base_url=self.servers[replica].url, timeout=10) as http:
-            while not self._stop.is_set():
-                status = http.get("/health/ready").status_code
-                if status != 200:
-                    self.not_ready.append((replica, status))
-                time.sleep(0.02)
-
-    def seen_by(self, replica: int) -> list[Answer]:
-        return [a for answers in self.answers for a in answers if a.replica == replica]
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[Traffic]:
-        for thread in self._threads:
-            thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            for thread in self._threads:
-                thread.join()
-
-    def check(self, expected: dict[str, list[list[float]]], order: list[str] | None) -> None:
-        """No request failed, every answer came from a known version with exactly its outputs,
-        and each client saw the versions change only forward through ``order`` (when given)."""
-        every = [a for answers in self.answers for a in answers]
-        failed = [a for a in every if a.status != 200]
-        assert not failed, f"{len(failed)} of {len(every)} requests failed: {failed[:5]}"
-        assert not self.not_ready, f"readiness dropped: {self.not_ready[:5]}"
-        for replica in range(len(self.servers)):
-            assert len(self.seen_by(replica)) > 20, f"replica {replica} saw little traffic"
-        for answer in every:
-            assert answer.header == answer.version, answer
-            assert answer.version in expected, f"unknown version {answer.version}"
-            assert np.allclose(answer.outputs, expected[answer.version], atol=1e-6), (
-                f"replica {answer.replica}: outputs are not those of {answer.version}"
-            )
-        for answers in self.answers if order is not None else []:
-            positions = [order.index(str(a.version)) for a in answers]
-            assert positions == sorted(positions), "a replica went back to an older version"
+def serving(
+    servers: list[ServerProcess],
+) -> tuple[list[dict[str, Any]], list[tuple[str, list[list[float]]]]]:
+    """What each replica describes as the version it serves, and its predict of BATCH."""
+    return [described(server) for server in servers], [predict(s, BATCH) for s in servers]
 
 
-@pytest.fixture
-def bundled() -> Weights:
-    return weights_of(WEIGHTS / "linear.pth")
+def assert_all_serve(
+    infos: list[dict[str, Any]], answers: list[tuple[str, list[list[float]]]], weights: Weights
+) -> None:
+    """Every replica describes ``weights`` as the version it serves, and predicts with it."""
+    for info in infos:
+        assert info["version"] == weights.version
+        assert info["weights"]["sha256"] == weights.sha256
+    for version, outputs in answers:
+        assert version == weights.version
+        assert np.allclose(outputs, weights.outputs(BATCH), atol=1e-6)
 
 
 def test_a_version_uploaded_to_one_replica_is_served_by_all_within_the_interval(
-    tmp_path: Path, bundled: Weights
+    tmp_path: Path,
 ) -> None:
-    new = seeded(tmp_path, 11)
+    new = linear_weights(11)
     with replicas(tmp_path, 3, **REPLICA_ENV) as servers:
-        assert [served(s)["version"] for s in servers] == [bundled.version] * 3
-        with Traffic(servers).running() as traffic:
-            time.sleep(0.3)
-            uploaded = upload(servers[0], new)
-            followed_in = wait_until_all_serve(servers, new.version)
-            time.sleep(0.3)
-        infos = [served(server) for server in servers]
-        answers = [predict(server) for server in servers]
+        assert [described(s)["version"] for s in servers] == [BUNDLED.version] * 3
+        uploaded, followed_in, load = under_traffic(
+            servers, lambda: upload(servers[0], new.data), new.version
+        )
+        infos, answers = serving(servers)
 
     assert uploaded.status_code == 201, uploaded.text
     assert uploaded.json()["version"] == new.version
     assert followed_in < FOLLOW_WITHIN_S
-    for info in infos:
-        assert info["version"] == new.version
-        assert info["weights"]["sha256"] == new.sha256
-    for header, version, outputs in answers:
-        assert header == version == new.version
-        assert np.allclose(outputs, new.outputs, atol=1e-6)
-    traffic.check(
-        {bundled.version: bundled.outputs, new.version: new.outputs},
-        [bundled.version, new.version],
+    assert_all_serve(infos, answers, new)
+    load.check(
+        {BUNDLED.version: BUNDLED.outputs(BATCH), new.version: new.outputs(BATCH)},
+        [BUNDLED.version, new.version],
     )
     for replica in (1, 2):  # the followers served the old version, then the new one
-        assert {a.version for a in traffic.seen_by(replica)} == {bundled.version, new.version}
+        assert {a.version for a in load.seen_by(replica)} == {BUNDLED.version, new.version}
 
 
-def test_a_rollback_on_one_replica_is_followed_by_all(tmp_path: Path, bundled: Weights) -> None:
-    new = seeded(tmp_path, 12)
+def test_a_rollback_on_one_replica_is_followed_by_all(tmp_path: Path) -> None:
+    new = linear_weights(12)
     with replicas(tmp_path, 3, **REPLICA_ENV) as servers:
-        assert upload(servers[0], new).status_code == 201
-        wait_until_all_serve(servers, new.version)
-        with Traffic(servers).running() as traffic:
-            time.sleep(0.3)
-            rollback = httpx.post(
-                f"{servers[1].url}/v1/models/linear/rollback", headers=AUTH, timeout=30
-            )
-            followed_in = wait_until_all_serve(servers, bundled.version)
-            time.sleep(0.3)
-        infos = [served(server) for server in servers]
-        answers = [predict(server) for server in servers]
+        assert upload(servers[0], new.data).status_code == 201
+        followed(servers, new.version)
+        rolled_back, followed_in, load = under_traffic(
+            servers, lambda: rollback(servers[1]), BUNDLED.version
+        )
+        infos, answers = serving(servers)
 
-    assert rollback.status_code == 200, rollback.text
-    assert rollback.json()["version"] == bundled.version
+    assert rolled_back.status_code == 200, rolled_back.text
+    assert rolled_back.json()["version"] == BUNDLED.version
     assert followed_in < FOLLOW_WITHIN_S
+    assert_all_serve(infos, answers, BUNDLED)
     for info in infos:
-        assert info["version"] == bundled.version
-        assert info["weights"]["sha256"] == bundled.sha256
         assert info["previous_version"] == new.version, "the rollback target differs"
-    for header, version, outputs in answers:
-        assert header == version == bundled.version
-        assert np.allclose(outputs, bundled.outputs, atol=1e-6)
-    traffic.check(
-        {bundled.version: bundled.outputs, new.version: new.outputs},
-        [new.version, bundled.version],
+    load.check(
+        {BUNDLED.version: BUNDLED.outputs(BATCH), new.version: new.outputs(BATCH)},
+        [new.version, BUNDLED.version],
     )
 
 
@@ -261,7 +141,7 @@ def race_uploads(
 
     def send(index: int, server: ServerProcess) -> None:
         barrier.wait()
-        responses[index] = upload(server, weights[index])
+        responses[index] = upload(server, weights[index].data)
 
     threads = [threading.Thread(target=send, args=pair) for pair in enumerate((first, second))]
     for thread in threads:
@@ -272,28 +152,24 @@ def race_uploads(
 
 
 def test_uploads_racing_on_two_replicas_keep_the_store_whole_and_the_replicas_agreeing(
-    tmp_path: Path, bundled: Weights
+    tmp_path: Path,
 ) -> None:
-    rounds = [(seeded(tmp_path, 20 + 2 * r), seeded(tmp_path, 21 + 2 * r)) for r in range(3)]
+    rounds = [(linear_weights(20 + 2 * r), linear_weights(21 + 2 * r)) for r in range(3)]
     uploaded = [w for pair in rounds for w in pair]
     store = tmp_path / "store" / "linear"
     statuses, actives, follows, served_after = [], [], [], []
-    with replicas(tmp_path, 3, **REPLICA_ENV) as servers, Traffic(servers, 1).running() as traffic:
+    with replicas(tmp_path, 3, **REPLICA_ENV) as servers, traffic(servers, 1).running() as load:
         for pair in rounds:
             responses = race_uploads(servers[0], servers[1], pair)
             statuses.append([r.status_code for r in responses])
             assert [r.json()["version"] for r in responses] == [w.version for w in pair]
             active = authoritative(servers[1])
             actives.append(active)
-            follows.append(wait_until_all_serve(servers, active["version"]))
-            time.sleep(2 * SYNC_INTERVAL_S)  # and they stay there
-            served_after.append(
-                (
-                    authoritative(servers[0]),
-                    [served(server) for server in servers],
-                    [predict(server) for server in servers],
-                )
-            )
+            follows.append(followed(servers, active["version"]))
+            # and they stay there: what is checked is a stretch of two sync intervals, in
+            # which no replica may turn back (there is no event to wait for)
+            time.sleep(2 * SYNC_INTERVAL_S)
+            served_after.append((authoritative(servers[0]), *serving(servers)))
 
     by_version = {w.version: w for w in uploaded}
     assert statuses == [[201, 201]] * len(rounds)
@@ -303,14 +179,8 @@ def test_uploads_racing_on_two_replicas_keep_the_store_whole_and_the_replicas_ag
         assert active["version"] in {w.version for w in pair}, active
         assert followed_in < FOLLOW_WITHIN_S
         assert active_after == active
-        winner = by_version[active["version"]]
-        for info in infos:
-            assert info["version"] == winner.version
-            assert info["weights"]["sha256"] == winner.sha256
-        for header, version, outputs in answers:
-            assert header == version == winner.version
-            assert np.allclose(outputs, winner.outputs, atol=1e-6)
-    traffic.check({w.version: w.outputs for w in [bundled, *uploaded]}, order=None)
+        assert_all_serve(infos, answers, by_version[active["version"]])
+    load.check({w.version: w.outputs(BATCH) for w in [BUNDLED, *uploaded]}, order=None)
 
     assert list((store / "incoming").iterdir()) == [], "staged uploads were left behind"
     leftovers = [p.name for p in store.rglob("*") if p.name.endswith((".part", ".tmp"))]
@@ -329,5 +199,4 @@ def test_uploads_racing_on_two_replicas_keep_the_store_whole_and_the_replicas_ag
 
 def authoritative(server: ServerProcess) -> dict[str, str]:
     """The active version as the version database records it, asked of one replica."""
-    info = httpx.get(f"{server.url}/v1/models/linear", timeout=10).json()
-    return {"version": info["active_version"]}
+    return {"version": described(server)["active_version"]}

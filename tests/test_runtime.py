@@ -7,11 +7,14 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
 import torch
 from torch import nn
 
 from app.serving.catalog import register
 from tests.helpers import make_settings, serve_in_process
+
+pytestmark = pytest.mark.app
 
 
 @register("test-probe", input_shape=(2,), output_shape=(2,))

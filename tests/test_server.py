@@ -12,12 +12,23 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
-from tests.helpers import ROOT, ServerProcess, clean_env, free_port, run_server
+from models.digits import HELDOUT
+from tests.helpers import (
+    ROOT,
+    SAMPLE,
+    ServerProcess,
+    clean_env,
+    free_port,
+    run_server,
+    uvicorn_factory,
+    wait_until,
+)
+
+pytestmark = pytest.mark.process
 
 BUNDLED_CONFIG = ROOT / "modelport.toml"
-HELDOUT = ROOT / "models" / "data" / "digits_heldout.npz"
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
 
 
 def test_digits_heldout_split_over_http_is_at_least_95_percent_accurate(tmp_path: Path) -> None:
@@ -73,16 +84,9 @@ def test_garbage_over_a_real_socket_never_stops_the_process(tmp_path: Path) -> N
 def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
     port = free_port()
     env = clean_env(MODELPORT_CONFIG=str(BUNDLED_CONFIG), MODELPORT_STORE_DIR=str(tmp_path))
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "app.http.app:create_app",
-        "--port",
-        str(port),
-    ]
-    server = ServerProcess(args, env, port, tmp_path / "uvicorn.log")
+    server = ServerProcess(
+        uvicorn_factory("--port", str(port)), env, port, tmp_path / "uvicorn.log"
+    )
     try:
         server.wait_ready()
         response = httpx.post(f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
@@ -98,10 +102,9 @@ def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
                 f"{server.url}/v1/models/linear/predict", json={"inputs": [SAMPLE]}
             )
             assert response.status_code == 200
-        deadline = time.monotonic() + 60  # readiness answered once the first worker was up
-        while server.output().count("model digits serving version") < 2:
-            assert time.monotonic() < deadline, server.output()
-            time.sleep(0.1)
+        # readiness answered once the first worker was up; the second one loads too
+        loaded = "model digits serving version"
+        wait_until(lambda: server.output().count(loaded) >= 2, 60, "two workers", server=server)
 
 
 def test_launcher_flags_and_environment_choose_host_and_port(tmp_path: Path) -> None:
@@ -131,7 +134,9 @@ def test_a_small_answer_reaches_the_client_in_one_tcp_segment(tmp_path: Path) ->
             before = segments_received(raw)
             raw.sendall(PREDICT)
             read_until(raw, lambda data: data.endswith(b"]]}"))
-            time.sleep(0.02)  # any straggling segment counts too
+            # what is counted is every segment of the answer: this pause lets a straggling
+            # one arrive (its absence is the point, so there is no event to wait for)
+            time.sleep(0.02)
             segments.append(segments_received(raw) - before)
     assert sorted(segments)[len(segments) // 2] == 1, segments
 

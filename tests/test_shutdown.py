@@ -17,10 +17,20 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from models.bench import CNN
-from tests.helpers import LINEAR, ServerProcess, run_server, write_config
+from tests.helpers import (
+    LINEAR,
+    ServerProcess,
+    metric,
+    run_server,
+    saved,
+    seeded_state_dict,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.process
 
 SAMPLE_SHAPE = (3, 64, 64)
 BODY_SENT = "http11.send_request_body.complete"
@@ -30,9 +40,8 @@ BODY_SENT = "http11.send_request_body.complete"
 @pytest.fixture
 def cnn_weights(tmp_path: Path) -> Path:
     """Seeded bench-cnn weights: about 5 ms of forward per sample on one torch thread."""
-    torch.manual_seed(7)
     path = tmp_path / "cnn.pth"
-    torch.save(CNN().state_dict(), path)
+    path.write_bytes(saved(seeded_state_dict(7, CNN)))
     return path
 
 
@@ -135,23 +144,20 @@ class InFlight:
 
 def queue_depth(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "modelport_queue_depth":
-            return sum(s.value for s in family.samples if s.labels.get("model") == "cnn")
-    return 0.0
+    return metric(text, "modelport_queue_depth", missing=0.0, model="cnn")
 
 
 def wait_until_queued(url: str, load: InFlight, workers: int, timeout: float = 10.0) -> None:
     """Until every request has been received: all bodies sent, and all but the ones in a
     forward (one per worker) or already answered are waiting in the queue."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if load.all_sent:
-            depth = queue_depth(url)
-            if depth >= 1 and depth + load.finished + workers >= len(load.inputs):
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"requests not in flight after {timeout}s: {load.finished} finished")
+
+    def received() -> bool:
+        if not load.all_sent:
+            return False
+        depth = queue_depth(url)
+        return depth >= 1 and depth + load.finished + workers >= len(load.inputs)
+
+    wait_until(received, timeout, f"requests in flight ({load.finished} finished)")
 
 
 def sigterm(server: ServerProcess) -> float:
@@ -171,11 +177,16 @@ def assert_refused_as_draining(response: httpx.Response) -> None:
     assert int(response.headers["Retry-After"]) >= 1
 
 
-def assert_all_answered_correctly(
-    load: InFlight, expected: list[np.ndarray], indices: list[int]
+def assert_drained(
+    load: InFlight, weights: Path, status: int | None, exited_after: float, grace_s: float, log: str
 ) -> None:
-    for index in indices:
-        answer = load.answers[index]
+    """The process exited 0 within the grace period, and every request sent before the
+    signal was answered, with its right outputs."""
+    assert status == 0, log
+    assert exited_after < grace_s
+    assert sorted(load.answers) == list(range(len(load.inputs)))
+    expected = expected_outputs(weights, load.inputs)
+    for index, answer in load.answers.items():
         assert isinstance(answer, httpx.Response), f"request {index} lost: {answer!r}"
         assert answer.status_code == 200, f"request {index}: {answer.status_code} {answer.text}"
         outputs = np.asarray(answer.json()["outputs"], dtype=np.float32)
@@ -206,10 +217,7 @@ def test_sigterm_under_load_turns_unready_refuses_new_work_and_finishes_every_ac
     assert ready.json()["ready"] is False
     assert_refused_as_draining(refused)
     assert finished_during_checks < len(inputs), "the checks ran after the work had finished"
-    assert status == 0, log
-    assert exited_after < grace_s
-    assert sorted(load.answers) == list(range(len(inputs)))
-    assert_all_answered_correctly(load, expected_outputs(cnn_weights, inputs), list(load.answers))
+    assert_drained(load, cnn_weights, status, exited_after, grace_s, log)
 
 
 def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
@@ -218,22 +226,25 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
     grace_s = 20.0
     inputs = batches(10, 64)
     with run_server(tmp_path, cnn_config, "--workers", "2", env=server_env(grace_s)) as server:
-        deadline = time.monotonic() + 60
-        while server.output().count("Application startup complete") < 2:
-            assert time.monotonic() < deadline, server.output()
-            time.sleep(0.1)
+        started = "Application startup complete"
+        wait_until(lambda: server.output().count(started) >= 2, 60, "two workers", server=server)
         with InFlight(server.url, inputs).running() as load:
             wait_until_queued(server.url, load, workers=2)
             signalled = sigterm(server)
             # the supervisor passes the signal on from its next check, within a fraction of a second
-            readiness = []
-            while time.monotonic() - signalled < 2:
+            readiness: list[httpx.Response] = []
+
+            def unready(probes: int) -> bool:
+                """The last ``probes`` readiness answers, each on a new connection (to either
+                worker), were all 503."""
                 readiness.append(httpx.get(f"{server.url}/health/ready", timeout=5))
-                if readiness[-1].status_code == 503:
-                    break
-                time.sleep(0.02)
+                return all(r.status_code == 503 for r in readiness[-probes:])
+
+            wait_until(lambda: unready(1), 2, "a worker draining")
             unready_after = time.monotonic() - signalled
-            time.sleep(0.2)  # both workers have had the signal by now
+            # and both: 8 new connections in a row all miss a worker that still serves with a
+            # chance of 1 in 256
+            wait_until(lambda: unready(8) and len(readiness) >= 8, 5, "both workers draining")
             refused = [raw_predict(server.url, inputs[0][:1]) for _ in range(4)]
             again = httpx.get(f"{server.url}/health/ready", timeout=5)
             finished_during_checks = load.finished
@@ -250,10 +261,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
     for response in refused:
         assert_refused_as_draining(response)
     assert finished_during_checks < len(inputs), "the checks ran after the work had finished"
-    assert status == 0, log
-    assert exited_after < grace_s
-    assert sorted(load.answers) == list(range(len(inputs)))
-    assert_all_answered_correctly(load, expected_outputs(cnn_weights, inputs), list(load.answers))
+    assert_drained(load, cnn_weights, status, exited_after, grace_s, log)
 
 
 def test_work_beyond_a_short_grace_period_does_not_hold_the_process_past_it(
@@ -307,7 +315,7 @@ def test_a_burst_of_signals_never_leaves_the_launcher_hanging(tmp_path: Path, wo
         with contextlib.suppress(ProcessLookupError):
             for _ in range(5000):  # ~0.5 s: some land while the first handler runs
                 os.kill(server.process.pid, signal.SIGTERM)
-                time.sleep(0.0001)
+                time.sleep(0.0001)  # the burst's pace (what is tested), not a wait
         status = wait_exit(server, 20)
         log = server.output()
     assert status is not None, f"still running 20 s after the signals:\n{log}"

@@ -18,6 +18,8 @@ from app.state.incoming import IncomingFolder, StagedUpload
 from app.state.legacy import import_legacy_store
 from app.state.records import VersionRecord, version_id
 
+pytestmark = pytest.mark.unit
+
 MODEL = "linear"
 
 

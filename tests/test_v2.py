@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import secrets
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,23 +20,24 @@ from torch import nn
 from tritonclient.utils import InferenceServerException
 
 from app.serving.catalog import register
-from models.linear import MyModel
 from tests.helpers import (
+    AUTH,
+    BROKEN,
+    BUNDLED,
     DIGITS,
     LINEAR,
-    WEIGHTS,
+    SAMPLE,
+    TOKEN,
     ServerProcess,
+    linear_weights,
     make_settings,
     run_server,
     serve_in_process,
+    upload,
     write_config,
 )
 
-TOKEN = secrets.token_urlsafe(32)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HEADER = "Inference-Header-Content-Length"
-# Every value is exact in FP16 and BF16, so each datatype must give the FP32 answer.
-SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
 INTEGERS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
@@ -57,20 +57,6 @@ class BoolSum(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() * self.weight).sum(dim=1, keepdim=True)
-
-
-def linear_output(batch: list[list[float]], weights: Path = WEIGHTS / "linear.pth") -> np.ndarray:
-    """What the linear model computes on ``batch``, outside the server."""
-    model = MyModel().eval()
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    with torch.inference_mode():
-        return model(torch.tensor(batch, dtype=torch.float32)).numpy()
-
-
-def seeded_linear(path: Path, seed: int) -> bytes:
-    torch.manual_seed(seed)
-    torch.save(MyModel().state_dict(), path)
-    return path.read_bytes()
 
 
 def tensor(data: Any, datatype: str = "FP32", shape: list[int] | None = None) -> dict[str, Any]:
@@ -129,9 +115,9 @@ async def test_health_answers_200_with_the_json_bodies_both_official_clients_rea
     assert (model_ready.status_code, model_ready.json()) == (200, {"name": "digits", "ready": True})
 
 
+@pytest.mark.app
 async def test_a_model_that_cannot_serve_answers_503_with_an_error(tmp_path: Path) -> None:
-    broken = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
-    async with serve_in_process(make_settings(tmp_path, LINEAR, broken)) as client:
+    async with serve_in_process(make_settings(tmp_path, LINEAR, BROKEN)) as client:
         ready = await client.get("/v2/health/ready")
         model_ready = await client.get("/v2/models/broken/ready")
         healthy = await client.get("/v2/models/linear/ready")
@@ -182,7 +168,7 @@ async def test_json_inference_echoes_the_id_and_names_the_model_and_version(
     assert (body["model_name"], body["model_version"]) == ("linear", version)
     [output] = body["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("output", "FP32", [2, 2])
-    assert np.allclose(np.reshape(output["data"], (2, 2)), linear_output(batch), atol=1e-6)
+    assert np.allclose(np.reshape(output["data"], (2, 2)), BUNDLED.outputs(batch), atol=1e-6)
 
 
 @pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32", "FP64"])
@@ -194,7 +180,7 @@ async def test_every_float_datatype_is_accepted_as_json_and_as_binary(
     response = await client.post("/v2/models/linear/infer", content=body, headers=headers)
     assert response.status_code == 200, response.text
     data = response.json()["outputs"][0]["data"]
-    assert np.allclose(np.reshape(data, (1, 2)), linear_output([SAMPLE]), atol=1e-6)
+    assert np.allclose(np.reshape(data, (1, 2)), BUNDLED.outputs([SAMPLE]), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -208,7 +194,7 @@ async def test_every_integer_datatype_is_accepted_as_json_and_as_binary(
     response = await client.post("/v2/models/linear/infer", content=body, headers=headers)
     assert response.status_code == 200, response.text
     data = response.json()["outputs"][0]["data"]
-    assert np.allclose(np.reshape(data, (1, 2)), linear_output([INTEGERS]), atol=1e-5)
+    assert np.allclose(np.reshape(data, (1, 2)), BUNDLED.outputs([INTEGERS]), atol=1e-5)
 
 
 def _request(batch: list[list[Any]], datatype: str, encoding: str) -> tuple[bytes, dict[str, str]]:
@@ -241,7 +227,7 @@ async def test_outputs_are_binary_as_binary_data_output_and_binary_data_ask(
     response = await client.post("/v2/models/linear/infer", json=request)
     header, tail = split(response)
     [output] = header["outputs"]
-    expected = linear_output([SAMPLE, SAMPLE])
+    expected = BUNDLED.outputs([SAMPLE, SAMPLE])
     assert response.status_code == 200
     if binary:
         assert response.headers["content-type"] == "application/octet-stream"
@@ -262,7 +248,7 @@ async def test_a_raw_binary_body_is_one_sample_and_answers_binary(
     assert response.status_code == 200
     assert header["model_name"] == "linear"
     assert header["outputs"][0]["shape"] == [1, 2]
-    assert np.allclose(np.frombuffer(tail, "<f4"), linear_output([SAMPLE])[0], atol=1e-6)
+    assert np.allclose(np.frombuffer(tail, "<f4"), BUNDLED.outputs([SAMPLE])[0], atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +266,7 @@ async def test_gzip_and_deflate_bodies_are_inflated_with_or_without_a_content_ty
         )
         assert response.status_code == 200, response.text
         data = response.json()["outputs"][0]["data"]
-        assert np.allclose(data, linear_output([SAMPLE])[0], atol=1e-6)
+        assert np.allclose(data, BUNDLED.outputs([SAMPLE])[0], atol=1e-6)
 
 
 async def test_a_body_that_inflates_past_the_limit_is_refused(client: httpx.AsyncClient) -> None:
@@ -369,6 +355,7 @@ async def test_unknown_models_and_versions_answer_404(client: httpx.AsyncClient,
     assert infer.status_code == 404
 
 
+@pytest.mark.app
 async def test_bool_tensors_reach_a_model_that_takes_them(tmp_path: Path) -> None:
     torch.save(BoolSum().state_dict(), tmp_path / "bool.pth")
     model = {"name": "flags", "class": "v2-bool-sum", "weights": str(tmp_path / "bool.pth")}
@@ -391,12 +378,16 @@ async def test_bool_tensors_reach_a_model_that_takes_them(tmp_path: Path) -> Non
     assert "takes booleans" in numbers.json()["error"]
 
 
+@pytest.mark.app
 async def test_version_routes_serve_a_stored_version_loaded_on_demand(tmp_path: Path) -> None:
-    data = seeded_linear(tmp_path / "v1.pth", seed=1)
+    one = linear_weights(1)
     request = {"inputs": [tensor([SAMPLE])]}
     async with serve_in_process(make_settings(tmp_path, LINEAR, admin_token=TOKEN)) as client:
         stored = await client.put(
-            "/v1/models/linear/weights", content=data, headers=AUTH, params={"activate": "false"}
+            "/v1/models/linear/weights",
+            content=one.data,
+            headers=AUTH,
+            params={"activate": "false"},
         )
         version = stored.json()["version"]
         metadata = await client.get("/v2/models/linear")
@@ -415,11 +406,12 @@ async def test_version_routes_serve_a_stored_version_loaded_on_demand(tmp_path: 
     assert ready.json() == {"name": "linear", "ready": True}
     assert pinned.json()["model_version"] == version
     pinned_data = pinned.json()["outputs"][0]["data"]
-    assert np.allclose(pinned_data, linear_output([SAMPLE], tmp_path / "v1.pth")[0], atol=1e-6)
+    assert np.allclose(pinned_data, one.outputs([SAMPLE])[0], atol=1e-6)
     assert active.json()["model_version"] != version
-    assert np.allclose(active.json()["outputs"][0]["data"], linear_output([SAMPLE])[0], atol=1e-6)
+    assert np.allclose(active.json()["outputs"][0]["data"], BUNDLED.outputs([SAMPLE])[0], atol=1e-6)
 
 
+@pytest.mark.app
 async def test_the_api_token_guards_inference_and_metadata_but_not_health(
     tmp_path: Path,
 ) -> None:
@@ -453,6 +445,7 @@ def triton_client(server: ServerProcess) -> Iterator[triton.InferenceServerClien
     client.close()
 
 
+@pytest.mark.process
 def test_tritonclient_reads_health_readiness_and_metadata(
     triton_client: triton.InferenceServerClient,
 ) -> None:
@@ -466,6 +459,7 @@ def test_tritonclient_reads_health_readiness_and_metadata(
     assert metadata["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("datatype", "binary_input"),
     [("FP32", True), ("FP32", False), ("FP16", True), ("FP16", False), ("BF16", True)],
@@ -487,9 +481,10 @@ def test_tritonclient_infers_with_json_and_binary_tensors(
     assert (response["model_name"], response["id"]) == ("linear", "7")
     assert response["model_version"]
     assert ("parameters" in response["outputs"][0]) is binary_output
-    assert np.allclose(result.as_numpy("output"), linear_output(batch.tolist()), atol=1e-5)
+    assert np.allclose(result.as_numpy("output"), BUNDLED.outputs(batch.tolist()), atol=1e-5)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("compression", ["gzip", "deflate"])
 def test_tritonclient_compressed_requests_and_default_binary_outputs(
     triton_client: triton.InferenceServerClient, compression: str
@@ -497,9 +492,10 @@ def test_tritonclient_compressed_requests_and_default_binary_outputs(
     tensor_in = triton.InferInput("input", [1, 10], "FP32")
     tensor_in.set_data_from_numpy(np.array([SAMPLE], np.float32))
     result = triton_client.infer("linear", [tensor_in], request_compression_algorithm=compression)
-    assert np.allclose(result.as_numpy("output"), linear_output([SAMPLE]), atol=1e-6)
+    assert np.allclose(result.as_numpy("output"), BUNDLED.outputs([SAMPLE]), atol=1e-6)
 
 
+@pytest.mark.process
 def test_tritonclient_errors_carry_the_server_message(
     triton_client: triton.InferenceServerClient,
 ) -> None:
@@ -515,17 +511,12 @@ def test_tritonclient_errors_carry_the_server_message(
     assert "no model named 'nope'" in str(unknown.value.message())
 
 
+@pytest.mark.process
 def test_tritonclient_versioned_request_is_served_by_that_version(
-    server: ServerProcess, triton_client: triton.InferenceServerClient, tmp_path: Path
+    server: ServerProcess, triton_client: triton.InferenceServerClient
 ) -> None:
-    data = seeded_linear(tmp_path / "v2.pth", seed=2)
-    stored = httpx.put(
-        f"{server.url}/v1/models/linear/weights",
-        content=data,
-        headers=AUTH,
-        params={"activate": "false"},
-        timeout=30,
-    )
+    two = linear_weights(2)
+    stored = upload(server, two.data, activate="false")
     version = stored.json()["version"]
     tensor_in = triton.InferInput("input", [1, 10], "FP16")
     tensor_in.set_data_from_numpy(np.array([SAMPLE], np.float16))
@@ -538,6 +529,6 @@ def test_tritonclient_versioned_request_is_served_by_that_version(
     assert not triton_client.is_model_ready("linear", model_version="0123456789ab")
     assert version in triton_client.get_model_metadata("linear", model_version=version)["versions"]
     assert pinned.get_response()["model_version"] == version
-    expected = linear_output([SAMPLE], tmp_path / "v2.pth")
+    expected = two.outputs([SAMPLE])
     assert np.allclose(pinned.as_numpy("output"), expected, atol=1e-6)
     assert active.get_response()["model_version"] != version

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
-import shlex
 import struct
 import zipfile
 from pathlib import Path
@@ -36,9 +34,9 @@ from app.serving.weights import (
     read_state_dict,
     strip_wrapper_prefixes,
 )
-from tests.helpers import WEIGHTS, spec_named
+from tests.helpers import CPU, WEIGHTS, RunsCodeWhenUnpickled, spec_named
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -271,16 +269,6 @@ def test_safetensors_with_a_corrupt_header_is_unreadable(
 
 
 # --- files that must never run code ------------------------------------------------------------
-
-
-class RunsCodeWhenUnpickled:
-    """Pickles as a call to os.system; unpickling it would create ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
 def test_whole_pickled_model_is_refused_with_state_dict_advice(

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
 from app.client import DEFAULT_URL, ModelportClient, ModelportClientError
+from app.client.images import image_sample
 
 
 class CliSettings(BaseSettings):
@@ -55,12 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the server (flags override MODELPORT_* env)")
-    serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--config", help="TOML file of served models")
-    serve.add_argument("--workers", type=int, help="server processes (default 1)")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    # The launcher (python -m app) declares and reads the serve flags: `serve --help` lists them.
+    commands.add_parser("serve", add_help=False, help="run the server: python -m app [FLAGS]")
 
     predict = commands.add_parser(
         "predict", parents=[common], help="run inputs from a file through a model"
@@ -72,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help='.json (samples, one sample, or {"inputs": ...}), .npy, or an image (PNG, JPEG) '
-        "for models that register an image_to_input hook",
+        "for models whose description has an image_input",
     )
 
     upload = commands.add_parser(
@@ -103,9 +102,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; 0 on success, 1 on failure, 2 on a usage error."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        _serve(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = CliSettings()
     secret = settings.admin_token or settings.api_token
     token = args.token or (secret.get_secret_value() if secret else None)
@@ -117,17 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from app.__main__ import main as launch  # the server's imports are for this command only
-
-    flags = ("host", "port", "config", "workers", "log_level")
-    argv = [
-        item
-        for name in flags
-        if getattr(args, name) is not None
-        for item in (f"--{name.replace('_', '-')}", str(getattr(args, name)))
-    ]
-    return launch(argv)
+def _serve(flags: list[str]) -> NoReturn:
+    """Become the launcher, ``python -m app FLAGS`` (this process: signals reach the server
+    as they would this command). ``-P``: the working folder, left off this command's import
+    path, stays off the server's too."""
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "app", *flags])
 
 
 def _print(args: argparse.Namespace, answer: Any, text: str) -> None:
@@ -156,7 +152,7 @@ def read_inputs(path: Path, model: dict[str, Any]) -> Any:
         elif suffix == ".npy":
             data = np.load(path, allow_pickle=False).tolist()
         else:
-            return [image_sample(path, model)]
+            return [_image_sample(path, model)]
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read {path}: {exc}") from None
     try:
@@ -166,24 +162,15 @@ def read_inputs(path: Path, model: dict[str, Any]) -> Any:
     return [data] if list(shape) == model["input_shape"] else data
 
 
-def image_sample(path: Path, model: dict[str, Any]) -> Any:
-    """One sample from an image, by the model class's registered ``image_to_input`` hook."""
-    from PIL import Image, UnidentifiedImageError
-
-    from app.serving.catalog import discover, get_spec
-
-    discover()
-    spec = get_spec(model["class"])
-    if spec is None or spec.image_to_input is None:
-        raise CliError(
-            f"model {model['name']!r} takes no images (class {model['class']!r} registers no "
-            "image_to_input hook); send a .json or .npy file"
-        )
+def _image_sample(path: Path, model: dict[str, Any]) -> Any:
+    """One sample from a picture file, by the recipe the model's description states."""
     try:
         with Image.open(path) as image:
-            return spec.image_to_input(image)
+            return image_sample(image, model)
     except UnidentifiedImageError:
         raise CliError(f"cannot read {path}: not .json, .npy or an image") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _upload(client: ModelportClient, args: argparse.Namespace) -> int:

@@ -11,31 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.codecs.arrays import decimal
+from app.codecs.dtypes import BY_NAME, BY_TORCH, from_wire, name_of, to_wire
+from app.codecs.text import decimal
 from app.errors import BadRequest
 
 SHAPE_HEADER = "X-Tensor-Shape"
 DTYPE_HEADER = "X-Tensor-Dtype"
 RAW = "application/octet-stream"
 NPY = "application/x-npy"
-BFLOAT16 = "bfloat16"
-
-_NUMPY: dict[str, np.dtype[Any]] = {
-    name: np.dtype(code)
-    for name, code in {
-        "float16": "<f2",
-        "float32": "<f4",
-        "float64": "<f8",
-        "uint8": "u1",
-        "int8": "i1",
-        "int16": "<i2",
-        "int32": "<i4",
-        "int64": "<i8",
-        "bool": "?",
-    }.items()
-}
-DTYPES = [*_NUMPY, BFLOAT16]
-"""Every dtype the binary path reads and writes."""
 MAX_DIMS = 32
 """Most dimensions a binary tensor may declare (numpy itself stops at 64)."""
 _NPY_HEADER_READERS: dict[
@@ -66,22 +49,16 @@ def decode_raw(data: bytes, dtype: str | None, shape: tuple[int, ...]) -> np.nda
     in place: the shape must account for the body's bytes exactly."""
     if dtype is None:
         raise BadRequest(f"a raw tensor body needs the {DTYPE_HEADER} header, e.g. 'float32'")
-    wire = np.dtype("<u2") if dtype == BFLOAT16 else _NUMPY.get(dtype)
-    if wire is None:
-        raise BadRequest(f"unknown {DTYPE_HEADER} {dtype[:40]!r}; supported: {', '.join(DTYPES)}")
-    expected = math.prod(shape) * wire.itemsize
+    entry = BY_NAME.get(dtype)
+    if entry is None:
+        supported = ", ".join(BY_NAME)
+        raise BadRequest(f"unknown {DTYPE_HEADER} {dtype[:40]!r}; supported: {supported}")
+    expected = math.prod(shape) * entry.wire.itemsize
     if len(data) != expected:
         raise BadRequest(
             f"the body has {len(data)} bytes; shape {list(shape)} of {dtype} needs {expected}"
         )
-    array = np.frombuffer(data, dtype=wire).reshape(shape)
-    return widen_bfloat16(array) if dtype == BFLOAT16 else array
-
-
-def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> the same values as float32, exactly: a bfloat16 is
-    the upper half of a float32."""
-    return (bits.astype("<u4") << 16).view("<f4")
+    return from_wire(data, entry, shape)
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -111,21 +88,11 @@ def decode_npy(data: bytes) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran_order else "C")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """A CPU tensor's values as little-endian row-major bytes (bfloat16: its bit patterns)."""
-    tensor = tensor.contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.uint16).numpy().astype("<u2", copy=False).tobytes()
-    array = tensor.numpy()
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
 def encode_raw(tensor: torch.Tensor) -> tuple[bytes, str]:
     """A CPU tensor -> its little-endian bytes and dtype name."""
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise BadRequest(f"the output dtype {name} has no binary encoding; ask for JSON")
-    return tensor_bytes(tensor), name
+    if tensor.dtype not in BY_TORCH:
+        raise BadRequest(f"the output dtype {name_of(tensor.dtype)} has no binary encoding")
+    return to_wire(tensor), name_of(tensor.dtype)
 
 
 def encode_npy(tensor: torch.Tensor) -> bytes:

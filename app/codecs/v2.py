@@ -13,57 +13,23 @@ import orjson
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from app.codecs.arrays import check_numeric, decimal, parse_json
-from app.codecs.binary import MAX_DIMS, tensor_bytes, widen_bfloat16
-from app.errors import BadRequest, InvalidInput, PayloadTooLarge
+from app.codecs.arrays import check_numeric
+from app.codecs.binary import MAX_DIMS
+from app.codecs.dtypes import BY_V2, DType, from_wire, of_torch, to_wire
+from app.codecs.text import decimal, parse_json
+from app.errors import BadRequest, InvalidInput, PayloadTooLarge, describe_problems
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
 PLATFORM = "pytorch_statedict"
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-_NUMPY: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-"""Wire datatypes numpy holds natively; BF16 (which numpy lacks) travels as float32 here."""
-
-_TORCH: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "UINT8",
-    torch.uint16: "UINT16",
-    torch.uint32: "UINT32",
-    torch.uint64: "UINT64",
-    torch.int8: "INT8",
-    torch.int16: "INT16",
-    torch.int32: "INT32",
-    torch.int64: "INT64",
-    torch.float16: "FP16",
-    torch.bfloat16: "BF16",
-    torch.float32: "FP32",
-    torch.float64: "FP64",
-}
-DATATYPES = [*_NUMPY, "BF16", "BYTES"]
+DATATYPES = [*BY_V2, "BYTES"]
 _KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "floating-point numbers"}
 
 
 def datatype_of(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``FP32``."""
-    try:
-        return _TORCH[dtype]
-    except KeyError:
-        raise TypeError(f"{dtype} has no Open Inference Protocol datatype") from None
+    return of_torch(dtype).v2
 
 
 class TensorMetadata(BaseModel):
@@ -255,11 +221,8 @@ def _parse_header(data: bytes) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate(parsed)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()
-        ]
-        raise InvalidInput(f"invalid inference request: {'; '.join(problems)}") from None
+        problems = describe_problems(exc.errors())
+        raise InvalidInput(f"invalid inference request: {problems}") from None
 
 
 def _check_shape(shape: list[int], name: str) -> int:
@@ -270,15 +233,13 @@ def _check_shape(shape: list[int], name: str) -> int:
     return math.prod(shape)
 
 
-def _wire_dtype(datatype: str, name: str) -> np.dtype[Any]:
-    if datatype == "BF16":
-        return np.dtype("<u2")
+def _dtype(datatype: str, name: str) -> DType:
     if datatype == "BYTES":
         raise InvalidInput(
             f"input {name!r} is BYTES; this model takes numeric tensors (see its metadata)"
         )
     try:
-        return _NUMPY[datatype]
+        return BY_V2[datatype]
     except KeyError:
         raise InvalidInput(
             f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}"
@@ -288,69 +249,72 @@ def _wire_dtype(datatype: str, name: str) -> np.dtype[Any]:
 def from_bytes(raw: bytes | memoryview, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """Little-endian row-major bytes -> an array of ``shape`` (BF16 widened to float32)."""
     count = _check_shape(shape, name)
-    wire = _wire_dtype(datatype, name)
-    if len(raw) != count * wire.itemsize:
+    dtype = _dtype(datatype, name)
+    if len(raw) != count * dtype.wire.itemsize:
         raise InvalidInput(
-            f"input {name!r}: shape {shape} of {datatype} needs {count * wire.itemsize} bytes; "
-            f"received {len(raw)}"
+            f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.wire.itemsize} "
+            f"bytes; received {len(raw)}"
         )
-    array = np.frombuffer(raw, np.uint8 if datatype == "BOOL" else wire)
-    if datatype == "BOOL":
-        array = array != 0
-    elif datatype == "BF16":
-        array = widen_bfloat16(array)
-    return array.reshape(shape)
+    return from_wire(raw, dtype, tuple(shape))
 
 
 def from_json(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """Flat or nested JSON values -> an array of ``shape`` in ``datatype`` (BF16 as float32)."""
     count = _check_shape(shape, name)
-    wire = np.dtype(np.float32) if datatype == "BF16" else _wire_dtype(datatype, name)
+    held = _dtype(datatype, name).held
     check_numeric(data, f"input {name!r}")
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input {name!r}: 'data' is ragged or malformed") from None
     if array.size == 0:
-        array = array.astype(wire)
-    allowed = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}[wire.kind]
+        array = array.astype(held)
+    allowed = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}[held.kind]
     if array.dtype.kind not in allowed:
-        expected = {"b": "booleans", "f": "numbers"}.get(wire.kind, "integers")
+        expected = {"b": "booleans", "f": "numbers"}.get(held.kind, "integers")
         received = _KINDS.get(array.dtype.kind, "mixed or non-numeric values")
         raise InvalidInput(f"input {name!r}: {datatype} data must hold {expected}; got {received}")
     if array.size != count:
         raise InvalidInput(
             f"input {name!r}: shape {shape} holds {count} values; 'data' holds {array.size}"
         )
-    if wire.kind in "iu" and array.size:
-        info = np.iinfo(wire.str)
+    if held.kind in "iu" and array.size:
+        info = np.iinfo(held)
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(
                 f"input {name!r}: values must lie in [{info.min}, {info.max}] for {datatype}"
             )
     with np.errstate(over="ignore", invalid="ignore"):
-        return array.astype(wire).reshape(shape)
+        return array.astype(held).reshape(shape)
 
 
 def encode_response(
-    response: InferenceResponse, tensors: list[tuple[ResponseOutput, torch.Tensor, bool]]
+    model: str, version: str, request_id: str | None, tensors: list[tuple[str, torch.Tensor, bool]]
 ) -> tuple[bytes, int | None]:
-    """The body of an inference answer and, when some output is binary, its JSON header length.
+    """The body of an inference answer (an :class:`InferenceResponse` with ``tensors`` as its
+    outputs) and, when some output is binary, its JSON header length.
 
-    Each tensor goes as JSON ``data`` or, when its flag is set, as raw bytes after the header
-    in output order, with ``parameters.binary_data_size``.
+    Each named tensor goes as JSON ``data`` or, when its flag is set, as raw bytes after the
+    header in output order, with ``parameters.binary_data_size``. Written as plain dicts: the
+    pydantic models describe the answer, building them would double the cost of a small one.
     """
     chunks: list[bytes] = []
-    for meta, tensor, binary in tensors:
+    outputs: list[dict[str, Any]] = []
+    for name, tensor, binary in tensors:
+        output: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(tensor.dtype),
+            "shape": list(tensor.shape),
+        }
         if binary:
-            chunk = tensor_bytes(tensor)
-            meta.parameters = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
+            chunks.append(to_wire(tensor))
+            output["parameters"] = {"binary_data_size": len(chunks[-1])}
         else:
             values = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
-            meta.data = values.reshape(-1).tolist()
-        response.outputs.append(meta)
-    header = orjson.dumps(response.model_dump(exclude_none=True))
+            output["data"] = values.reshape(-1).tolist()
+        outputs.append(output)
+    answer = {"model_name": model, "model_version": version, "id": request_id}
+    header = orjson.dumps({k: v for k, v in answer.items() if v is not None} | {"outputs": outputs})
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)

@@ -16,15 +16,19 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings, load_service_config, settings_error_line
-from app.errors import ConfigError, install_error_handlers
+from app.errors import ConfigError
+from app.http.answers import install_error_handlers
+from app.http.endpoint import InferenceEndpoint
+from app.http.inference_docs import add_inference_paths
+from app.http.native import NativePredict
 from app.http.observer import RequestObserver
-from app.http.openapi import add_components, describe_shared_answers
-from app.http.predict import PredictEndpoint
+from app.http.openapi import describe_shared_answers
 from app.http.routes import admin, health, models, v2
-from app.http.routes.predict import add_predict_paths
 from app.http.shutdown import ShutdownGate
+from app.http.v2_infer import V2Infer
 from app.observability.logs import AccessLog, configure_logging
 from app.observability.metrics import Metrics
+from app.serving.inference import InferenceService
 from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -59,11 +63,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        registry.close()
+        await asyncio.to_thread(registry.close)  # waits for each batch in progress
 
 
 class ModelportAPI(FastAPI):
-    """FastAPI, with the request observer, the shutdown gate and the predict hot path in front
+    """FastAPI, with the request observer, the shutdown gate and the lean inference path in front
     of Starlette's own middleware (error pages, body limits, telemetry hooks), which would
     otherwise cost every prediction as much as its own work on a small model."""
 
@@ -84,8 +88,9 @@ class ModelportAPI(FastAPI):
     ) -> None:
         """Route every request through the front layers, then FastAPI."""
         framework = super().__call__
-        predict = PredictEndpoint(framework, registry, settings)
-        self.front = RequestObserver(ShutdownGate(predict), metrics, access_log)
+        service = InferenceService(registry, settings.max_samples_per_request)
+        inference = InferenceEndpoint(framework, service, settings, (NativePredict(), V2Infer()))
+        self.front = RequestObserver(ShutdownGate(inference), metrics, access_log)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -119,12 +124,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.state.access_log = AccessLog(settings.log_format) if settings.access_log else None
     app.put_in_front(registry, settings, metrics, app.state.access_log)
-    _document_predict(app, {m.name: m.spec.example(m.kwargs) for m in registry})
+    _document(app, {m.name: m.spec.example(m.kwargs) for m in registry})
     return app
 
 
-def _document_predict(app: FastAPI, examples: dict[str, Any]) -> None:
-    """Generate the OpenAPI document: the routes', the predict endpoints the middleware
+def _document(app: FastAPI, examples: dict[str, Any]) -> None:
+    """Generate the OpenAPI document: the routes', the inference endpoints the lean path
     serves, and the answers every route shares."""
 
     def openapi() -> dict[str, Any]:
@@ -135,8 +140,7 @@ def _document_predict(app: FastAPI, examples: dict[str, Any]) -> None:
                 description=app.description,
                 routes=app.routes,
             )
-            add_predict_paths(schema, examples)
-            add_components(schema, *v2.COMPONENTS)
+            add_inference_paths(schema, examples)
             describe_shared_answers(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -144,10 +148,11 @@ def _document_predict(app: FastAPI, examples: dict[str, Any]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def load_settings() -> Settings:
-    """Settings from the environment, raising ConfigError with one line on a bad value."""
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with ``overrides`` (the launcher's flags) over it;
+    ConfigError with one line on a bad value."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(settings_error_line(exc)) from None
 

@@ -1,17 +1,16 @@
-"""Annotated dependency aliases for routes, and bearer-token authentication."""
+"""Annotated dependency aliases for routes, with the bearer-token checks as dependencies."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
 
 from app.config import Settings
-from app.errors import Forbidden, ManagementDisabled, ModelportError, Unauthorized
+from app.errors import ModelportError
+from app.http.auth import authorize_admin, authorize_api
 from app.serving.registry import ModelRegistry
 
 audit = logging.getLogger("app.audit")
@@ -42,34 +41,11 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def bearer_token(header: str | None) -> str:
-    """The token of an ``Authorization: Bearer <token>`` header; Unauthorized otherwise."""
-    if header is None:
-        raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
-    return token.strip()
-
-
-def _matches(token: str, secret: SecretStr | None) -> bool:
-    """Constant-time comparison, so the time taken tells nothing about the token."""
-    if secret is None:
-        return False
-    return hmac.compare_digest(token.encode(), secret.get_secret_value().encode())
-
-
 def require_admin(request: Request, settings: SettingsDep, _: Credentials) -> None:
     """Management needs the admin token; with none configured it is disabled. Refusals are
     audited like every other management outcome."""
     try:
-        if settings.admin_token is None:
-            raise ManagementDisabled(
-                "management endpoints are disabled: start the service with MODELPORT_ADMIN_TOKEN "
-                "set to a secret of 32+ characters to enable them"
-            )
-        if not _matches(bearer_token(request.headers.get("authorization")), settings.admin_token):
-            raise Forbidden("the admin token is wrong")
+        authorize_admin(request.headers.get("authorization"), settings)
     except ModelportError as exc:
         audit.warning(
             "%s %s client=%s outcome=refused:%s",
@@ -97,15 +73,6 @@ def require_metrics(request: Request, settings: SettingsDep) -> None:
     HTTPBearer dependency, as in require_api: the route's openapi_extra says it is optional)."""
     if not settings.metrics_public:
         authorize_api(request.headers.get("authorization"), settings)
-
-
-def authorize_api(header: str | None, settings: Settings) -> None:
-    """Accept the API token or the admin token when MODELPORT_API_TOKEN is set."""
-    if settings.api_token is None:
-        return
-    token = bearer_token(header)
-    if not (_matches(token, settings.api_token) or _matches(token, settings.admin_token)):
-        raise Forbidden("the API token is wrong")
 
 
 AdminDep = Depends(require_admin)

@@ -9,23 +9,22 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.http import PROBE_PATHS, VERSION_HEADER
 from app.observability.logs import AccessLog, request_id
 from app.observability.metrics import DeferredCounter, DeferredHistogram, Metrics
 
 REQUEST_ID_HEADER = b"x-request-id"
-VERSION_HEADER = b"x-model-version"
+_VERSION = VERSION_HEADER.lower().encode()
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # Request ids need to be unique, not secret: the Mersenne Twister is ~100x faster than
 # os.urandom, which costs tens of microseconds per call on some virtual machines.
-UNOBSERVED_PATHS = ("/health/", "/v2/health/", "/metrics")
-"""Probes and scrapes: not traffic (not counted, not logged, still open while draining)."""
 ROUTE_KEY = "modelport.route"
 """Scope key where a handler outside the router (the predict hot path) names its route."""
 
 
 def _unobserved(path: str) -> bool:
     """Probes and scrapes are not traffic."""
-    return path.startswith(UNOBSERVED_PATHS)
+    return path.startswith(PROBE_PATHS)
 
 
 class RequestObserver:
@@ -53,7 +52,7 @@ class RequestObserver:
                 headers = message.get("headers", [])
                 answer["status"] = message["status"]
                 for name, value in headers:
-                    if name.lower() == VERSION_HEADER:
+                    if name.lower() == _VERSION:
                         answer["version"] = value.decode("latin-1")
                 message["headers"] = [*headers, (REQUEST_ID_HEADER, rid.encode("latin-1"))]
             await send(message)
@@ -77,7 +76,7 @@ class RequestObserver:
             metrics = self.metrics
             children = (
                 metrics.deferred_counter(metrics.requests.labels(*labels)),
-                metrics.deferred_histogram(metrics.request_seconds.labels(model, endpoint)),
+                metrics.request_seconds.labels(model, endpoint),
             )
             self._children[labels] = children
         count, latency = children

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.codecs.arrays import dtype_name
+from app.codecs.dtypes import name_of
 from app.serving.model import ServedModel
 from app.state.database import Pointers
 from app.state.records import VersionRecord
@@ -77,6 +77,18 @@ class LoadReportInfo(BaseModel):
     mismatched: list[MismatchInfo]
 
 
+class ImageInputInfo(BaseModel):
+    """How a picture becomes one input sample: transparency onto white; grey for an input
+    shape (H, W) or (1, H, W), RGB channels first for (3, H, W); resized to H x W by area
+    averaging; inverted first when ``light_on_dark`` and mostly light; pixel values 0-255
+    scaled to 0-``max_value``."""
+
+    max_value: float = Field(description="The value of a white pixel.")
+    light_on_dark: bool = Field(
+        description="The model takes light ink on a dark ground: invert a mostly light picture."
+    )
+
+
 class ModelInfo(BaseModel):
     """Everything a client needs to call a served model."""
 
@@ -96,6 +108,9 @@ class ModelInfo(BaseModel):
         alias="kwargs", description="Constructor keyword arguments."
     )
     example_input: Any = Field(description="One valid sample.")
+    image_input: ImageInputInfo | None = Field(
+        default=None, description="How a picture becomes a sample; null: the model takes none."
+    )
     parameter_count: int | None = None
     version: str | None = Field(default=None, description="Identity of the served weights.")
     weights: WeightsInfo
@@ -129,10 +144,13 @@ class ModelInfo(BaseModel):
             error=model.error,
             device=str(model.device),
             input_shape=list(model.sample_shape),
-            input_dtype=dtype_name(spec.input_dtype),
+            input_dtype=name_of(spec.input_dtype),
             output_shape=None if output_shape is None else list(output_shape),
             constructor_kwargs=init_kwargs,
             example_input=spec.example(init_kwargs),
+            image_input=None
+            if spec.image_input is None
+            else ImageInputInfo.model_validate(spec.image_input, from_attributes=True),
             weights=WeightsInfo(file=model.config.weights.name),
             fallback=model.fallback,
             active_version=None if pointers is None else pointers.active or model.bundled_id(),
@@ -275,3 +293,9 @@ class UploadResponse(VersionInfo):
 
     model: str
     created: bool = Field(description="False when identical bytes were already a version.")
+
+
+class InferenceErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body (every error under ``/v2``)."""
+
+    error: str

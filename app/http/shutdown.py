@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import error_body
-from app.http.observer import UNOBSERVED_PATHS
+from app.errors import Draining
+from app.http import PROBE_PATHS
+from app.http.answers import error_answer, send_answer
 
 draining = threading.Event()
 """Set once per process, by the server's SIGTERM handler."""
@@ -27,36 +27,27 @@ class ShutdownGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if draining.is_set() and not scope["path"].startswith(UNOBSERVED_PATHS):
-            await _refuse(send)
+        if draining.is_set() and not scope["path"].startswith(PROBE_PATHS):
+            await _refuse(scope["path"], send)
             return
         try:
             await self.app(scope, receive, send)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over
-            if not draining.is_set() or not await _refused(send):
+            if not draining.is_set() or not await _refused(scope["path"], send):
                 raise
 
 
-async def _refuse(send: Send) -> None:
-    body = orjson.dumps(
-        error_body("the server is shutting down; retry on another replica", "draining")
-    )
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(path: str, send: Send) -> None:
+    error = Draining("the server is shutting down; retry on another replica")
+    await send_answer(send, *error_answer(error, path))
 
 
-async def _refused(send: Send) -> bool:
+async def _refused(path: str, send: Send) -> bool:
     """Answer 503 to a request cut off at the end of the grace period; False if its answer had
     started already (the server refuses a second start)."""
     try:
-        await _refuse(send)
+        await _refuse(path, send)
     except RuntimeError:
         return False
     return True

@@ -9,26 +9,28 @@ The request path never writes a collector itself: it counts into :class:`Deferre
 ``FLUSH_S`` and before each scrape. In multiprocess mode every write is a locked update of a
 shared file, and one lock serves every value, so that writing each observation as it happened
 cost a small model's request about a fifth of its time, the inference thread and the event loop
-waiting on each other.
+waiting on each other. A histogram is kept as counters (:class:`BucketHistogram`) so that a
+flush writes one update per bucket touched, not one per observation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -68,20 +70,19 @@ class DeferredCounter:
 
 
 class DeferredHistogram:
-    """A labelled histogram's observations, counted per bucket in memory until :meth:`write`.
+    """One label set of a :class:`BucketHistogram`: its observations counted per bucket in
+    memory until :meth:`write`."""
 
-    Counts into the child's own buckets and sum, as ``Histogram.observe`` does
-    (test_observability.py checks the result against it)."""
-
-    def __init__(self, child: Histogram) -> None:
-        self._child = child
-        self._bounds: list[float] = child._upper_bounds
-        self._lock = threading.Lock()
-        self._hits = [0] * len(self._bounds)
+    def __init__(self, bounds: list[float], hits: list[Counter], total: Counter) -> None:
+        self._bounds = bounds
+        self._hit_counters = hits
+        self._sum_counter = total
+        self._lock = threading.Lock()  # taken by the thread observing and by the writer
+        self._hits = [0] * len(hits)
         self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        """As ``Histogram.observe``."""
+        """As ``Histogram.observe``, for values that are never negative (durations, sizes)."""
         index = bisect_left(self._bounds, value)
         with self._lock:
             self._hits[index] += 1
@@ -90,13 +91,91 @@ class DeferredHistogram:
     def write(self) -> None:
         """Add what was observed since the last write: one update per bucket touched."""
         with self._lock:
-            hits, self._hits = self._hits, [0] * len(self._bounds)
+            hits, self._hits = self._hits, [0] * len(self._hits)
             total, self._sum = self._sum, 0.0
-        for index, count in enumerate(hits):
+        for counter, count in zip(self._hit_counters, hits, strict=True):
             if count:
-                self._child._buckets[index].inc(count)
+                counter.inc(count)
         if any(hits):
-            self._child._sum.inc(total)
+            self._sum_counter.inc(total)
+
+
+class BucketHistogram:
+    """A labelled histogram kept in two counters, through prometheus_client's public API: the
+    observations in each bucket (label ``le``, not cumulative) and their sum. A write adds a
+    bucket's count in one update, where ``Histogram.observe`` takes one per observation; a
+    scrape (:class:`_Scrape`) shows the counters, added up over the worker processes, as the
+    histogram they count."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = [float(bound) for bound in buckets]
+        self._le = [_le_label(bound) for bound in (*self._bounds, math.inf)]
+        self.hits = Counter(
+            f"{name}_hits", f"{documentation} (per bucket)", [*labelnames, "le"], registry=registry
+        )
+        self.sum = Counter(f"{name}_observed", documentation, labelnames, registry=registry)
+        self._children: dict[tuple[str, ...], DeferredHistogram] = {}
+
+    def labels(self, *values: str) -> DeferredHistogram:
+        """The in-memory counts of one label set (made on first use; later calls take no lock)."""
+        found = self._children.get(values)
+        if found is not None:
+            return found
+        child = DeferredHistogram(
+            self._bounds,
+            [self.hits.labels(*values, le) for le in self._le],
+            self.sum.labels(*values),  # the label set shows in scrapes from now on
+        )
+        return self._children.setdefault(values, child)
+
+    def write(self) -> None:
+        """Write what every label set observed since the last write."""
+        for child in list(self._children.values()):  # a thread may add one meanwhile
+            child.write()
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        """The names of the two counters' families."""
+        return f"{self.name}_hits", f"{self.name}_observed"
+
+    def family(self, parts: Mapping[str, Metric]) -> HistogramMetricFamily:
+        """The histogram that the counters' families (named by :attr:`parts`) count."""
+        hits_name, sum_name = self.parts
+        hits = _values(parts.get(hits_name), f"{hits_name}_total", (*self.labelnames, "le"))
+        sums = _values(parts.get(sum_name), f"{sum_name}_total", self.labelnames)
+        histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key in dict.fromkeys([*sums, *(hit[:-1] for hit in hits)]):
+            counts = accumulate(hits.get((*key, le), 0.0) for le in self._le)
+            buckets = list(zip(self._le, counts, strict=True))
+            histogram.add_metric(list(key), buckets, sum_value=sums.get(key, 0.0))
+        return histogram
+
+
+def _values(
+    family: Metric | None, sample: str, labelnames: tuple[str, ...]
+) -> dict[tuple[str, ...], float]:
+    """The values of a family's ``sample`` by label set, in the order the family holds them."""
+    values: dict[tuple[str, ...], float] = {}
+    for found in family.samples if family is not None else []:
+        if found.name == sample:
+            key = tuple(found.labels[label] for label in labelnames)
+            values[key] = values.get(key, 0.0) + found.value
+    return values
+
+
+def _le_label(bound: float) -> str:
+    """A bucket bound as ``Histogram`` writes its ``le`` label (``1.0``, ``0.005``, ``+Inf``)."""
+    return "+Inf" if bound == math.inf else repr(bound)
 
 
 class Metrics:
@@ -104,47 +183,41 @@ class Metrics:
 
     def __init__(self, active_versions: ActiveVersions, model_names: Iterable[str]) -> None:
         self.model_names = frozenset(model_names)
-        self.multiprocess = MULTIPROC_ENV in os.environ
-        self.registry = CollectorRegistry()
-        # Multiprocess values are read back from the shared files, so the collectors must not
-        # also be registered here (they would count twice).
-        own = None if self.multiprocess else self.registry
-        if self.multiprocess:
-            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
-        self.registry.register(_ActiveVersionCollector(active_versions))
+        # prometheus_client keeps the values in files shared by the workers, instead of in
+        # memory, when this variable is set as it is imported: the environment is where that
+        # choice is made (app.runner.supervisor sets it). The collectors write to ``own``, or to
+        # the files (read back by the MultiProcessCollector); a scrape reads them via _Scrape.
+        own = None if MULTIPROC_ENV in os.environ else CollectorRegistry()
+        source = MultiProcessCollector(None) if own is None else own  # type: ignore[no-untyped-call]
         self.requests = Counter(
             "modelport_requests_total",
             "Requests by model, version, endpoint and status (health and metrics excluded).",
             ["model", "version", "endpoint", "status"],
             registry=own,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = BucketHistogram(
             "modelport_request_duration_seconds",
             "Time from the request's arrival to its answer.",
             ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=own,
+            LATENCY_BUCKETS,
+            own,
         )
-        self.queue_wait_seconds = Histogram(
+        self.queue_wait_seconds = BucketHistogram(
             "modelport_queue_wait_seconds",
             "Time a request waited for its batch to start.",
             ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=own,
+            LATENCY_BUCKETS,
+            own,
         )
-        self.compute_seconds = Histogram(
+        self.compute_seconds = BucketHistogram(
             "modelport_compute_seconds",
             "Time of one batch's forward and postprocess.",
             ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=own,
+            LATENCY_BUCKETS,
+            own,
         )
-        self.batch_size = Histogram(
-            "modelport_batch_size",
-            "Samples per forward pass.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=own,
+        self.batch_size = BucketHistogram(
+            "modelport_batch_size", "Samples per forward pass.", ["model"], BATCH_BUCKETS, own
         )
         self.queue_depth = Gauge(
             "modelport_queue_depth",
@@ -166,8 +239,17 @@ class Metrics:
             registry=own,
         )
         self._counters: dict[Counter, DeferredCounter] = {}
-        self._histograms: dict[Histogram, DeferredHistogram] = {}
+        self._histograms = [
+            self.request_seconds,
+            self.queue_wait_seconds,
+            self.compute_seconds,
+            self.batch_size,
+        ]
         self._samplers: list[Callable[[], None]] = []
+        self.registry = CollectorRegistry()
+        """What a scrape reads."""
+        self.registry.register(_Scrape(source, self._histograms))
+        self.registry.register(_ActiveVersionCollector(active_versions))
 
     def model_label(self, name: str) -> str:
         """The ``model`` label for a name taken from a request: a served model's name, ``""``
@@ -179,11 +261,6 @@ class Metrics:
         found = self._counters.get(child)
         return found or self._counters.setdefault(child, DeferredCounter(child))
 
-    def deferred_histogram(self, child: Histogram) -> DeferredHistogram:
-        """The in-memory bucket counts of a labelled histogram (one per child)."""
-        found = self._histograms.get(child)
-        return found or self._histograms.setdefault(child, DeferredHistogram(child))
-
     def sample(self, sampler: Callable[[], None]) -> None:
         """Call ``sampler`` at each flush (to set a gauge from the state it measures)."""
         self._samplers.append(sampler)
@@ -192,7 +269,7 @@ class Metrics:
         """Write what was counted and observed, and the sampled gauges."""
         for counter in list(self._counters.values()):  # a thread may add one meanwhile
             counter.write()
-        for histogram in list(self._histograms.values()):
+        for histogram in self._histograms:
             histogram.write()
         for sampler in self._samplers:
             sampler()
@@ -210,6 +287,25 @@ class Metrics:
         """The exposition text (with all this process has counted) and its content type."""
         self.flush()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Scrape(Collector):
+    """The families of ``source``, each BucketHistogram's counters shown as its histogram."""
+
+    def __init__(self, source: Collector, histograms: list[BucketHistogram]) -> None:
+        self._source = source
+        self._histograms = histograms
+        self._parts = {name for histogram in histograms for name in histogram.parts}
+
+    def collect(self) -> Iterator[Metric]:
+        parts: dict[str, Metric] = {}
+        for family in self._source.collect():
+            if family.name in self._parts:
+                parts[family.name] = family
+            else:
+                yield family
+        for histogram in self._histograms:
+            yield histogram.family(parts)
 
 
 class _ActiveVersionCollector(Collector):

@@ -16,14 +16,14 @@ import asyncio
 import logging
 from typing import Any, cast
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
 
-from app.errors import error_body
+from app.errors import HeadTooLarge
+from app.http.answers import error_answer, raw_headers
 
 logger = logging.getLogger(__name__)
 
@@ -163,16 +163,11 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def _send_431(self) -> None:
         reason = self._refused or ""
         logger.warning("%s from %s: answered 431 and closed", reason, self.client)
-        body = orjson.dumps(error_body(reason, "request_header_fields_too_large"))
-        content = [STATUS_LINE[431]]
-        for name, value in self.server_state.default_headers:
+        status, body, headers = error_answer(HeadTooLarge(reason), "")  # the path is unread
+        content = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *raw_headers(headers)]:
             content += [name, b": ", value, b"\r\n"]
-        content += [
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-            body,
-        ]
+        content += [b"content-length: %d\r\n\r\n" % len(body), body]
         self.transport.write(b"".join(content))
         self.transport.close()
 

@@ -19,14 +19,17 @@ from types import FrameType
 
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
+from starlette.types import ASGIApp
 
 from app.config import Settings
+from app.errors import ConfigError
+from app.http.app import create_app
 from app.http.shutdown import draining
+from app.observability.logs import configure_logging
 from app.observability.metrics import MULTIPROC_ENV
 from app.runner.protocol import head_limited
 
 logger = logging.getLogger(__name__)
-APP = "app.http.app:create_app"
 MAX_FAILED_STARTS = 3
 """Workers in a row that exit before they ever became ready; then the supervisor gives up."""
 
@@ -70,10 +73,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _server(settings: Settings, on_ready: Callable[[], None] | None = None) -> DrainingServer:
+def _server(
+    app: ASGIApp, settings: Settings, on_ready: Callable[[], None] | None = None
+) -> DrainingServer:
     config = uvicorn.Config(
-        APP,
-        factory=True,
+        app,
         http=head_limited(settings.max_header_bytes, settings.max_header_count),
         host=settings.host,
         port=settings.port,
@@ -85,20 +89,29 @@ def _server(settings: Settings, on_ready: Callable[[], None] | None = None) -> D
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
 
 
-def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status."""
+def run(settings: Settings, app: ASGIApp) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status. One process serves ``app`` (made
+    from ``settings``); with several workers, each worker makes its own from ``settings``."""
     if settings.workers == 1:
-        _server(settings).run()
+        _server(app, settings).run()
         return 0
     with tempfile.TemporaryDirectory(prefix="modelport-metrics-") as metrics_dir:
-        # The workers (spawned, so they import afresh) share their metrics through this folder.
+        # The workers share their metrics through this folder. prometheus_client reads it from
+        # this variable only, as it is imported: the spawned workers import it afresh, with the
+        # environment they inherit.
         os.environ[MULTIPROC_ENV] = metrics_dir
         return _Supervisor(settings).run()
 
 
 def _worker(settings: Settings, ready: ctypes.c_bool) -> None:
-    """One worker process: its own socket on the shared port, then uvicorn; ``ready`` turns
-    true once it serves."""
+    """One worker process: the app made from ``settings``, its own socket on the shared port,
+    then uvicorn; ``ready`` turns true once it serves."""
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # the launcher checked it; the config file changed since
+        logger.error("config error: %s", exc.message)
+        raise SystemExit(2) from None
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,7 +121,7 @@ def _worker(settings: Settings, ready: ctypes.c_bool) -> None:
     def on_ready() -> None:
         ready.value = True
 
-    _server(settings, on_ready).run(sockets=[sock])
+    _server(app, settings, on_ready).run(sockets=[sock])
 
 
 @dataclass

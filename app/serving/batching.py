@@ -82,8 +82,8 @@ class DynamicBatcher:
         self.name = name
         self.policy = policy
         self.metrics = metrics
-        self._waited = metrics.deferred_histogram(metrics.queue_wait_seconds.labels(name))
-        self._batch_size = metrics.deferred_histogram(metrics.batch_size.labels(name))
+        self._waited = metrics.queue_wait_seconds.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
         depth = metrics.queue_depth.labels(name)
         metrics.sample(lambda: depth.set(len(self._queue)))
         self._active = active
@@ -184,8 +184,8 @@ class DynamicBatcher:
                 if candidate.cancelled:
                     self._queue.popleft()  # timed out before its forward: dropped
                     continue
-                if (candidate.runtime or batch.runtime) is not batch.runtime:
-                    break  # another version: it starts the next batch
+                if candidate.runtime is not batch.requests[0].runtime:
+                    break  # pinned to another version, or to none: it starts the next batch
                 if batch.size + candidate.size > self.policy.max_batch_size:
                     break
                 batch.requests.append(self._queue.popleft())
@@ -234,8 +234,8 @@ class DynamicBatcher:
         self._batch_size.observe(len(inputs))
         answers = _answers(runtime, output, requests)
         _resolve_all(requests[0].loop, answers)
-        compute = self.metrics.compute_seconds.labels(self.name, runtime.version)
-        self.metrics.deferred_histogram(compute).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.compute_seconds.labels(self.name, runtime.version).observe(elapsed)
 
 
 Answer = tuple[_Request, Result | None, ModelportError | None]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
 
 Shape = tuple[int, ...]
 ShapeRule = Shape | Callable[[Mapping[str, Any]], Shape]
@@ -24,10 +21,6 @@ Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
 Postprocess = Callable[[torch.Tensor], list[Any]]
 """Turns a CPU output batch into one JSON-ready value per sample."""
-
-ImageToInput = Callable[["Image"], Any]
-"""Turns a decoded image (a PIL image, any mode or size) into one input sample (nested lists),
-so that clients such as ``modelport predict --input photo.png`` can feed image models."""
 
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
@@ -48,6 +41,21 @@ class Acceptance:
     def passed(self) -> bool:
         """Whether the score meets the threshold."""
         return self.score >= self.threshold
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How a client turns a picture into one input sample of the model, stated in its
+    description so that clients (``modelport predict --input photo.png``) need no model code:
+    transparency onto white; grey for an input shape (H, W) or (1, H, W), RGB channels first
+    for (3, H, W); resized to H x W by area averaging; pixel values 0-255 scaled to
+    0-``max_value``."""
+
+    max_value: float = 255.0
+    """The value of a white pixel."""
+    light_on_dark: bool = False
+    """The model was trained on light ink on a dark ground: a mostly light picture (dark ink
+    on paper) is inverted first."""
 
 
 Forward = Callable[[np.ndarray], torch.Tensor]
@@ -73,7 +81,7 @@ class ModelSpec:
     allow_non_finite_input: bool = False
     description: str = ""
     acceptance: AcceptanceCheck | None = None
-    image_to_input: ImageToInput | None = None
+    image_input: ImageInput | None = None
 
     @property
     def qualname(self) -> str:
@@ -106,45 +114,19 @@ def _resolve(rule: ShapeRule, kwargs: Mapping[str, Any]) -> Shape:
 _CATALOG: dict[str, ModelSpec] = {}
 
 
-def register(
-    name: str,
-    *,
-    input_shape: ShapeRule,
-    input_dtype: torch.dtype = torch.float32,
-    output_shape: ShapeRule | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-    example_input: Sequence[Any] | None = None,
-    preprocess: Preprocess | None = None,
-    postprocess: Postprocess | None = None,
-    allow_non_finite_input: bool = False,
-    description: str = "",
-    acceptance: AcceptanceCheck | None = None,
-    image_to_input: ImageToInput | None = None,
-) -> Callable[[ModuleT], ModuleT]:
+def register(name: str, **options: Any) -> Callable[[ModuleT], ModuleT]:
     """Register an ``nn.Module`` class under ``name`` so a config can serve it.
 
-    ``input_shape`` is per sample (no batch dimension). ``acceptance``, when given, must pass
-    before uploaded weights may serve. ``image_to_input`` turns an image into one sample for
-    clients that send pictures. Registering a second class under a name already taken
-    raises :class:`DuplicateRegistration` at import time.
+    ``options`` are :class:`ModelSpec`'s fields: ``input_shape`` (per sample, no batch
+    dimension) is required; ``acceptance``, when given, must pass before uploaded weights may
+    serve; ``image_input`` tells clients how a picture becomes one sample.
+    The description defaults to the first line of the class's docstring. Registering a second
+    class under a name already taken raises :class:`DuplicateRegistration` at import time.
     """
 
     def decorator(cls: ModuleT) -> ModuleT:
-        spec = ModelSpec(
-            name=name,
-            cls=cls,
-            input_shape=input_shape,
-            input_dtype=input_dtype,
-            output_shape=output_shape,
-            kwargs=dict(kwargs or {}),
-            example_input=example_input,
-            preprocess=preprocess,
-            postprocess=postprocess,
-            allow_non_finite_input=allow_non_finite_input,
-            description=description or (cls.__doc__ or "").strip().split("\n")[0],
-            acceptance=acceptance,
-            image_to_input=image_to_input,
-        )
+        summary = (cls.__doc__ or "").strip().split("\n")[0]
+        spec = ModelSpec(**{"description": summary, **options, "name": name, "cls": cls})
         existing = _CATALOG.get(name)
         if existing is not None and existing.qualname != spec.qualname:
             raise DuplicateRegistration(

@@ -56,7 +56,7 @@ class VersionManager:
             try:
                 return await self._upload(staged, filename, expected_sha256, activate, actor)
             finally:
-                staged.discard()
+                await asyncio.to_thread(staged.discard)
 
     async def _upload(
         self,

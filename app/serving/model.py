@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from app.config import ServedModelConfig
@@ -34,7 +33,7 @@ from app.serving.runtime import ModelRuntime, build_runtime
 from app.serving.weights import inspect_file
 from app.state.database import Actor, Pointers
 from app.state.legacy import import_legacy_store
-from app.state.records import VersionRecord, version_id
+from app.state.records import VERSION_PATTERN, VersionRecord, version_id
 from app.state.versions import VersionState
 
 logger = logging.getLogger(__name__)
@@ -98,25 +97,6 @@ class ServedModel:
             raise ModelUnavailable(f"model {self.name!r} cannot serve: {self.error}")
         return runtime
 
-    async def predict(self, batch: np.ndarray) -> tuple[ModelRuntime, list[Any]]:
-        """Run a checked batch through the batcher on the active version; returns the runtime
-        that served it and one JSON-ready output per sample."""
-        self.active()  # fail fast, before queueing, when no version can serve
-        runtime, outputs = await self.batcher.submit(batch)
-        return runtime, outputs
-
-    async def infer(
-        self, batch: np.ndarray, version: str | None = None
-    ) -> tuple[ModelRuntime, torch.Tensor]:
-        """Run a checked batch on the inference thread; returns the runtime that served it and
-        the raw output batch on the CPU. ``version`` picks a stored version instead of the
-        active one (see :meth:`runtime_for`)."""
-        pinned = None if version is None else await self.runtime_for(version)
-        if pinned is None:
-            self.active()  # fail fast, before queueing, when no version can serve
-        runtime, output = await self.batcher.submit(batch, runtime=pinned, postprocess=False)
-        return runtime, output
-
     async def runtime_for(self, version: str) -> ModelRuntime:
         """A runtime serving ``version``: the active or previous one if it is either, else the
         stored version loaded on demand and kept (the last ``on_demand_cache`` of them)."""
@@ -177,7 +157,8 @@ class ServedModel:
 
     def record(self, version: str) -> VersionRecord:
         """The record of one version, as the database has it; VersionNotFound otherwise."""
-        record = self.state.db.version(self.name, version)
+        well_formed = VERSION_PATTERN.fullmatch(version) is not None
+        record = self.state.db.version(self.name, version) if well_formed else None
         if record is None:
             raise VersionNotFound(f"model {self.name!r} has no version {version!r}")
         return record
@@ -318,6 +299,7 @@ class ServedModel:
         one-reference swap. StateUnavailable when the database cannot be read."""
         pointers = await asyncio.to_thread(self.state.db.pointers, self.name)
         self.synced_at = time.monotonic()
+        await self._forget_deleted()
         if not self._moved_on(pointers):
             return
         async with self.lock:
@@ -335,6 +317,12 @@ class ServedModel:
                 return
             self.serve(runtime, pointers)
             logger.info("model %s follows the database: now serving %s", self.name, wanted)
+
+    async def _forget_deleted(self) -> None:
+        """Drop the versions loaded on demand that another replica deleted since."""
+        for runtime in list(self._on_demand):
+            if await asyncio.to_thread(self.state.db.version, self.name, runtime.version) is None:
+                self.forget(runtime.version)
 
     def _moved_on(self, pointers: Pointers) -> bool:
         """Whether the database names another active version than this replica serves (and

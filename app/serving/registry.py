@@ -147,44 +147,31 @@ class ModelRegistry:
         return found
 
     async def follow(self, interval_s: float, on_failure: Callable[[str], None]) -> None:
-        """Follow what the version database records as active: at once when it notifies a
-        change (PostgreSQL), else every ``interval_s``. A failure is logged and counted
-        (``on_failure``) and retried with backoff (up to 8x the interval); it never ends the
-        loop."""
+        """Follow what the version database records as active, each model on its own (one that
+        waits for its lock, held by a management call, holds up no other): at once when the
+        database notifies a change (PostgreSQL), else every ``interval_s``. A failure is logged
+        and counted (``on_failure``) and retried with backoff (up to 8x the interval); it never
+        ends the loop."""
         self.following = True
         loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
+        changed = [asyncio.Event() for _ in self]
+
+        def wake() -> None:
+            for event in changed:
+                event.set()
 
         def notified(_: str) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing left to wake
-                loop.call_soon_threadsafe(changed.set)
+                loop.call_soon_threadsafe(wake)
 
         stop_listening = self.state.db.listen(notified)
-        failures = 0
         try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), interval_s * 2 ** min(failures, 3))
-                changed.clear()
-                failed = await self._follow_each(on_failure)
-                failures = failures + 1 if failed else 0
+            followers = zip(self, changed, strict=True)
+            await asyncio.gather(
+                *(_follow(m, event, interval_s, on_failure) for m, event in followers)
+            )
         finally:
             stop_listening()
-
-    async def _follow_each(self, on_failure: Callable[[str], None]) -> bool:
-        """One pass over the models; whether any could not follow."""
-        failed = False
-        for model in self:
-            try:
-                await model.follow()
-            except Exception as exc:  # never end the follower: retry, readiness tells
-                failed = True
-                on_failure(model.name)
-                reason = exc.message if isinstance(exc, ModelportError) else repr(exc)
-                logger.warning(
-                    "model %s cannot follow the version database: %s", model.name, reason
-                )
-        return failed
 
     def start(self) -> None:
         """Start every model's inference thread."""
@@ -195,6 +182,26 @@ class ModelRegistry:
         """Stop the inference threads after their current batch."""
         for model in self:
             model.batcher.stop()
+
+
+async def _follow(
+    model: ServedModel, changed: asyncio.Event, interval_s: float, on_failure: Callable[[str], None]
+) -> None:
+    """Follow the version database for ``model`` until cancelled (see ModelRegistry.follow)."""
+    failures = 0
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), interval_s * 2 ** min(failures, 3))
+        changed.clear()
+        try:
+            await model.follow()
+        except Exception as exc:  # never end the follower: retry, readiness tells
+            failures += 1
+            on_failure(model.name)
+            reason = exc.message if isinstance(exc, ModelportError) else repr(exc)
+            logger.warning("model %s cannot follow the version database: %s", model.name, reason)
+        else:
+            failures = 0
 
 
 def _policy(config: ServedModelConfig, settings: Settings) -> BatchPolicy:

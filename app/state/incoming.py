@@ -8,6 +8,7 @@ Layout under the store directory, per model::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -15,9 +16,11 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.config import NAME_PATTERN
 from app.errors import BadRequest, InsufficientStorage, PayloadTooLarge
@@ -25,6 +28,8 @@ from app.errors import BadRequest, InsufficientStorage, PayloadTooLarge
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(NAME_PATTERN)
+WRITE_BYTES = 1024 * 1024
+"""Bytes of an upload gathered before they go to its writing thread in one batch."""
 
 
 @dataclass
@@ -102,32 +107,86 @@ class IncomingFolder:
             leftover.unlink(missing_ok=True)
 
     async def receive(self, name: str, chunks: AsyncIterator[bytes], limit: int) -> StagedUpload:
-        """Stream ``chunks`` to a file in the incoming folder, hashing as it goes.
+        """Stream ``chunks`` to a file in the incoming folder, hashing as it goes. The event loop
+        only gathers the chunks; the upload's own thread hashes, writes and syncs them in
+        batches of WRITE_BYTES, one batch behind (so at most two batches are held in memory).
 
         Over ``limit`` bytes raises PayloadTooLarge; on any failure nothing is left behind.
         """
-        with _storage_errors("take the upload"):
-            incoming = self._incoming_dir(name)
-            incoming.mkdir(parents=True, exist_ok=True)
-            path = incoming / f"{secrets.token_hex(8)}.part"
-            lock_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        digest = hashlib.sha256()
-        size = 0
+        file = _IncomingFile(self._incoming_dir(name) / f"{secrets.token_hex(8)}.part")
+        size = gathered = 0
+        batch: list[bytes] = []
+        writing: asyncio.Future[None] | None = None
         try:
-            with path.open("wb") as stream:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
-                    digest.update(chunk)
-                    with _storage_errors("take the upload"):
-                        stream.write(chunk)
-                with _storage_errors("take the upload"):
-                    stream.flush()
-                    os.fsync(stream.fileno())
+            await file.run(file.create)
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+                batch.append(chunk)
+                gathered += len(chunk)
+                if gathered >= WRITE_BYTES:
+                    if writing is not None:
+                        await writing
+                    writing, batch, gathered = file.run(file.write, batch), [], 0
+            if writing is not None:
+                await writing
+            await file.run(file.finish, batch)
         except BaseException:
-            path.unlink(missing_ok=True)
-            os.close(lock_fd)
+            if writing is not None:
+                with contextlib.suppress(Exception):  # a failed write, if any, told already
+                    await writing
+            # after every job given to the thread, even when this task was cancelled
+            await file.run(file.discard)
             raise
-        return StagedUpload(path, digest.hexdigest(), size, lock_fd)
+        finally:
+            file.close()
+        return StagedUpload(file.path, file.digest.hexdigest(), size, file.fd)
+
+
+class _IncomingFile:
+    """One upload's file, created, written, hashed and synced on a thread of its own, in the
+    order given: none of it holds up the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.fd = -1
+        """Written through, and locked (see :class:`StagedUpload`) until discarded."""
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="upload")
+
+    def run(self, job: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+        """``job(*args)`` on the file's thread, after every job given before it."""
+        return asyncio.wrap_future(self._thread.submit(job, *args))
+
+    def create(self) -> None:
+        """Create the file, locked."""
+        with _storage_errors("take the upload"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def write(self, chunks: list[bytes]) -> None:
+        """Hash and write ``chunks``."""
+        with _storage_errors("take the upload"):
+            for chunk in chunks:
+                self.digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+
+    def finish(self, chunks: list[bytes]) -> None:
+        """Write the last ``chunks``, then sync the file."""
+        self.write(chunks)
+        with _storage_errors("take the upload"):
+            os.fsync(self.fd)
+
+    def discard(self) -> None:
+        """Remove the file and release its lock."""
+        self.path.unlink(missing_ok=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        """End the thread once its jobs are done (without waiting for them here)."""
+        self._thread.shutdown(wait=False)

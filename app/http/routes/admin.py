@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
-from app.codecs.arrays import decimal
+from app.codecs.text import decimal
 from app.config import NAME_PATTERN
 from app.errors import ModelportError, PayloadTooLarge
 from app.http.deps import API_SECURITY, AdminDep, ApiDep, RegistryDep, SettingsDep

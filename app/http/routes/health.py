@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -68,5 +70,5 @@ async def get_metrics(request: Request) -> Response:
     """Requests, latency (queue wait and compute apart), batch sizes, queue depth, the active
     version of each model and management outcomes, in the Prometheus text format."""
     metrics: Metrics = request.app.state.metrics
-    body, content_type = metrics.render()
+    body, content_type = await asyncio.to_thread(metrics.render)  # reads the workers' files
     return Response(body, media_type=content_type)

@@ -1,4 +1,4 @@
-"""The OpenAPI description of the predict endpoints, which :mod:`app.http.predict` serves.
+"""The OpenAPI description of the inference endpoints, which :mod:`app.http.endpoint` serves.
 
 They are not framework routes (routing and dependency injection cost more than the whole
 request on a small model), so their path items are written here from the same pydantic models.
@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.codecs.binary import DTYPE_HEADER, DTYPES, NPY, RAW, SHAPE_HEADER
+from app.codecs.binary import DTYPE_HEADER, NPY, RAW, SHAPE_HEADER
+from app.codecs.dtypes import BY_NAME
+from app.codecs.v2 import HEADER_LENGTH, InferenceRequest, InferenceResponse
+from app.http import VERSION_HEADER
 from app.http.deps import API_SECURITY
 from app.http.openapi import REF, add_components
-from app.http.predict import VERSION_HEADER
-from app.http.schemas import ErrorResponse, ModelPredictRequest, PredictRequest, PredictResponse
+from app.http.routes.v2 import ERROR_DESCRIPTIONS
+from app.http.schemas import (
+    ErrorResponse,
+    InferenceErrorResponse,
+    ModelPredictRequest,
+    PredictRequest,
+    PredictResponse,
+)
 
 _ERRORS = {
     "400": "Malformed JSON, or a raw body without its shape/dtype headers",
@@ -28,16 +37,16 @@ _ERRORS = {
 _TENSOR_HEADERS = {
     SHAPE_HEADER: {"description": "Comma-separated shape, e.g. 2,10", "schema": {"type": "string"}},
     DTYPE_HEADER: {
-        "description": f"One of {', '.join(DTYPES)}",
-        "schema": {"type": "string", "enum": DTYPES},
+        "description": f"One of {', '.join(BY_NAME)}",
+        "schema": {"type": "string", "enum": list(BY_NAME)},
     },
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-def add_predict_paths(schema: dict[str, Any], examples: dict[str, Any]) -> None:
-    """Add ``POST /v1/models/{name}/predict`` and ``POST /predict`` to an OpenAPI document,
-    with one example body per served model."""
+def add_inference_paths(schema: dict[str, Any], examples: dict[str, Any]) -> None:
+    """Add the inference endpoints to an OpenAPI document, with one example body per served
+    model for the native ones."""
     add_components(schema, ModelPredictRequest, PredictRequest, PredictResponse, ErrorResponse)
     per_model = {n: {"value": {"inputs": [x]}} for n, x in examples.items()}
     named = {n: {"value": {"model": n, "inputs": [x]}} for n, x in examples.items()}
@@ -67,6 +76,7 @@ def add_predict_paths(schema: dict[str, Any], examples: dict[str, Any]) -> None:
             ],
         )
     }
+    _add_v2_infer(schema)
 
 
 def _operation(
@@ -124,6 +134,73 @@ def _operation(
                     },
                 }
                 for status, description in _ERRORS.items()
+            },
+        },
+    }
+
+
+def _add_v2_infer(schema: dict[str, Any]) -> None:
+    """``POST /v2/models/{name}[/versions/{version}]/infer``."""
+    add_components(schema, InferenceRequest, InferenceResponse, InferenceErrorResponse)
+    name = _path_parameter("name")
+    schema["paths"]["/v2/models/{name}/infer"] = {
+        "post": _v2_operation("infer", "Inference", [name])
+    }
+    schema["paths"]["/v2/models/{name}/versions/{version}/infer"] = {
+        "post": _v2_operation(
+            "infer_version", "Inference with one version", [name, _path_parameter("version")]
+        )
+    }
+
+
+def _path_parameter(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _v2_operation(operation_id: str, summary: str, parameters: list[Any]) -> dict[str, Any]:
+    return {
+        "tags": ["open inference protocol (v2)"],
+        "summary": summary,
+        "operationId": operation_id,
+        "description": (
+            "JSON or binary tensors in (with or without a Content-Type, optionally gzip or "
+            "deflate), the raw forward output out, as JSON or binary per `binary_data` / "
+            "`binary_data_output`. A version in the path serves that stored version (loaded on "
+            "demand)."
+        ),
+        "parameters": parameters,
+        **API_SECURITY,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": REF.format(model="InferenceRequest")}},
+                RAW: {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": f"The JSON header ({HEADER_LENGTH} bytes), then tensors.",
+                    }
+                },
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "JSON, or JSON header + binary outputs",
+                "content": {
+                    "application/json": {"schema": {"$ref": REF.format(model="InferenceResponse")}},
+                    RAW: _BINARY,
+                },
+            },
+            **{
+                str(status): {
+                    "description": description,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": REF.format(model="InferenceErrorResponse")}
+                        }
+                    },
+                }
+                for status, description in ERROR_DESCRIPTIONS.items()
             },
         },
     }

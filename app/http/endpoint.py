@@ -1,0 +1,135 @@
+"""The lean inference path: a raw ASGI middleware in front of the framework's routing and
+dependency injection, which on small models cost more than the whole request. It matches the
+inference paths of every HTTP front door, authenticates, and hands the call to the front door's
+adapter; everything else goes on to the app. Errors are rendered by :mod:`app.http.answers`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.codecs.text import decimal
+from app.config import Settings
+from app.errors import BadRequest, MethodNotAllowed, ModelportError, PayloadTooLarge
+from app.http.answers import Answer, error_answer, send_answer, unexpected
+from app.http.auth import authorize_api
+from app.http.observer import ROUTE_KEY
+from app.serving.inference import InferenceService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HttpCall:
+    """One request on the lean path, as its adapter sees it."""
+
+    path: str
+    params: dict[str, str]
+    """The path's parameters (``name``, ``version``)."""
+    headers: dict[str, str]
+    query_string: bytes
+    receive: Receive
+    max_body_bytes: int
+    served: str = ""
+    """The model that served, once resolved (for the request metrics)."""
+
+    async def body(self) -> bytes:
+        """The request body, refused over ``max_body_bytes`` by its declared length and again
+        while streaming, since a body need not declare its length."""
+        limit = self.max_body_bytes
+        declared = decimal(self.headers.get("content-length"))
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in _chunks(self.receive):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+Paths = tuple[tuple[re.Pattern[str], str], ...]
+"""Each path pattern (its named groups become parameters) with its route template."""
+
+
+class FrontDoor(Protocol):
+    """A protocol's inference endpoints: the paths it answers and how."""
+
+    paths: Paths
+
+    async def answer(self, call: HttpCall, service: InferenceService) -> Answer:
+        """Parse the call, run it on ``service`` and render the answer."""
+        ...
+
+
+@dataclass
+class InferenceEndpoint:
+    """ASGI middleware answering the front doors' inference paths; the rest goes to ``app``."""
+
+    app: ASGIApp
+    service: InferenceService
+    settings: Settings
+    doors: tuple[FrontDoor, ...]
+    _routes: list[tuple[re.Pattern[str], str, FrontDoor]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._routes = [
+            (pattern, route, door) for door in self.doors for pattern, route in door.paths
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            for pattern, route, door in self._routes:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    await self._serve(scope, receive, send, door, route, match)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        door: FrontDoor,
+        route: str,
+        match: re.Match[str],
+    ) -> None:
+        path: str = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        params = {k: v for k, v in match.groupdict().items() if v is not None}
+        call = HttpCall(
+            path, params, headers, scope["query_string"], receive, self.settings.max_body_bytes
+        )
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(
+                    f"{scope['method']} {path}: method not allowed; allowed: POST"
+                )
+            authorize_api(headers.get("authorization"), self.settings)
+            status, body, answer_headers = await door.answer(call, self.service)
+        except ModelportError as exc:
+            status, body, answer_headers = error_answer(exc, path)
+        except Exception as exc:  # in front of the framework: nothing else would answer
+            status, body, answer_headers = error_answer(unexpected(f"POST {path}", exc), path)
+        scope[ROUTE_KEY] = route
+        scope["path_params"] = {**params, "name": call.served or params.get("name", "")}
+        await send_answer(send, status, body, answer_headers)
+
+
+async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client disconnected before sending the whole body")
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return

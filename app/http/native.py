@@ -1,0 +1,131 @@
+"""The native predict front door: ``POST /v1/models/{name}/predict`` and ``POST /predict`` with a
+JSON body (``{"inputs": [sample, ...]}``), raw little-endian tensor bytes or an ``.npy`` body;
+JSON outputs (the model's postprocess) or, asked for in ``Accept``, the raw output tensor."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from app.codecs.binary import (
+    DTYPE_HEADER,
+    NPY,
+    RAW,
+    SHAPE_HEADER,
+    decode_npy,
+    decode_raw,
+    encode_npy,
+    encode_raw,
+    parse_shape,
+)
+from app.codecs.text import parse_json
+from app.errors import BadRequest, InvalidInput, UnsupportedMediaType
+from app.http import VERSION_HEADER
+from app.http.answers import JSON, Answer
+from app.http.endpoint import HttpCall, Paths
+from app.serving.inference import InferenceRequest, InferenceService, Target
+
+# Read as JSON too: no type, and what `curl -d` sends when not told otherwise.
+_JSON_ALIASES = ("", JSON, "application/x-www-form-urlencoded", "text/plain")
+
+
+class NativePredict:
+    """The native protocol's adapter over the inference service."""
+
+    paths: Paths = (
+        (re.compile(r"/v1/models/(?P<name>[^/]+)/predict"), "/v1/models/{name}/predict"),
+        (re.compile(r"/predict"), "/predict"),
+    )
+
+    async def answer(self, call: HttpCall, service: InferenceService) -> Answer:
+        """Decode the body, run it, and answer in the form ``Accept`` asks for."""
+        body = await call.body()
+        kind = _content_type(call)
+        if kind in (RAW, NPY):
+            target = await service.target(call.params.get("name") or _query_model(call))
+            call.served = target.model.name
+            array = decode_raw(body, *_tensor_headers(call)) if kind == RAW else decode_npy(body)
+            request = InferenceRequest(array, postprocess=_accept(call) == JSON)
+        elif kind == JSON:
+            target, request = await _json_request(call, body, service)
+        else:
+            raise UnsupportedMediaType(
+                f"unsupported Content-Type {kind!r}; send {JSON}, {RAW} (with {SHAPE_HEADER} "
+                f"and {DTYPE_HEADER}) or {NPY}"
+            )
+        result = await service.infer(target, request)
+        headers = {VERSION_HEADER: result.version}
+        if result.samples is not None:
+            payload = {"model": result.model, "version": result.version, "outputs": result.samples}
+            return 200, orjson.dumps(payload), {"content-type": JSON, **headers}
+        [output] = result.outputs.values()
+        if _accept(call) == NPY:
+            return 200, encode_npy(output), {"content-type": NPY, **headers}
+        data, dtype = encode_raw(output)
+        shape = ",".join(str(d) for d in output.shape)
+        headers |= {"content-type": RAW, SHAPE_HEADER: shape, DTYPE_HEADER: dtype}
+        return 200, data, headers
+
+
+async def _json_request(
+    call: HttpCall, body: bytes, service: InferenceService
+) -> tuple[Target, InferenceRequest]:
+    named = "name" in call.params
+    parsed = _parse_body(body, {"inputs"} if named else {"inputs", "model"})
+    name = call.params.get("name") or parsed.get("model")
+    if name is not None and not isinstance(name, str):
+        raise InvalidInput(f"'model' must be a string; received {type(name).__name__}")
+    target = await service.target(name)
+    call.served = target.model.name
+    request = InferenceRequest(
+        parsed["inputs"],
+        postprocess=_accept(call) == JSON,
+        numeric=_inputs_hold_no_string(body, parsed),
+    )
+    return target, request
+
+
+def _content_type(call: HttpCall) -> str:
+    kind = call.headers.get("content-type", "").split(";")[0].strip().lower()
+    return JSON if kind in _JSON_ALIASES else kind
+
+
+def _accept(call: HttpCall) -> str:
+    """The binary form asked for in ``Accept``, else JSON."""
+    accept = call.headers.get("accept", "")
+    return next((binary for binary in (RAW, NPY) if binary in accept), JSON)
+
+
+def _tensor_headers(call: HttpCall) -> tuple[str | None, tuple[int, ...]]:
+    shape = parse_shape(call.headers.get(SHAPE_HEADER.lower()))
+    return call.headers.get(DTYPE_HEADER.lower()), shape
+
+
+def _query_model(call: HttpCall) -> str | None:
+    """``?model=NAME``, which names the model of a raw or .npy body on ``/predict``."""
+    values = parse_qs(call.query_string.decode("latin-1")).get("model")
+    return values[0] if values else None
+
+
+def _parse_body(body: bytes, fields: set[str]) -> dict[str, Any]:
+    """The body as a JSON object holding ``inputs`` and no keys outside ``fields``."""
+    parsed = parse_json(body, "the body")
+    if not isinstance(parsed, dict):
+        raise BadRequest(f"the body must be a JSON object; received {type(parsed).__name__}")
+    if "inputs" not in parsed:
+        raise InvalidInput("the body has no 'inputs': send {\"inputs\": [sample, ...]}")
+    unknown = sorted(set(parsed) - fields)
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {unknown}; expected {sorted(fields)}")
+    return parsed
+
+
+def _inputs_hold_no_string(body: bytes, parsed: dict[str, Any]) -> bool:
+    """Whether the body proves that ``inputs`` holds no string, at the cost of counting its
+    quote characters: every key, and a string ``model``, takes at least two, so when they
+    account for all of them no string is left for ``inputs``."""
+    least = 2 * len(parsed) + (2 if isinstance(parsed.get("model"), str) else 0)
+    return body.count(b'"') <= least

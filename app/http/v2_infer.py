@@ -1,0 +1,79 @@
+"""The Open Inference Protocol (V2) inference front door: ``POST /v2/models/{name}[/versions/
+{version}]/infer`` with JSON tensors or the binary tensor data extension (optionally gzip or
+deflate), answering JSON or binary outputs per ``binary_data`` / ``binary_data_output``."""
+
+from __future__ import annotations
+
+import re
+
+from app.codecs.v2 import (
+    HEADER_LENGTH,
+    DecodedRequest,
+    datatype_of,
+    decode_request,
+    decompress,
+    encode_response,
+    from_bytes,
+)
+from app.errors import InvalidInput
+from app.http import VERSION_HEADER
+from app.http.answers import JSON, Answer
+from app.http.endpoint import HttpCall, Paths
+from app.serving.inference import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    InferenceRequest,
+    InferenceService,
+    Target,
+)
+
+
+class V2Infer:
+    """The Open Inference Protocol's inference adapter over the inference service."""
+
+    paths: Paths = (
+        (re.compile(r"/v2/models/(?P<name>[^/]+)/infer"), "/v2/models/{name}/infer"),
+        (
+            re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"),
+            "/v2/models/{name}/versions/{version}/infer",
+        ),
+    )
+
+    async def answer(self, call: HttpCall, service: InferenceService) -> Answer:
+        """Resolve the model and version (404 before the body is read), decode, run, encode."""
+        target = await service.target(call.params["name"], call.params.get("version"))
+        call.served = target.model.name
+        body = decompress(
+            await call.body(), call.headers.get("content-encoding"), call.max_body_bytes
+        )
+        header_length = call.headers.get(HEADER_LENGTH.lower())
+        if header_length is not None and header_length.strip() == "0":
+            decoded = _raw_request(target, body)
+        else:
+            decoded = decode_request(body, header_length)
+        result = await service.infer(target, InferenceRequest(decoded.inputs))
+        output = result.outputs[OUTPUT_NAME]
+        binary = decoded.binary_output
+        for wanted in decoded.outputs or []:
+            if wanted.name != OUTPUT_NAME:
+                raise InvalidInput(
+                    f"model {result.model!r} has no output {wanted.name!r}; "
+                    f"its output is {OUTPUT_NAME!r}"
+                )
+            binary = wanted.parameters.get("binary_data", binary) is True
+        outputs = [(OUTPUT_NAME, output, binary)]
+        content, json_length = encode_response(result.model, result.version, decoded.id, outputs)
+        headers = {VERSION_HEADER: result.version}
+        if json_length is None:
+            return 200, content, {"content-type": JSON, **headers}
+        headers |= {"content-type": "application/octet-stream", HEADER_LENGTH: str(json_length)}
+        return 200, content, headers
+
+
+def _raw_request(target: Target, body: bytes) -> DecodedRequest:
+    """``Inference-Header-Content-Length: 0``: the body is one sample of the model's one input,
+    and every output comes back binary."""
+    model = target.model
+    shape = [1, *model.sample_shape]
+    array = from_bytes(body, datatype_of(model.spec.input_dtype), shape, INPUT_NAME)
+    return DecodedRequest(None, {INPUT_NAME: array}, None, binary_output=True)
