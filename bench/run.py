@@ -299,7 +299,9 @@ def protocols(name: str, files: dict[str, Path]) -> list[tuple[str, str, Path, d
             "modelport (binary)",
             native,
             files["raw"],
-            {"CONTENT_TYPE": octets, "TENSOR_SHAPE": shape, "TENSOR_DTYPE": "float32"},
+            # binary both ways, as the V2 binary requests ask (binary_data on the output)
+            {"CONTENT_TYPE": octets, "ACCEPT": octets, "TENSOR_SHAPE": shape}
+            | {"TENSOR_DTYPE": "float32"},
         ),
         ("modelport (V2 JSON)", v2, files["v2_json"], JSON_ENV),
         (
@@ -504,7 +506,10 @@ def render(
         f"{args.concurrency} --models {args.models} --workers {args.workers}`; modelport with "
         f"{args.workers} worker processes x {threads} torch thread(s), batching on (defaults); "
         f"tutorial: 1 uvicorn worker, default settings. One sample per request. Server CPU is "
-        f"in cores (per worker in brackets).\n\n"
+        f"in cores (per worker in brackets). modelport's rows, on the same server: native JSON "
+        f"in and out (`modelport`); raw float32 bytes in and out (`binary`); the Open Inference "
+        f"Protocol's JSON tensors (`V2 JSON`) and binary tensor extension in and out "
+        f"(`V2 binary`).\n\n"
         f"{table(rows)}\n\n## Ratios\n\n" + "\n".join(ratios) + "\n"
         f"\n## Front doors, side by side (req/s; V2 / native)\n\n{front_doors(rows)}\n"
         f"\n## In-process limit (samples/s, {args.workers} processes x {threads} thread(s), "
