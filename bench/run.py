@@ -401,9 +401,9 @@ def main() -> None:
             f"http://127.0.0.1:{ours_port}/health/ready",
         )
         try:
-            for name in names:
-                for label, path, body, wrk_env in protocols(name, files[name]):
-                    for concurrency in concurrencies:
+            for name in names:  # the front doors one after another at each point
+                for concurrency in concurrencies:
+                    for label, path, body, wrk_env in protocols(name, files[name]):
                         before = batch_totals(base("modelport"), name)
                         url = f"{base('modelport')}{path}"
                         row = run_wrk(ours, url, body, concurrency, args.duration, wrk_env)
