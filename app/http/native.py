@@ -43,14 +43,14 @@ class NativePredict:
     async def answer(self, call: HttpCall, service: InferenceService) -> Answer:
         """Decode the body, run it, and answer in the form ``Accept`` asks for."""
         body = await call.body()
-        kind = _content_type(call)
+        kind, accept = _content_type(call), _accept(call)
         if kind in (RAW, NPY):
             target = await service.target(call.params.get("name") or _query_model(call))
             call.served = target.model.name
             array = decode_raw(body, *_tensor_headers(call)) if kind == RAW else decode_npy(body)
-            request = InferenceRequest(array, postprocess=_accept(call) == JSON)
+            request = InferenceRequest(array, postprocess=accept == JSON)
         elif kind == JSON:
-            target, request = await _json_request(call, body, service)
+            target, request = await _json_request(call, body, service, accept == JSON)
         else:
             raise UnsupportedMediaType(
                 f"unsupported Content-Type {kind!r}; send {JSON}, {RAW} (with {SHAPE_HEADER} "
@@ -62,7 +62,7 @@ class NativePredict:
             payload = {"model": result.model, "version": result.version, "outputs": result.samples}
             return 200, orjson.dumps(payload), {"content-type": JSON, **headers}
         [output] = result.outputs.values()
-        if _accept(call) == NPY:
+        if accept == NPY:
             return 200, encode_npy(output), {"content-type": NPY, **headers}
         data, dtype = encode_raw(output)
         shape = ",".join(str(d) for d in output.shape)
@@ -71,7 +71,7 @@ class NativePredict:
 
 
 async def _json_request(
-    call: HttpCall, body: bytes, service: InferenceService
+    call: HttpCall, body: bytes, service: InferenceService, postprocess: bool
 ) -> tuple[Target, InferenceRequest]:
     named = "name" in call.params
     parsed = _parse_body(body, {"inputs"} if named else {"inputs", "model"})
@@ -82,7 +82,7 @@ async def _json_request(
     call.served = target.model.name
     request = InferenceRequest(
         parsed["inputs"],
-        postprocess=_accept(call) == JSON,
+        postprocess=postprocess,
         numeric=_inputs_hold_no_string(body, parsed),
     )
     return target, request

@@ -27,7 +27,7 @@ Values = np.ndarray | list[Any]
 """A batch of samples: an array read from bytes, or nested JSON lists (not yet typed)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Target:
     """The model and version a request runs on."""
 
@@ -36,7 +36,7 @@ class Target:
     """The stored version asked for, loaded; None serves the active version."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferenceRequest:
     """One inference as every protocol describes it."""
 
@@ -48,7 +48,7 @@ class InferenceRequest:
     """The caller has proven that JSON ``inputs`` hold no string (skips one typing pass)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferenceResult:
     """The answer: the version that computed it and its outputs."""
 
@@ -90,7 +90,7 @@ class InferenceService:
     def batch(self, model: ServedModel, request: InferenceRequest) -> np.ndarray:
         """The request's inputs as the model's checked input batch, or InvalidInput."""
         values = request.inputs
-        if isinstance(values, Mapping):
+        if not isinstance(values, list | np.ndarray) and isinstance(values, Mapping):
             names = sorted(values)
             if names != [INPUT_NAME]:
                 raise InvalidInput(
