@@ -30,6 +30,6 @@ test: lint
 test-quick: setup
 	$(VENV)/bin/pytest -m "unit or app"
 
-# Needs wrk (Debian: apt-get install -y wrk). About 11 minutes; writes bench/results.md.
+# Needs wrk (Debian: apt-get install -y wrk). About 14 minutes; writes bench/results.md.
 bench: setup
 	$(PY) bench/run.py --duration 10
