@@ -31,15 +31,22 @@ import torch
 from asgi_lifespan import LifespanManager
 from torch import nn
 
-from app.config import Settings
+from app.config import Settings, load_service_config
 from app.http.app import create_app
+from app.observability.metrics import Metrics
 from app.serving.catalog import ModelSpec, discover, get_spec
+from app.serving.manager import VersionManager
+from app.serving.model import ServedModel
+from app.serving.registry import ModelRegistry
+from app.state.database import Actor
 from models.linear import MyModel
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"
 LINEAR = {"name": "linear", "class": "linear", "weights": str(WEIGHTS / "linear.pth")}
 DIGITS = {"name": "digits", "class": "digits", "weights": str(WEIGHTS / "digits.pth")}
+ACTOR = Actor(request_id=None, client="test")
+"""Who the in-process tests' management calls are recorded as."""
 BROKEN = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
 """A model whose weights do not fit its class (digits' for linear): unavailable from the start."""
 SAMPLE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
@@ -108,6 +115,15 @@ BUNDLED = Weights((WEIGHTS / "linear.pth").read_bytes())
 """The bundled ``linear`` weights: the version a fresh store serves."""
 
 
+def scaled_linear_weights(directory: Path, scale: float) -> Path:
+    """A ``linear`` state_dict file whose outputs are easy to tell apart: every weight (and the
+    first bias) is ``scale``."""
+    path = directory / f"linear-{scale}.pth"
+    state = {"linear.weight": torch.full((2, 10), scale), "linear.bias": torch.tensor([scale, 0.0])}
+    torch.save(state, path)
+    return path
+
+
 class RunsCodeWhenUnpickled:
     """Pickles as a call to os.system; unpickling it would create ``marker``."""
 
@@ -141,6 +157,27 @@ def make_settings(directory: Path, *models: dict[str, Any], **overrides: Any) ->
     config = write_config(directory, *(models or (LINEAR, DIGITS)))
     overrides.setdefault("store_dir", directory / "store")
     return Settings(config=config, **overrides)
+
+
+def registry_for(directory: Path, *models: dict[str, Any], **overrides: Any) -> ModelRegistry:
+    """A registry of ``models`` (default: the bundled two) from a config in ``directory``,
+    checked but not loaded, with metrics of its own."""
+    settings = make_settings(directory, *models, **overrides)
+    configs = load_service_config(settings.config)
+    return ModelRegistry.from_settings(settings, configs, Metrics(list, [c.name for c in configs]))
+
+
+async def store_version(model: ServedModel, path: Path, *, activate: bool = False) -> str:
+    """Store ``path`` as a version of ``model`` through its manager (validated, as an upload
+    is); its version id."""
+    data = await asyncio.to_thread(path.read_bytes)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data
+
+    staged = await model.state.incoming.receive(model.name, body(), 1 << 20)
+    outcome = await VersionManager(model).upload(staged, path.name, [], activate, ACTOR)
+    return outcome.record.id
 
 
 @contextlib.asynccontextmanager

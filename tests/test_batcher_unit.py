@@ -102,6 +102,16 @@ class Harness:
         self.batchers.append(batcher)
         return batcher, metrics
 
+    async def held(
+        self, spec: ModelSpec = SPEC, **policy: Any
+    ) -> tuple[DynamicBatcher, GatedScaler, asyncio.Task[Any]]:
+        """A batcher over one runtime, with a first request (``samples(0)``) whose forward is
+        held at the gate: what is submitted next queues behind it."""
+        runtime = self.runtime(spec=spec)
+        batcher, _ = self.batcher(lambda: runtime, **policy)
+        module = gated(runtime)
+        return batcher, module, await hold(module, batcher.submit(samples(0)))
+
     def close(self) -> None:
         for module in self.modules:
             module.gate.set()
@@ -154,8 +164,8 @@ async def test_requests_queued_behind_a_forward_run_as_one_batch_and_each_gets_i
     runtime = harness.runtime()
     batcher, _ = harness.batcher(lambda: runtime)
     module = gated(runtime)
-    requests = [samples(10), samples(20, 21), samples(30, 31, 32), samples(40)]
     first = await hold(module, batcher.submit(samples(0)))
+    requests = [samples(10), samples(20, 21), samples(30, 31, 32), samples(40)]
     rest = await enqueued(*(batcher.submit(r) for r in requests))
     module.gate.set()
     results = await answered(first, *rest)
@@ -168,10 +178,7 @@ async def test_requests_queued_behind_a_forward_run_as_one_batch_and_each_gets_i
 async def test_raw_outputs_are_split_back_per_request_without_postprocess(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime(spec=LABELLED)
-    batcher, _ = harness.batcher(lambda: runtime)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held(spec=LABELLED)
     raw, labelled = await enqueued(
         batcher.submit(samples(1, 2), postprocess=False), batcher.submit(samples(3))
     )
@@ -186,10 +193,7 @@ async def test_raw_outputs_are_split_back_per_request_without_postprocess(
 async def test_a_batch_closes_before_it_would_exceed_the_max_size_and_never_splits_a_request(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime, max_batch_size=6)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held(max_batch_size=6)
     pairs = [samples(i, i + 0.5) for i in range(1, 8)]
     rest = await enqueued(*(batcher.submit(pair) for pair in pairs))
     module.gate.set()
@@ -202,10 +206,7 @@ async def test_a_batch_closes_before_it_would_exceed_the_max_size_and_never_spli
 async def test_a_batch_stops_collecting_at_its_deadline_even_while_others_wait(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime, max_batch_delay_s=0.0)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held(max_batch_delay_s=0.0)
     rest = await enqueued(*(batcher.submit(samples(i)) for i in range(1, 4)))
     module.gate.set()
     results = await answered(first, *rest)
@@ -225,10 +226,7 @@ async def test_a_lone_request_does_not_wait_for_the_batch_delay(harness: Harness
 async def test_a_forward_that_raises_fails_only_the_request_that_broke_it(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held()
     bodies = [samples(1), samples(2, 3), samples(4, POISON), samples(5)]
     rest = await enqueued(*(batcher.submit(body) for body in bodies))
     module.gate.set()
@@ -247,10 +245,7 @@ async def test_a_forward_that_raises_fails_only_the_request_that_broke_it(
 async def test_a_postprocess_that_raises_fails_only_the_request_whose_rows_broke_it(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime(spec=LABELLED)
-    batcher, _ = harness.batcher(lambda: runtime)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held(spec=LABELLED)
     rest = await enqueued(batcher.submit(samples(1)), batcher.submit(samples(7)))
     module.gate.set()
     _, (_, labels), refused = await answered(first, *rest)
@@ -330,10 +325,7 @@ async def test_a_request_when_no_version_can_serve_fails_with_the_reason(
 
 
 async def test_a_full_queue_refuses_at_once_and_what_waits_still_runs(harness: Harness) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime, max_queue=2)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))  # running, no longer queued
+    batcher, module, first = await harness.held(max_queue=2)  # running, no longer queued
     queued = await enqueued(batcher.submit(samples(1)), batcher.submit(samples(2)))
     with pytest.raises(QueueFull, match="2 requests waiting"):
         await asyncio.wait_for(batcher.submit(samples(3)), WAIT_S)
@@ -344,10 +336,7 @@ async def test_a_full_queue_refuses_at_once_and_what_waits_still_runs(harness: H
 
 
 async def test_a_request_past_its_timeout_fails_and_is_dropped_unrun(harness: Harness) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime, timeout_s=0.3)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held(timeout_s=0.3)
     (waiting,) = await enqueued(batcher.submit(samples(1)))
     late, expired = await answered(first, waiting)
     assert isinstance(expired, InferenceTimeout)
@@ -361,10 +350,7 @@ async def test_a_request_past_its_timeout_fails_and_is_dropped_unrun(harness: Ha
 async def test_a_request_whose_caller_left_is_dropped_before_its_forward(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held()
     (left,) = await enqueued(batcher.submit(samples(1)))
     left.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -379,10 +365,7 @@ async def test_a_request_whose_caller_left_is_dropped_before_its_forward(
 async def test_stop_finishes_the_running_batch_fails_what_waits_and_refuses_new_requests(
     harness: Harness,
 ) -> None:
-    runtime = harness.runtime()
-    batcher, _ = harness.batcher(lambda: runtime)
-    module = gated(runtime)
-    first = await hold(module, batcher.submit(samples(0)))
+    batcher, module, first = await harness.held()
     waiting = await enqueued(batcher.submit(samples(1)), batcher.submit(samples(2)))
     stopping = asyncio.ensure_future(asyncio.to_thread(batcher.stop))
     refused = await answered(*waiting)  # answered while the running forward is still held

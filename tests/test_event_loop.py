@@ -6,25 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save
 
-from app.config import load_service_config
-from app.observability.metrics import Metrics
 from app.serving.manager import VersionManager
 from app.serving.model import ServedModel
-from app.serving.registry import ModelRegistry
-from app.state.database import Actor
 from models.linear import MyModel
-from tests.helpers import AUTH, LINEAR, SAMPLE, TOKEN, make_settings, serve_in_process
+from tests.helpers import (
+    ACTOR,
+    AUTH,
+    LINEAR,
+    SAMPLE,
+    TOKEN,
+    make_settings,
+    registry_for,
+    saved,
+    serve_in_process,
+    wait_until_async,
+)
 
 STALL_S = 10.0
 """How long the slow disk holds an fsync at most: a blocked loop fails the test, not hangs it."""
@@ -91,7 +96,7 @@ async def test_a_model_whose_lock_is_held_delays_no_other_models_following(
     model's lock (a management call in progress): the second follows meanwhile, the first once
     its lock is free."""
     models = (LINEAR, {**LINEAR, "name": "second"})
-    acting, following = replica(tmp_path, *models), replica(tmp_path, *models)
+    acting, following = (registry_for(tmp_path, *models, torch_threads=1) for _ in "ab")
     acting.load_all()
     following.load_all()
     held = following.get("linear")
@@ -99,9 +104,11 @@ async def test_a_model_whose_lock_is_held_delays_no_other_models_following(
     try:
         async with held.lock:
             new = [await upload(acting.get(name), tmp_path) for name in ("linear", "second")]
-            await until(lambda: following.get("second").serves(new[1]))
+            await wait_until_async(
+                lambda: following.get("second").serves(new[1]), "second follows", FOLLOW_WITHIN_S
+            )
             assert not held.serves(new[0])
-        await until(lambda: held.serves(new[0]))
+        await wait_until_async(lambda: held.serves(new[0]), "linear follows", FOLLOW_WITHIN_S)
     finally:
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -111,32 +118,10 @@ async def test_a_model_whose_lock_is_held_delays_no_other_models_following(
             each.state.db.close()
 
 
-def replica(tmp_path: Path, *models: dict[str, object]) -> ModelRegistry:
-    """A registry serving ``models`` from the store folder under ``tmp_path``."""
-    settings = make_settings(tmp_path, *models, torch_threads=1)
-    configs = load_service_config(settings.config)
-    return ModelRegistry.from_settings(settings, configs, Metrics(list, [c.name for c in configs]))
-
-
 async def upload(model: ServedModel, tmp_path: Path) -> str:
     """Upload and activate new weights; their version."""
     torch.manual_seed(7)
     data = saved(MyModel().state_dict())
     staged = await model.state.incoming.receive(model.name, in_pieces(data), len(data))
-    actor = Actor(request_id=None, client="test")
-    outcome = await VersionManager(model).upload(staged, None, [], True, actor)
+    outcome = await VersionManager(model).upload(staged, None, [], True, ACTOR)
     return outcome.record.id
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` (the follow loop polls the database too) until it holds."""
-    deadline = time.monotonic() + FOLLOW_WITHIN_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {FOLLOW_WITHIN_S} s"
-        await asyncio.sleep(0.01)
-
-
-def saved(state: dict[str, torch.Tensor]) -> bytes:
-    stream = io.BytesIO()
-    torch.save(state, stream)
-    return stream.getvalue()

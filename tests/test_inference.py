@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import load_service_config
 from app.errors import InvalidInput, ModelNotFound, ModelUnavailable, VersionNotFound
-from app.observability.metrics import Metrics
 from app.serving.inference import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -20,7 +18,7 @@ from app.serving.inference import (
     InferenceService,
 )
 from app.serving.registry import ModelRegistry
-from tests.helpers import DIGITS, LINEAR, make_settings
+from tests.helpers import DIGITS, LINEAR, registry_for
 
 pytestmark = pytest.mark.unit
 
@@ -30,10 +28,7 @@ SAMPLES = np.random.default_rng(7).normal(size=(3, 10)).astype(np.float32)
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
     """The bundled models loaded, their inference threads running."""
-    settings = make_settings(tmp_path, LINEAR, DIGITS, max_samples_per_request=4)
-    configs = load_service_config(settings.config)
-    metrics = Metrics(lambda: [], [config.name for config in configs])
-    registry = ModelRegistry.from_settings(settings, configs, metrics)
+    registry = registry_for(tmp_path, LINEAR, DIGITS, max_samples_per_request=4)
     registry.load_all()
     registry.start()
     yield registry

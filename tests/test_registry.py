@@ -6,26 +6,29 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from app.config import load_service_config
 from app.errors import ConfigError, InvalidInput, ModelNotFound
-from app.observability.metrics import Metrics
 from app.serving.manager import VersionManager
-from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
-from app.state.database import SQLITE_FILE, Actor
-from tests.helpers import DIGITS, LINEAR, WEIGHTS, make_settings
+from app.state.database import SQLITE_FILE
+from tests.helpers import (
+    ACTOR,
+    BROKEN,
+    DIGITS,
+    LINEAR,
+    registry_for,
+    scaled_linear_weights,
+    store_version,
+    wait_until_async,
+)
 
 pytestmark = pytest.mark.unit
 
-ACTOR = Actor(request_id=None, client="test")
-BROKEN = {"name": "broken", "class": "linear", "weights": str(WEIGHTS / "digits.pth")}
 FOLLOW_WITHIN_S = 5.0
 """Upper bound for the follow loop to notice a change; only reached when a test fails."""
 
@@ -39,10 +42,7 @@ def registry_of(tmp_path: Path) -> Iterator[Registries]:
     made: list[ModelRegistry] = []
 
     def make(*models: dict[str, Any], **overrides: Any) -> ModelRegistry:
-        settings = make_settings(tmp_path, *models, torch_threads=1, **overrides)
-        configs = load_service_config(settings.config)
-        metrics = Metrics(list, [config.name for config in configs])
-        registry = ModelRegistry.from_settings(settings, configs, metrics)
+        registry = registry_for(tmp_path, *models, torch_threads=1, **overrides)
         made.append(registry)
         return registry
 
@@ -52,32 +52,6 @@ def registry_of(tmp_path: Path) -> Iterator[Registries]:
         for registry in made:
             registry.close()
             registry.state.db.close()
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` (the follow loop itself polls SQLite) until it holds."""
-    deadline = time.monotonic() + FOLLOW_WITHIN_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {FOLLOW_WITHIN_S} s: {what}"
-        await asyncio.sleep(0.01)
-
-
-async def upload(model: ServedModel, path: Path, *, activate: bool) -> str:
-    data = await asyncio.to_thread(path.read_bytes)
-
-    async def body() -> AsyncIterator[bytes]:
-        yield data
-
-    staged = await model.state.incoming.receive(model.name, body(), 1 << 20)
-    outcome = await VersionManager(model).upload(staged, path.name, [], activate, ACTOR)
-    return outcome.record.id
-
-
-def linear_weights(directory: Path, scale: float) -> Path:
-    path = directory / f"linear-{scale}.pth"
-    state = {"linear.weight": torch.full((2, 10), scale), "linear.bias": torch.tensor([scale, 0.0])}
-    torch.save(state, path)
-    return path
 
 
 def test_get_finds_a_served_model_and_an_unknown_name_is_model_not_found(
@@ -181,13 +155,19 @@ async def test_the_follow_loop_serves_what_another_registry_activated(
     failures: list[str] = []
     loop = asyncio.create_task(following.follow(0.02, failures.append))
     try:
-        v1 = await upload(acting.get("linear"), linear_weights(tmp_path, 0.5), activate=True)
-        await until(lambda: following.get("linear").serves(v1), f"following serves {v1}")
+        v1 = await store_version(
+            acting.get("linear"), scaled_linear_weights(tmp_path, 0.5), activate=True
+        )
+        await wait_until_async(
+            lambda: following.get("linear").serves(v1), f"following serves {v1}", FOLLOW_WITHIN_S
+        )
         await VersionManager(acting.get("linear")).rollback(ACTOR)
         bundled = acting.get("linear").runtime
         assert bundled is not None
-        await until(
-            lambda: following.get("linear").serves(bundled.version), "following rolled back"
+        await wait_until_async(
+            lambda: following.get("linear").serves(bundled.version),
+            "following rolled back",
+            FOLLOW_WITHIN_S,
         )
     finally:
         loop.cancel()
@@ -210,14 +190,20 @@ async def test_the_follow_loop_survives_an_unreadable_database_and_reports_then_
     loop = asyncio.create_task(registry.follow(0.02, failures.append))
     try:
         rename_table(database, "pointers", "pointers_hidden")
-        await until(lambda: len(failures) >= 2, "the follow loop kept trying")
+        await wait_until_async(
+            lambda: len(failures) >= 2, "the follow loop kept trying", FOLLOW_WITHIN_S
+        )
         assert set(failures) == {"linear"}
-        await until(lambda: "linear" in registry.unavailable(), "the sync age was reported")
+        await wait_until_async(
+            lambda: "linear" in registry.unavailable(), "the sync age was reported", FOLLOW_WITHIN_S
+        )
         assert "the version database was last read" in registry.unavailable()["linear"]
         assert model.runtime is serving, "stopped serving while the database was unreadable"
 
         rename_table(database, "pointers_hidden", "pointers")
-        await until(lambda: registry.unavailable() == {}, "ready again once readable")
+        await wait_until_async(
+            lambda: registry.unavailable() == {}, "ready again once readable", FOLLOW_WITHIN_S
+        )
         assert not loop.done()
     finally:
         loop.cancel()
@@ -241,9 +227,9 @@ async def test_a_model_that_cannot_follow_does_not_stop_the_others_following(
     acting, following = registry_of(LINEAR, other), registry_of(LINEAR, other)
     acting.load_all()
     following.load_all()
-    weights = linear_weights(tmp_path, 0.5)
-    v1 = await upload(acting.get("linear"), weights, activate=True)
-    assert await upload(acting.get("other"), weights, activate=True) == v1
+    weights = scaled_linear_weights(tmp_path, 0.5)
+    v1 = await store_version(acting.get("linear"), weights, activate=True)
+    assert await store_version(acting.get("other"), weights, activate=True) == v1
     connection = sqlite3.connect(tmp_path / "store" / SQLITE_FILE, isolation_level=None)
     try:  # linear's record of v1 becomes unreadable; other's stays intact
         connection.execute("UPDATE versions SET report = '{' WHERE model = 'linear'")
@@ -252,8 +238,10 @@ async def test_a_model_that_cannot_follow_does_not_stop_the_others_following(
     failures: list[str] = []
     loop = asyncio.create_task(following.follow(0.02, failures.append))
     try:
-        await until(lambda: following.get("other").serves(v1), "other follows")
-        await until(lambda: len(failures) >= 2, "linear failed twice")
+        await wait_until_async(
+            lambda: following.get("other").serves(v1), "other follows", FOLLOW_WITHIN_S
+        )
+        await wait_until_async(lambda: len(failures) >= 2, "linear failed twice", FOLLOW_WITHIN_S)
     finally:
         loop.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -7,9 +7,8 @@ the store folder that the others share, as two server processes would have.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,21 @@ from app.serving.batching import BatchPolicy
 from app.serving.manager import VersionManager
 from app.serving.model import ServedModel
 from app.state.blobs import FolderBlobStore
-from app.state.database import Actor, Pointers, VersionDatabase
+from app.state.database import Pointers, VersionDatabase
 from app.state.incoming import IncomingFolder
 from app.state.versions import VersionState
 from models.linear import MyModel
-from tests.helpers import CPU, WEIGHTS, spec_named
+from tests.helpers import (
+    ACTOR,
+    CPU,
+    WEIGHTS,
+    scaled_linear_weights,
+    spec_named,
+    store_version,
+)
 
 pytestmark = pytest.mark.unit
 
-ACTOR = Actor(request_id=None, client="test")
 BUNDLED = WEIGHTS / "linear.pth"
 SAMPLE = np.array(
     [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0], [1.0] * 10], dtype=np.float32
@@ -46,14 +51,6 @@ def sha256_of(path: Path) -> str:
 
 def version_of(path: Path) -> str:
     return sha256_of(path)[:12]
-
-
-def linear_weights(directory: Path, scale: float) -> Path:
-    """A linear state_dict whose outputs are easy to tell apart: every weight is ``scale``."""
-    path = directory / f"linear-{scale}.pth"
-    state = {"linear.weight": torch.full((2, 10), scale), "linear.bias": torch.tensor([scale, 0.0])}
-    torch.save(state, path)
-    return path
 
 
 def outputs_of(path: Path, inputs: np.ndarray = SAMPLE) -> np.ndarray:
@@ -113,19 +110,6 @@ def replica(store: Path) -> Iterator[Replica]:
             model.state.db.close()
 
 
-async def upload(model: ServedModel, path: Path, *, activate: bool = False) -> str:
-    """Store ``path`` as a version through the model's manager (validated, as an upload is)."""
-
-    data = await asyncio.to_thread(path.read_bytes)
-
-    async def body() -> AsyncIterator[bytes]:
-        yield data
-
-    staged = await model.state.incoming.receive(model.name, body(), 1 << 20)
-    outcome = await VersionManager(model).upload(staged, path.name, [], activate, ACTOR)
-    return outcome.record.id
-
-
 def test_a_first_start_serves_the_bundled_weights_and_records_them_as_active(
     replica: Replica, store: Path
 ) -> None:
@@ -149,9 +133,9 @@ async def test_activation_swaps_the_runtime_and_rollback_returns_to_the_one_kept
     model.batcher.start()
     bundled = model.runtime
     assert bundled is not None
-    new = linear_weights(tmp_path, 0.5)
+    new = scaled_linear_weights(tmp_path, 0.5)
 
-    v1 = await upload(model, new, activate=True)
+    v1 = await store_version(model, new, activate=True)
     assert model.runtime is not None
     assert model.runtime.version == v1
     assert model.previous is bundled
@@ -174,7 +158,7 @@ async def test_an_upload_that_is_not_activated_leaves_the_serving_version_alone(
     model = replica()
     model.load()
     serving = model.runtime
-    v1 = await upload(model, linear_weights(tmp_path, 0.5))
+    v1 = await store_version(model, scaled_linear_weights(tmp_path, 0.5))
     assert model.runtime is serving
     assert model.state.db.pointers("linear").active == version_of(BUNDLED)
     assert v1 in [r.id for r in model.versions()]
@@ -185,7 +169,7 @@ async def test_a_restart_serves_the_active_version_with_the_previous_one_loaded(
 ) -> None:
     first = replica()
     first.load()
-    v1 = await upload(first, linear_weights(tmp_path, 0.5), activate=True)
+    v1 = await store_version(first, scaled_linear_weights(tmp_path, 0.5), activate=True)
 
     restarted = replica()
     restarted.load()
@@ -201,10 +185,10 @@ async def test_an_active_version_that_cannot_load_falls_back_to_the_newest_loada
 ) -> None:
     first = replica()
     first.load()
-    weights = [linear_weights(tmp_path, scale) for scale in (0.25, 0.5, 0.75)]
-    v1 = await upload(first, weights[0])
-    v2 = await upload(first, weights[1])
-    v3 = await upload(first, weights[2], activate=True)
+    weights = [scaled_linear_weights(tmp_path, scale) for scale in (0.25, 0.5, 0.75)]
+    v1 = await store_version(first, weights[0])
+    v2 = await store_version(first, weights[1])
+    v3 = await store_version(first, weights[2], activate=True)
     damage(blob_of(store, weights[2]))
 
     restarted = replica()
@@ -244,9 +228,9 @@ async def test_follow_serves_what_another_replica_activated_and_rolled_back(
     following.load()
     following.batcher.start()
     held = following.runtime
-    new = linear_weights(tmp_path, 0.5)
+    new = scaled_linear_weights(tmp_path, 0.5)
 
-    v1 = await upload(acting, new, activate=True)
+    v1 = await store_version(acting, new, activate=True)
     assert following.runtime is held, "followed before reading the database"
     synced = following.synced_at
     await following.follow()
@@ -273,8 +257,8 @@ async def test_follow_keeps_serving_when_the_new_active_version_cannot_load_and_
     acting.load()
     following.load()
     held = following.runtime
-    new = linear_weights(tmp_path, 0.5)
-    v1 = await upload(acting, new, activate=True)
+    new = scaled_linear_weights(tmp_path, 0.5)
+    v1 = await store_version(acting, new, activate=True)
     blob = blob_of(store, new)
     intact = blob.read_bytes()
     damage(blob)
@@ -297,8 +281,8 @@ async def test_versioned_inference_loads_stored_versions_on_demand_and_keeps_the
     model.batcher.start()
     active = model.runtime
     assert active is not None
-    weights = [linear_weights(tmp_path, scale) for scale in (0.25, 0.5, 0.75)]
-    v1, v2, v3 = [await upload(model, path) for path in weights]
+    weights = [scaled_linear_weights(tmp_path, scale) for scale in (0.25, 0.5, 0.75)]
+    v1, v2, v3 = [await store_version(model, path) for path in weights]
 
     assert await model.runtime_for(active.version) is active
     first = await model.runtime_for(v1)
@@ -333,7 +317,7 @@ async def test_a_version_deleted_by_another_replica_answers_version_not_found(
     acting, other = replica(), replica()
     acting.load()
     other.load()
-    v1 = await upload(acting, linear_weights(tmp_path, 0.5))
+    v1 = await store_version(acting, scaled_linear_weights(tmp_path, 0.5))
     assert (await acting.runtime_for(v1)).version == v1
     read_before = other.record(v1)
 
@@ -352,7 +336,7 @@ async def test_a_version_another_replica_deleted_is_forgotten_at_the_next_follow
     acting, other = replica(), replica()
     acting.load()
     other.load()
-    v1 = await upload(acting, linear_weights(tmp_path, 0.5))
+    v1 = await store_version(acting, scaled_linear_weights(tmp_path, 0.5))
     assert (await other.runtime_for(v1)).version == v1  # loaded on demand there
 
     await VersionManager(acting).delete(v1, ACTOR)
@@ -367,8 +351,8 @@ async def test_follow_past_a_missed_activation_keeps_only_the_rollback_target_lo
     acting, following = replica(), replica()
     acting.load()
     following.load()
-    v1 = await upload(acting, linear_weights(tmp_path, 0.25), activate=True)
-    v2 = await upload(acting, linear_weights(tmp_path, 0.5), activate=True)
+    v1 = await store_version(acting, scaled_linear_weights(tmp_path, 0.25), activate=True)
+    v2 = await store_version(acting, scaled_linear_weights(tmp_path, 0.5), activate=True)
 
     await following.follow()  # one read: v1 came and went meanwhile
     assert following.runtime is not None
