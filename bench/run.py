@@ -454,7 +454,7 @@ def main() -> None:
     args.out.write_text(report)
 
 
-AB_ROUNDS, AB_SECONDS = 3, 3
+AB_ROUNDS, AB_SECONDS = 7, 2
 
 
 def alternate(

@@ -287,6 +287,13 @@ BAD_REQUESTS: dict[str, tuple[bytes, dict[str, str], str]] = {
     "malformed JSON": (b'{"inputs": [', {}, "malformed JSON"),
     "not an object": (b"[1, 2]", {}, "must be a JSON object"),
     "no inputs": (b'{"inputs": []}', {}, "inputs"),
+    # each field in a type the schema refuses (they pass the quick type check to pydantic)
+    "inputs not objects": (b'{"inputs": [5]}', {}, "inputs.0"),
+    "parameters null": (_valid()[:-1] + b', "parameters": null}', {}, "parameters"),
+    "id not a string": (_valid()[:-1] + b', "id": 5}', {}, "id"),
+    "outputs not a list": (_valid()[:-1] + b', "outputs": {}}', {}, "outputs"),
+    "shape not counts": (_valid(shape=[1, "ten"]), {}, "shape"),
+    "name not a string": (_valid(name=None), {}, "inputs.0.name"),
     "wrong input name": (_valid(name="x"), {}, "one input named 'input'"),
     "wrong sample shape": (_valid(data=[[1, 2, 3]], shape=[1, 3]), {}, "wrong sample shape"),
     "data and shape disagree": (_valid(shape=[1, 9]), {}, "holds 9 values"),
@@ -324,6 +331,13 @@ BAD_REQUESTS: dict[str, tuple[bytes, dict[str, str], str]] = {
     "not gzip": (_valid(), {"Content-Encoding": "gzip"}, "not valid gzip"),
     "unsupported encoding": (_valid(), {"Content-Encoding": "br"}, "Content-Encoding"),
 }
+
+
+async def test_a_header_in_types_the_schema_converts_is_served(client: httpx.AsyncClient) -> None:
+    body = json.dumps({"id": None, "inputs": [{**tensor([SAMPLE]), "shape": ["1", "10"]}]}).encode()
+    response = await client.post("/v2/models/linear/infer", content=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [1, 2]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)

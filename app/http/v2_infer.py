@@ -51,17 +51,14 @@ class V2Infer:
             decoded = _raw_request(target, body)
         else:
             decoded = decode_request(body, header_length)
-        result = await service.infer(target, InferenceRequest(decoded.inputs))
-        output = result.outputs[OUTPUT_NAME]
-        binary = decoded.binary_output
-        for wanted in decoded.outputs or []:
-            if wanted.name != OUTPUT_NAME:
+        for name in decoded.outputs:
+            if name != OUTPUT_NAME:
                 raise InvalidInput(
-                    f"model {result.model!r} has no output {wanted.name!r}; "
+                    f"model {target.model.name!r} has no output {name!r}; "
                     f"its output is {OUTPUT_NAME!r}"
                 )
-            binary = wanted.parameters.get("binary_data", binary) is True
-        outputs = [(OUTPUT_NAME, output, binary)]
+        result = await service.infer(target, InferenceRequest(decoded.inputs))
+        outputs = [(OUTPUT_NAME, result.outputs[OUTPUT_NAME], decoded.binary(OUTPUT_NAME))]
         content, json_length = encode_response(result.model, result.version, decoded.id, outputs)
         headers = {VERSION_HEADER: result.version}
         if json_length is None:
@@ -76,4 +73,4 @@ def _raw_request(target: Target, body: bytes) -> DecodedRequest:
     model = target.model
     shape = [1, *model.sample_shape]
     array = from_bytes(body, datatype_of(model.spec.input_dtype), shape, INPUT_NAME)
-    return DecodedRequest(None, {INPUT_NAME: array}, None, binary_output=True)
+    return DecodedRequest(None, {INPUT_NAME: array}, {}, binary_output=True)
