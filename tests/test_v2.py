@@ -34,6 +34,7 @@ from tests.helpers import (
     run_server,
     serve_in_process,
     upload,
+    wait_until,
     write_config,
 )
 
@@ -92,7 +93,7 @@ def split(response: httpx.Response) -> tuple[dict[str, Any], bytes]:
 # --- the protocol, in-process -----------------------------------------------------------------
 
 
-async def test_server_metadata_names_the_server_and_the_binary_extension(
+async def test_server_metadata_names_the_server_and_its_extensions(
     client: httpx.AsyncClient,
 ) -> None:
     response = await client.get("/v2")
@@ -100,7 +101,12 @@ async def test_server_metadata_names_the_server_and_the_binary_extension(
     assert response.json() == {
         "name": "modelport",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data"],
+        "extensions": [
+            "binary_tensor_data",
+            "model_configuration",
+            "model_repository",
+            "statistics",
+        ],
     }
 
 
@@ -432,13 +438,53 @@ async def test_the_api_token_guards_inference_and_metadata_but_not_health(
     async with serve_in_process(make_settings(tmp_path, LINEAR, api_token=TOKEN)) as client:
         refused = await client.post("/v2/models/linear/infer", json={"inputs": [tensor([SAMPLE])]})
         metadata = await client.get("/v2/models/linear")
+        extensions = [
+            await client.get("/v2/models/linear/config"),
+            await client.get("/v2/models/stats"),
+            await client.get("/v2/models/linear/stats"),
+            await client.post("/v2/repository/index"),
+        ]
         allowed = await client.get("/v2/models/linear", headers=AUTH)
         ready = await client.get("/v2/health/ready")
     assert refused.status_code == 401
     assert list(refused.json()) == ["error"]
     assert metadata.status_code == 401
+    assert [answer.status_code for answer in extensions] == [401] * 4
     assert allowed.status_code == 200
     assert ready.status_code == 200
+
+
+@pytest.mark.app
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/nope/config",
+        "/v2/models/linear/versions/0123456789ab/config",
+        "/v2/models/nope/stats",
+        "/v2/models/linear/versions/0123456789ab/stats",
+    ],
+)
+async def test_configuration_and_statistics_of_unknown_models_and_versions_answer_404(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    response = await client.get(path)
+    assert response.status_code == 404, response.text
+    assert list(response.json()) == ["error"]
+
+
+@pytest.mark.app
+async def test_repository_index_ready_filter_leaves_out_a_model_that_cannot_serve(
+    tmp_path: Path,
+) -> None:
+    async with serve_in_process(make_settings(tmp_path, LINEAR, BROKEN)) as client:
+        every = await client.post("/v2/repository/index")
+        ready = await client.post("/v2/repository/index", json={"ready": True})
+        malformed = await client.post("/v2/repository/index", json={"ready": "maybe"})
+    states = {entry["name"]: entry["state"] for entry in every.json()}
+    assert states == {"linear": "READY", BROKEN["name"]: "UNAVAILABLE"}
+    assert [entry["reason"] for entry in every.json() if entry["state"] != "READY"] != [""]
+    assert [entry["name"] for entry in ready.json()] == ["linear"]
+    assert malformed.status_code == 400, malformed.text
 
 
 # --- tritonclient against a real server process -----------------------------------------------
@@ -467,7 +513,13 @@ def test_tritonclient_reads_health_readiness_and_metadata(
     assert triton_client.is_server_ready()
     assert triton_client.is_model_ready("digits")
     assert not triton_client.is_model_ready("nope")
-    assert triton_client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    extensions = triton_client.get_server_metadata()["extensions"]
+    assert extensions == [
+        "binary_tensor_data",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+    ]
     metadata = triton_client.get_model_metadata("digits")
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8]}]
     assert metadata["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
@@ -546,3 +598,85 @@ def test_tritonclient_versioned_request_is_served_by_that_version(
     expected = two.outputs([SAMPLE])
     assert np.allclose(pinned.as_numpy("output"), expected, atol=1e-6)
     assert active.get_response()["model_version"] != version
+
+
+@pytest.mark.process
+def test_tritonclient_reads_the_model_configuration_and_the_repository_index(
+    triton_client: triton.InferenceServerClient,
+) -> None:
+    config = triton_client.get_model_config("digits")
+    index = triton_client.get_model_repository_index()
+    ready = triton_client.get_model_metadata("digits")["versions"][-1]
+
+    assert config["name"] == "digits"
+    assert config["max_batch_size"] == 32  # the shipped batching defaults
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [8, 8]}]
+    assert config["output"] == [{"name": "output", "data_type": "TYPE_FP32", "dims": [10]}]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 1024
+    assert {entry["name"]: entry["state"] for entry in index} == {
+        "linear": "READY",
+        "digits": "READY",
+    }
+    assert ready in {entry["version"] for entry in index}
+
+
+def _linear_statistics(client: triton.InferenceServerClient) -> dict[str, Any]:
+    [stats] = [
+        entry
+        for entry in client.get_inference_statistics("linear")["model_stats"]
+        if entry["version"] == BUNDLED.version
+    ]
+    return stats
+
+
+@pytest.mark.process
+def test_tritonclient_statistics_count_the_requests_and_forwards_served(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config) as process:
+        client = triton.InferenceServerClient(url=f"127.0.0.1:{process.port}")
+        before = _linear_statistics(client)
+        good = triton.InferInput("input", [2, 10], "FP32")
+        good.set_data_from_numpy(np.array([SAMPLE, INTEGERS], np.float32))
+        bad = triton.InferInput("input", [1, 3], "FP32")
+        bad.set_data_from_numpy(np.ones((1, 3), np.float32))
+        for _ in range(3):
+            client.infer("linear", [good])
+        with pytest.raises(InferenceServerException):
+            client.infer("linear", [bad])
+        after = _linear_statistics(client)
+        client.close()
+
+    def gained(statistic: str) -> int:
+        count: int = after["inference_stats"][statistic]["count"]
+        return count - before["inference_stats"][statistic]["count"]
+
+    assert before["inference_count"] == 0  # a fresh server: nothing counted yet
+    assert (gained("success"), gained("fail")) == (3, 1)
+    assert gained("queue") == gained("compute_infer") == 3
+    assert after["inference_count"] == 6  # samples
+    assert after["execution_count"] == 3  # one forward each: nothing else was queued
+    assert after["inference_stats"]["compute_infer"]["ns"] > 0
+    assert after["last_inference"] > 0
+    [batch] = after["batch_stats"]
+    assert (batch["batch_size"], batch["compute_infer"]["count"]) == (2, 3)
+
+
+@pytest.mark.process
+def test_statistics_add_up_every_worker(tmp_path: Path) -> None:
+    """Each request on a new connection: the kernel spreads them over both workers (all 20 on
+    one: odds of 2**-19), and whichever answers the statistics reports the sum."""
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config, "--workers", "2") as process:
+        base = f"http://127.0.0.1:{process.port}"
+        for _ in range(20):
+            answer = httpx.post(f"{base}/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+            assert answer.status_code == 200, answer.text
+
+        def success() -> int:
+            stats = httpx.get(f"{base}/v2/models/linear/stats").json()["model_stats"]
+            return sum(entry["inference_stats"]["success"]["count"] for entry in stats)
+
+        wait_until(lambda: success() == 20, 5.0, "both workers' successes counted")

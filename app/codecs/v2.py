@@ -20,7 +20,7 @@ from app.codecs.text import decimal, parse_json
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge, describe_problems
 
 PLATFORM = "pytorch_statedict"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 DATATYPES = [*BY_V2, "BYTES"]
@@ -125,6 +125,54 @@ class InferenceResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[ResponseOutput]
+
+
+class RepositoryEntry(BaseModel):
+    """One model of ``POST /v2/repository/index``: its serving version and state."""
+
+    name: str
+    version: str
+    state: str = Field(description="READY, or UNAVAILABLE with the reason.")
+    reason: str = ""
+
+
+class RepositoryIndexRequest(BaseModel):
+    """The optional body of ``POST /v2/repository/index``."""
+
+    ready: bool = Field(default=False, description="Only the models that can serve.")
+
+
+def model_config(
+    name: str,
+    tensors: tuple[TensorMetadata, TensorMetadata],
+    max_batch_size: int,
+    batch_delay_s: float,
+    max_queue: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """A model's configuration in Triton's JSON shape (``GET /v2/models/{name}/config``): its
+    input and output (``dims`` without the batch dimension) and its dynamic batching."""
+    config: dict[str, Any] = {
+        "name": name,
+        "platform": PLATFORM,
+        "backend": "pytorch",
+        "max_batch_size": max_batch_size,
+        "input": [_config_tensor(tensors[0])],
+        "output": [_config_tensor(tensors[1])],
+    }
+    if max_batch_size > 1:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": round(batch_delay_s * 1e6),
+            "default_queue_policy": {
+                "max_queue_size": max_queue,
+                "default_timeout_microseconds": round(timeout_s * 1e6),
+            },
+        }
+    return config
+
+
+def _config_tensor(tensor: TensorMetadata) -> dict[str, Any]:
+    return {"name": tensor.name, "data_type": f"TYPE_{tensor.datatype}", "dims": tensor.shape[1:]}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import asyncio
 import math
 import os
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import accumulate
@@ -238,7 +239,9 @@ class Metrics:
             ["model"],
             registry=own,
         )
+        self.statistics = StatisticsCounters(own)
         self._counters: dict[Counter, DeferredCounter] = {}
+        self._tallies: dict[tuple[str, str], VersionTally] = {}
         self._histograms = [
             self.request_seconds,
             self.queue_wait_seconds,
@@ -260,6 +263,14 @@ class Metrics:
         """The in-memory tally of a labelled counter (one per child)."""
         found = self._counters.get(child)
         return found or self._counters.setdefault(child, DeferredCounter(child))
+
+    def tally(self, model: str, version: str) -> VersionTally:
+        """The inference statistics of one model version (made on first use)."""
+        found = self._tallies.get((model, version))
+        if found is not None:
+            return found
+        tally = VersionTally(self, model, version)
+        return self._tallies.setdefault((model, version), tally)
 
     def sample(self, sampler: Callable[[], None]) -> None:
         """Call ``sampler`` at each flush (to set a gauge from the state it measures)."""
@@ -287,6 +298,112 @@ class Metrics:
         """The exposition text (with all this process has counted) and its content type."""
         self.flush()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+PHASES = ("compute_input", "compute_infer", "compute_output")
+"""A forward's phases: gathering the batch, the forward itself, splitting (and postprocessing)."""
+STATISTICS = ("success", "fail", "queue", *PHASES)
+"""What Triton's statistics extension reports per request: its outcome, and the time it spent
+waiting for its batch and in each phase of that batch's forward."""
+
+
+class StatisticsCounters:
+    """The counters behind Triton's inference statistics (:mod:`app.observability.statistics`),
+    shared by the workers like every metric."""
+
+    COUNTS = "modelport_inference_statistics"
+    SECONDS = "modelport_inference_statistics_seconds"
+    PASSES = "modelport_forward_phases"
+    PASS_SECONDS = "modelport_forward_phases_seconds"
+    LAST_INFERENCE = "modelport_last_inference_timestamp_seconds"
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        labels = ["model", "version", "statistic"]
+        self.counts = Counter(
+            self.COUNTS,
+            "Requests by outcome (success, fail) and by phase (queue, compute_*), per version.",
+            labels,
+            registry=registry,
+        )
+        self.seconds = Counter(
+            self.SECONDS,
+            "Time the requests counted by modelport_inference_statistics_total spent.",
+            labels,
+            registry=registry,
+        )
+        batch_labels = ["model", "version", "batch_size", "phase"]
+        self.batch_counts = Counter(
+            self.PASSES,
+            "Forward passes by batch size, per phase.",
+            batch_labels,
+            registry=registry,
+        )
+        self.batch_seconds = Counter(
+            self.PASS_SECONDS,
+            "Time of the forward passes counted by modelport_forward_phases_total.",
+            batch_labels,
+            registry=registry,
+        )
+        self.last_inference = Gauge(
+            self.LAST_INFERENCE,
+            "When a version last answered an inference (Unix time).",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+
+
+class VersionTally:
+    """One model version's inference statistics, counted in memory like every metric."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._metrics = metrics
+        self._labels = (model, version)
+        counters = metrics.statistics
+        self._requests = {
+            name: (
+                metrics.deferred_counter(counters.counts.labels(model, version, name)),
+                metrics.deferred_counter(counters.seconds.labels(model, version, name)),
+            )
+            for name in STATISTICS
+        }
+        self._batches: dict[int, list[tuple[DeferredCounter, DeferredCounter]]] = {}
+        self.last = 0.0
+        """When the version last answered an inference (Unix time; 0: never here)."""
+        self._last_inference = counters.last_inference.labels(model, version)
+        metrics.sample(self._sample)
+
+    def requests(self, statistic: str, seconds: float, count: int = 1) -> None:
+        """``count`` requests that went through ``statistic`` in ``seconds`` in all."""
+        requests, total = self._requests[statistic]
+        requests.inc(count)
+        total.inc(seconds)
+        if statistic == "success":
+            self.last = time.time()
+
+    def forward(self, batch_size: int, requests: int, phases: Sequence[float]) -> None:
+        """One forward pass of ``batch_size`` samples for ``requests`` requests, with the
+        seconds of each of its PHASES."""
+        tallies = self._batches.get(batch_size) or self._batch_tallies(batch_size)
+        for name, seconds, (passes, total) in zip(PHASES, phases, tallies, strict=True):
+            passes.inc()
+            total.inc(seconds)
+            self.requests(name, seconds * requests, requests)
+
+    def _sample(self) -> None:
+        if self.last:
+            self._last_inference.set(self.last)
+
+    def _batch_tallies(self, batch_size: int) -> list[tuple[DeferredCounter, DeferredCounter]]:
+        counters, labels = self._metrics.statistics, (*self._labels, str(batch_size))
+        tallies = [
+            (
+                self._metrics.deferred_counter(counters.batch_counts.labels(*labels, phase)),
+                self._metrics.deferred_counter(counters.batch_seconds.labels(*labels, phase)),
+            )
+            for phase in PHASES
+        ]
+        return self._batches.setdefault(batch_size, tallies)
 
 
 class _Scrape(Collector):

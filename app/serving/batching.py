@@ -192,6 +192,10 @@ class DynamicBatcher:
         now = time.perf_counter()
         for request in batch.requests:
             self._waited.observe(now - request.enqueued)
+        waited = sum(now - request.enqueued for request in batch.requests)
+        self.metrics.tally(self.name, batch.runtime.version).requests(
+            "queue", waited, len(batch.requests)
+        )
         return batch
 
     def _open(self, first: _Request) -> _Batch | None:
@@ -223,6 +227,7 @@ class DynamicBatcher:
             if len(requests) == 1
             else np.concatenate([request.inputs for request in requests])
         )
+        gathered = time.perf_counter()
         try:
             output = runtime.forward(inputs)
         except Exception as exc:
@@ -231,11 +236,14 @@ class DynamicBatcher:
             logger.warning("model %s: forward failed: %s: %s", self.name, type(exc).__name__, exc)
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
+        computed = time.perf_counter()
         self._batch_size.observe(len(inputs))
         answers = _answers(runtime, output, requests)
         _resolve_all(requests[0].loop, answers)
-        elapsed = time.perf_counter() - started
-        self.metrics.compute_seconds.labels(self.name, runtime.version).observe(elapsed)
+        done = time.perf_counter()
+        self.metrics.compute_seconds.labels(self.name, runtime.version).observe(done - started)
+        phases = (gathered - started, computed - gathered, done - computed)
+        self.metrics.tally(self.name, runtime.version).forward(len(inputs), len(requests), phases)
 
 
 Answer = tuple[_Request, Result | None, ModelportError | None]

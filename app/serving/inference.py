@@ -5,6 +5,7 @@ and render the :class:`InferenceResult` (or the error raised) in their own dress
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from app.codecs.arrays import to_batch
-from app.errors import InvalidInput
+from app.errors import InvalidInput, ModelportError
 from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
 from app.serving.runtime import ModelRuntime
@@ -79,10 +80,19 @@ class InferenceService:
     async def infer(self, target: Target, request: InferenceRequest) -> InferenceResult:
         """Check the inputs and run them on the target's batcher."""
         model = target.model
-        batch = self.batch(model, request)
-        runtime, output = await model.batcher.submit(
-            batch, runtime=target.pinned, postprocess=request.postprocess
-        )
+        started = time.perf_counter()
+        try:
+            batch = self.batch(model, request)
+            runtime, output = await model.batcher.submit(
+                batch, runtime=target.pinned, postprocess=request.postprocess
+            )
+        except ModelportError:
+            meant = target.pinned or model.runtime
+            tally = model.metrics.tally(model.name, meant.version if meant else "")
+            tally.requests("fail", time.perf_counter() - started)
+            raise
+        tally = model.metrics.tally(model.name, runtime.version)
+        tally.requests("success", time.perf_counter() - started)
         if request.postprocess:
             return InferenceResult(model.name, runtime.version, {}, output)
         return InferenceResult(model.name, runtime.version, {OUTPUT_NAME: output})

@@ -18,15 +18,20 @@ from app.codecs.v2 import (
     PLATFORM,
     ModelMetadata,
     ModelReady,
+    RepositoryEntry,
+    RepositoryIndexRequest,
     ServerLive,
     ServerMetadata,
     ServerReady,
     TensorMetadata,
     datatype_of,
+    model_config,
 )
 from app.http.answers import json_response
 from app.http.deps import API_SECURITY, ApiDep, RegistryDep
 from app.http.schemas import InferenceErrorResponse
+from app.observability.metrics import Metrics
+from app.observability.statistics import model_statistics
 from app.serving.inference import INPUT_NAME, OUTPUT_NAME
 from app.serving.model import ServedModel
 
@@ -115,6 +120,20 @@ def _model_ready(model: ServedModel, problem: str | None) -> Response:
 
 
 @router.get(
+    "/models/stats",
+    summary="Inference statistics of every model",
+    dependencies=[ApiDep],
+    responses=_errors(401, 403),
+    openapi_extra=API_SECURITY,
+)
+async def get_statistics(request: Request, registry: RegistryDep) -> dict[str, Any]:
+    """Triton's inference statistics of every version that served here, and each model's
+    active version. (Declared before the model metadata, which would take ``stats`` for a
+    model name.)"""
+    return _statistics(request, [_serving(model) for model in registry], only_given=False)
+
+
+@router.get(
     "/models/{name}",
     summary="Model metadata",
     dependencies=[ApiDep],
@@ -141,27 +160,139 @@ async def get_model_version_metadata(
 
 
 async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
-    """The output's datatype and shape are those the model's load-time smoke test saw (the same
-    class and kwargs for every version), so metadata never runs the model."""
+    """The versions that can serve, and the tensors (:func:`_tensors`)."""
     if version is not None:
         await asyncio.to_thread(model.record, version)  # 404 when there is none
-    spec, runtime = model.spec, model.active()
     return ModelMetadata(
         name=model.name,
         versions=[record.id for record in await asyncio.to_thread(model.versions)],
         platform=PLATFORM,
-        inputs=[
-            TensorMetadata(
-                name=INPUT_NAME,
-                datatype=datatype_of(spec.input_dtype),
-                shape=[-1, *model.sample_shape],
-            )
-        ],
-        outputs=[
-            TensorMetadata(
-                name=OUTPUT_NAME,
-                datatype=datatype_of(runtime.output_dtype),
-                shape=[-1, *runtime.output_sample_shape],
-            )
-        ],
+        inputs=[_tensors(model)[0]],
+        outputs=[_tensors(model)[1]],
     )
+
+
+def _tensors(model: ServedModel) -> tuple[TensorMetadata, TensorMetadata]:
+    """The input and the output. The output's datatype and shape are those the model's
+    load-time smoke test saw (the same class and kwargs for every version), so metadata never
+    runs the model."""
+    spec, runtime = model.spec, model.active()
+    return (
+        TensorMetadata(
+            name=INPUT_NAME, datatype=datatype_of(spec.input_dtype), shape=[-1, *model.sample_shape]
+        ),
+        TensorMetadata(
+            name=OUTPUT_NAME,
+            datatype=datatype_of(runtime.output_dtype),
+            shape=[-1, *runtime.output_sample_shape],
+        ),
+    )
+
+
+# --- Triton's extensions: model configuration, repository index, statistics ------------------
+
+
+@router.get(
+    "/models/{name}/config",
+    summary="Model configuration",
+    dependencies=[ApiDep],
+    responses=_errors(401, 403, 404, 503),
+    openapi_extra=API_SECURITY,
+)
+async def get_model_config(name: str, registry: RegistryDep) -> dict[str, Any]:
+    """The model's tensors and dynamic batching in Triton's model configuration shape."""
+    return _config(registry.get(name))
+
+
+@router.get(
+    "/models/{name}/versions/{version}/config",
+    summary="Model version configuration",
+    dependencies=[ApiDep],
+    responses=_errors(401, 403, 404, 503),
+    openapi_extra=API_SECURITY,
+)
+async def get_model_version_config(
+    name: str, version: str, registry: RegistryDep
+) -> dict[str, Any]:
+    """As the model's configuration (the same for every version), for a stored version."""
+    model = registry.get(name)
+    await asyncio.to_thread(model.record, version)  # 404 when there is none
+    return _config(model)
+
+
+def _config(model: ServedModel) -> dict[str, Any]:
+    policy = model.batching
+    return model_config(
+        model.name,
+        _tensors(model),
+        policy.max_batch_size,
+        policy.max_batch_delay_s,
+        policy.max_queue,
+        policy.timeout_s,
+    )
+
+
+@router.post(
+    "/repository/index",
+    summary="Model repository index",
+    dependencies=[ApiDep],
+    responses=_errors(400, 401, 403),
+    openapi_extra=API_SECURITY,
+)
+async def post_repository_index(
+    registry: RegistryDep, body: RepositoryIndexRequest | None = None
+) -> list[RepositoryEntry]:
+    """Every model with the version it serves, READY or UNAVAILABLE with the reason; with
+    ``{"ready": true}`` only those that can serve. The body may be empty."""
+    entries = []
+    for model in registry:
+        runtime = model.runtime
+        if runtime is not None:
+            entries.append(RepositoryEntry(name=model.name, version=runtime.version, state="READY"))
+        elif not (body and body.ready):
+            reason = model.error or "not loaded"
+            entries.append(
+                RepositoryEntry(name=model.name, version="", state="UNAVAILABLE", reason=reason)
+            )
+    return entries
+
+
+@router.get(
+    "/models/{name}/stats",
+    summary="Inference statistics of a model",
+    dependencies=[ApiDep],
+    responses=_errors(401, 403, 404),
+    openapi_extra=API_SECURITY,
+)
+async def get_model_statistics(
+    name: str, request: Request, registry: RegistryDep
+) -> dict[str, Any]:
+    """As every model's statistics, for one model."""
+    return _statistics(request, [_serving(registry.get(name))], only_given=False)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/stats",
+    summary="Inference statistics of a model version",
+    dependencies=[ApiDep],
+    responses=_errors(401, 403, 404),
+    openapi_extra=API_SECURITY,
+)
+async def get_model_version_statistics(
+    name: str, version: str, request: Request, registry: RegistryDep
+) -> dict[str, Any]:
+    """As every model's statistics, for one stored version."""
+    model = registry.get(name)
+    await asyncio.to_thread(model.record, version)  # 404 when there is none
+    return _statistics(request, [(model.name, version)], only_given=True)
+
+
+def _serving(model: ServedModel) -> tuple[str, str]:
+    return model.name, model.runtime.version if model.runtime is not None else ""
+
+
+def _statistics(
+    request: Request, versions: list[tuple[str, str]], *, only_given: bool
+) -> dict[str, Any]:
+    metrics: Metrics = request.app.state.metrics
+    return {"model_stats": model_statistics(metrics, versions, only_given=only_given)}
