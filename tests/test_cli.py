@@ -6,12 +6,14 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import termios
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +43,24 @@ pytestmark = pytest.mark.process
 MODELPORT = Path(sys.executable).parent / "modelport"
 # The upload walkthrough changes this copy of linear, so the other tests see the bundled one.
 COPY = {**LINEAR, "name": "linear-cli"}
+VERSIONS_COPY = {**LINEAR, "name": "linear-cli-versions"}
+"""The copy whose versions the delete and history test changes."""
+MAX_BODY_BYTES = 4096
+"""The server's predict body cap: BATCH fits as float32 bytes (2560) and not as JSON (~13 kB)."""
+BATCH = np.random.default_rng(0).standard_normal((64, 10), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """``modelport serve`` itself; live (not ready: BROKEN is, until fitting weights arrive)."""
     directory = tmp_path_factory.mktemp("cli-server")
-    config = write_config(directory, LINEAR, DIGITS, COPY, BROKEN)
+    config = write_config(directory, LINEAR, DIGITS, COPY, BROKEN, VERSIONS_COPY)
     port = free_port()
-    env = clean_env(MODELPORT_ADMIN_TOKEN=TOKEN, MODELPORT_STORE_DIR=str(directory / "store"))
+    env = clean_env(
+        MODELPORT_ADMIN_TOKEN=TOKEN,
+        MODELPORT_STORE_DIR=str(directory / "store"),
+        MODELPORT_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+    )
     args = [str(MODELPORT), "serve", "--port", str(port), "--config", str(config)]
     process = ServerProcess(args, env, port, directory / "server.log")
     try:
@@ -122,6 +133,7 @@ def test_health_exits_1_naming_a_model_that_cannot_serve_until_fitting_weights_a
         "  digits: ready",
         "  linear-cli: ready",
         "  broken: ready",
+        "  linear-cli-versions: ready",
     ]
     assert as_json(after_json)["ready"] is True
 
@@ -148,6 +160,36 @@ def test_predict_reads_json_and_npy_files_with_a_batch_or_one_sample(
     version = as_json(answers[2])["version"]
     assert text.stdout.splitlines()[0] == f"linear (version {version})"
     assert text.stdout.splitlines()[1].startswith("[0] [0.0888")
+
+
+def test_predict_saves_the_raw_output_tensor_of_npy_inputs_as_npy(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "batch.npy", BATCH)
+    (tmp_path / "batch.json").write_text(json.dumps(BATCH.tolist()))
+    np.save(tmp_path / "one.npy", BATCH[0].astype(np.float64))
+    output, one = tmp_path / "out.npy", tmp_path / "one-out.npy"
+
+    text, as_json_line, labelled, as_lists = concurrently(
+        server,
+        ["predict", "linear", "--input", str(tmp_path / "batch.npy"), "--output", str(output)],
+        ["predict", "linear", "--input", str(tmp_path / "one.npy"), "--output", str(one), "--json"],
+        ["predict", "linear", "--input", str(tmp_path / "batch.npy"), "--json"],
+        ["predict", "linear", "--input", str(tmp_path / "batch.json")],
+    )
+
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("linear (version ")
+    assert text.stdout.rstrip().endswith(f"): output [64, 2] float32 -> {output}")
+    saved = np.load(output, allow_pickle=False)
+    assert saved.dtype == np.float32
+    np.testing.assert_allclose(saved, BUNDLED.outputs(BATCH), rtol=0, atol=1e-6)
+    summary = as_json(as_json_line)
+    assert (summary["shape"], summary["dtype"], summary["file"]) == ([1, 2], "float32", str(one))
+    np.testing.assert_allclose(np.load(one), BUNDLED.outputs(BATCH[:1]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(as_json(labelled)["outputs"], BUNDLED.outputs(BATCH), atol=1e-6)
+    # the .npy went as float32 bytes: the same values as JSON are over the server's body cap
+    assert one_error_line(as_lists).endswith("(payload_too_large, HTTP 413)")
 
 
 def test_predict_turns_png_and_jpeg_pictures_into_the_digits_input(
@@ -199,6 +241,55 @@ def test_upload_shows_the_report_then_versions_activate_and_rollback(
     assert rollback.stdout.strip() == f"linear-cli: rolled back to version {previous}"
     assert activate["version"] == version
     assert activate["active"] is True
+
+
+def test_delete_and_history_of_versions(server: ServerProcess, tmp_path: Path) -> None:
+    model = VERSIONS_COPY["name"]
+    spare = linear_weights(6).write(tmp_path / "spare.pth")
+    stored = as_json(modelport(server, "upload", model, str(spare), "--no-activate", "--json"))
+    version = stored["version"]
+
+    deleted = modelport(server, "delete", model, version)
+    versions = as_json(modelport(server, "versions", model, "--json"))
+    history, history_json, bundled_refused, unknown = concurrently(
+        server,
+        ["history", model],
+        ["history", model, "--limit", "1", "--json"],
+        ["delete", model, versions["active"]],
+        ["delete", model, "0123456789ab"],
+    )
+    again = modelport(server, "delete", model, version, "--json")
+
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout == f"{model}: version {version} deleted\n"
+    assert version not in [v["version"] for v in versions["versions"]]
+    header, *rows = history.stdout.splitlines()
+    assert header.split() == ["SEQ", "AT", "ACTION", "FROM", "TO", "CLIENT"]
+    assert rows[0].split()[2:] == ["delete", version, "-", "127.0.0.1"]
+    assert rows[1].split()[2:] == ["upload", "-", version, "127.0.0.1"]
+    entries = as_json(history_json)["entries"]
+    assert [(e["action"], e["from_version"]) for e in entries] == [("delete", version)]
+    assert "(version_conflict, HTTP 409)" in one_error_line(bundled_refused)
+    assert "(version_not_found, HTTP 404)" in one_error_line(unknown)
+    assert "(version_not_found, HTTP 404)" in one_error_line(again)  # deleted already
+
+
+def test_version_prints_the_client_version() -> None:
+    result = modelport(None, "--version")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"modelport {metadata.version('modelport')}\n"
+
+
+def test_a_server_that_never_answers_times_out_in_one_line() -> None:
+    with socket.socket() as silent:  # takes connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        result = modelport(None, "health", "--url", url, "--timeout", "0.5")
+
+    line = one_error_line(result)
+    assert "did not answer GET /health/ready within the client's timeout of 0.5 s" in line
 
 
 def test_upload_draws_a_progress_bar_on_a_terminal(server: ServerProcess) -> None:

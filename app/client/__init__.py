@@ -13,8 +13,12 @@ from app.client.api import (
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    Prediction,
+    ServerTimeout,
     ServerUnreachable,
     UnavailableError,
+    UnsendableInputError,
+    client_version,
 )
 
 __all__ = [
@@ -30,6 +34,10 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "Prediction",
+    "ServerTimeout",
     "ServerUnreachable",
     "UnavailableError",
+    "UnsendableInputError",
+    "client_version",
 ]

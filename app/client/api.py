@@ -1,151 +1,83 @@
 """Python clients of the modelport HTTP API (httpx): ``ModelportClient`` and
-``AsyncModelportClient``. Every error answer becomes a typed exception carrying the server's
-message and code; methods return the server's JSON.
+``AsyncModelportClient``. Numpy arrays and torch tensors travel as binary tensors and come back
+as numpy arrays (the raw output tensor); lists travel as JSON and come back as the server's
+JSON. Every error answer becomes a typed exception carrying the server's message and code.
 
     with ModelportClient("http://127.0.0.1:8000") as client:
-        client.predict("linear", np.ones((1, 10), np.float32))["outputs"]
+        client.predict("linear", np.ones((1, 10), np.float32))  # -> array of shape (1, 2)
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeAlias, overload
 
 import httpx
+import numpy as np
+
+from app.client.errors import (
+    ApiError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InvalidInputError,
+    ModelportClientError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    ServerTimeout,
+    ServerUnreachable,
+    UnavailableError,
+    UnsendableInputError,
+    error_for,
+)
+from app.client.tensors import Binary, Prediction, predict_call, prediction_of
+from app.client.uploads import CHUNK_BYTES, Progress, Upload
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_URL",
+    "ApiError",
+    "AsyncModelportClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "InvalidInputError",
+    "ModelportClient",
+    "ModelportClientError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "Prediction",
+    "Progress",
+    "ServerTimeout",
+    "ServerUnreachable",
+    "UnavailableError",
+    "UnsendableInputError",
+    "client_version",
+    "error_for",
+]
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-CHUNK_BYTES = 1024 * 1024
 
-Progress = Callable[[int, int], None]
-"""Called as the upload streams with (bytes sent so far, total bytes)."""
-
+Tensor: TypeAlias = "np.ndarray | torch.Tensor"
+"""A batch as one array (batch dimension first): sent as a binary tensor."""
 Inputs: TypeAlias = "Sequence[Any] | np.ndarray | torch.Tensor"
-"""A batch of samples: nested lists, a numpy array or a torch tensor (batch dimension first)."""
+"""A batch of samples: nested lists (sent as JSON), a numpy array or a torch tensor."""
 
 
-class ModelportClientError(Exception):
-    """Base of every error the client raises."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r})"
-
-
-class ServerUnreachable(ModelportClientError):
-    """No answer: the server is down, the address is wrong, or the request timed out."""
-
-
-class ApiError(ModelportClientError):
-    """The server answered an error: its status, its message and its stable ``code``."""
-
-    status_codes: ClassVar[tuple[int, ...]] = ()
-
-    def __init__(
-        self, message: str, status: int, code: str, detail: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code}, HTTP {self.status})"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, status={self.status}, code={self.code!r})"
-
-
-class BadRequestError(ApiError):
-    """400: the body is malformed, or a digest does not match."""
-
-    status_codes = (400,)
-
-
-class AuthenticationError(ApiError):
-    """401: a token is required and none was sent."""
-
-    status_codes = (401,)
-
-
-class PermissionDeniedError(ApiError):
-    """403: the token is wrong, or management is disabled on the server."""
-
-    status_codes = (403,)
-
-
-class NotFoundError(ApiError):
-    """404: no such model, version or endpoint."""
-
-    status_codes = (404,)
-
-
-class ConflictError(ApiError):
-    """409: the version operation conflicts with the model's state (e.g. nothing to roll back)."""
-
-    status_codes = (409,)
-
-
-class PayloadTooLargeError(ApiError):
-    """413: the body exceeds the server's limit."""
-
-    status_codes = (413,)
-
-
-class InvalidInputError(ApiError):
-    """422: the inputs do not fit the model, or uploaded weights were refused (see ``code``)."""
-
-    status_codes = (422,)
-
-
-class UnavailableError(ApiError):
-    """503: the model (or server) cannot serve now."""
-
-    status_codes = (503,)
-
-
-_BY_STATUS = {
-    status: cls
-    for cls in (
-        BadRequestError,
-        AuthenticationError,
-        PermissionDeniedError,
-        NotFoundError,
-        ConflictError,
-        PayloadTooLargeError,
-        InvalidInputError,
-        UnavailableError,
-    )
-    for status in cls.status_codes
-}
-
-
-def error_for(response: httpx.Response) -> ApiError:
-    """The typed exception for an error answer, with the server's message and code."""
+def client_version() -> str:
+    """The installed modelport package's version (the client's)."""
     try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
-        body = {"error": response.text.strip() or response.reason_phrase, "code": "http_error"}
-    cls = _BY_STATUS.get(response.status_code, ApiError)
-    detail = body.get("detail")
-    return cls(
-        body["error"],
-        response.status_code,
-        str(body.get("code", "http_error")),
-        detail if isinstance(detail, dict) else None,
-    )
+        return metadata.version("modelport")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def _json(response: httpx.Response, *ok: int) -> dict[str, Any]:
@@ -156,64 +88,42 @@ def _json(response: httpx.Response, *ok: int) -> dict[str, Any]:
     return body
 
 
-def as_batch(inputs: Inputs) -> Any:
-    """Nested lists for the request body: numpy arrays and torch tensors via ``tolist()``."""
-    to_list = getattr(inputs, "tolist", None)
-    return to_list() if callable(to_list) else inputs
+def _predicted(response: httpx.Response, model: str) -> Prediction:
+    if response.status_code != 200:
+        raise error_for(response)
+    return prediction_of(response, model)
 
 
-@dataclass
-class _Upload:
-    """A weights file streamed in chunks, reporting progress as each chunk goes."""
-
-    path: Path
-    progress: Progress | None
-    chunk_bytes: int = CHUNK_BYTES
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = self.path.stat().st_size
-
-    def chunks(self) -> Iterator[bytes]:
-        sent = 0
-        with self.path.open("rb") as file:
-            while chunk := file.read(self.chunk_bytes):
-                yield chunk
-                sent += len(chunk)
-                if self.progress is not None:
-                    self.progress(sent, self.size)
-
-    async def async_chunks(self) -> AsyncIterator[bytes]:
-        sent = 0
-        with self.path.open("rb") as file:
-            while chunk := await asyncio.to_thread(file.read, self.chunk_bytes):
-                yield chunk
-                sent += len(chunk)
-                if self.progress is not None:
-                    self.progress(sent, self.size)
-
-    def request(self, activate: bool, sha256: str | None) -> dict[str, Any]:
-        """The keyword arguments of the PUT, besides the content."""
-        params = {"activate": str(activate).lower(), "filename": self.path.name}
-        if sha256:
-            params["sha256"] = sha256
-        # An explicit length (instead of chunked encoding) lets the server refuse an
-        # oversized file before it is sent.
-        headers = {"Content-Length": str(self.size), "Content-Type": "application/octet-stream"}
-        return {"params": params, "headers": headers}
+def _no_content(response: httpx.Response) -> None:
+    if response.status_code != 204:
+        raise error_for(response)
 
 
-def _unreachable(url: httpx.URL, exc: httpx.TransportError) -> str:
-    return f"cannot reach the server at {url}: {exc or type(exc).__name__}"
+def _failed(
+    method: str, path: str, client: httpx.Client | httpx.AsyncClient, exc: httpx.TransportError
+) -> ModelportClientError:
+    """No answer: a timeout once connected (the request may have run), else unreachable."""
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return ServerTimeout(
+            f"the server at {client.base_url} did not answer {method} {path} within the "
+            f"client's timeout of {client.timeout.read} s ({reason})"
+        )
+    return ServerUnreachable(f"cannot reach the server at {client.base_url}: {reason}")
 
 
 def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _history_params(limit: int, before: int | None) -> dict[str, int]:
+    return {"limit": limit} | ({"before": before} if before is not None else {})
+
+
 class ModelportClient:
     """A synchronous client. ``token`` is sent as a bearer token: the admin token for
-    management, the API token (when the server sets one) for prediction and metadata."""
+    management, the API token (when the server sets one) for prediction and metadata.
+    ``timeout`` (seconds) bounds connecting and each wait for the server."""
 
     def __init__(
         self,
@@ -246,7 +156,7 @@ class ModelportClient:
         try:
             return self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(_unreachable(self._http.base_url, exc)) from exc
+            raise _failed(method, path, self._http, exc) from exc
 
     def health(self) -> dict[str, Any]:
         """Readiness: ``{"ready": bool, "models": {...}, "unavailable": {...}}`` (also when not
@@ -263,12 +173,76 @@ class ModelportClient:
         """One model's metadata: input shape and dtype, version, weights, load report."""
         return _json(self._send("GET", f"/v1/models/{name}"))
 
-    def predict(self, model: str, inputs: Inputs) -> dict[str, Any]:
-        """Run a batch: ``{"model", "version", "outputs"}``, one output per sample."""
-        response = self._send(
-            "POST", f"/v1/models/{model}/predict", json={"inputs": as_batch(inputs)}
-        )
-        return _json(response)
+    @overload
+    def predict(
+        self,
+        model: str,
+        inputs: Tensor,
+        *,
+        postprocess: Literal[False] | None = None,
+        binary: Binary = "raw",
+    ) -> np.ndarray: ...
+    @overload
+    def predict(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        postprocess: Literal[False],
+        binary: Binary = "raw",
+    ) -> np.ndarray: ...
+    @overload
+    def predict(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        postprocess: Literal[True] | None = None,
+        binary: Binary = "raw",
+    ) -> dict[str, Any]: ...
+    @overload
+    def predict(
+        self, model: str, inputs: Tensor, *, postprocess: Literal[True], binary: Binary = "raw"
+    ) -> dict[str, Any]: ...
+    @overload
+    def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> np.ndarray | dict[str, Any]: ...
+    def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> np.ndarray | dict[str, Any]:
+        """Run a batch (batch dimension first). A numpy array or torch tensor is sent as a
+        binary tensor (``binary``: raw bytes with shape and dtype headers, or ``.npy``) and the
+        answer is the model's raw output tensor as a numpy array; lists are sent as JSON and the
+        answer is ``{"model", "version", "outputs"}``, one postprocessed output per sample.
+        ``postprocess=True`` asks for that JSON answer for arrays too, ``False`` for the raw
+        tensor for lists too."""
+        answer = self.prediction(model, inputs, postprocess=postprocess, binary=binary)
+        return answer.outputs if isinstance(answer.outputs, np.ndarray) else answer.as_dict()
+
+    def prediction(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> Prediction:
+        """As :meth:`predict`, with the version that computed the outputs in either form."""
+        call = predict_call(inputs, postprocess, binary)
+        path = f"/v1/models/{model}/predict"
+        response = self._send("POST", path, content=call.content, headers=call.headers)
+        return _predicted(response, model)
 
     def upload(
         self,
@@ -283,7 +257,7 @@ class ModelportClient:
         """Stream a weights file to the server in chunks, calling ``progress`` after each;
         returns the version it became, with its validation report. Refused weights raise
         InvalidInputError whose ``code`` names the reason (e.g. ``weights_incompatible``)."""
-        upload = _Upload(Path(path), progress, chunk_bytes)
+        upload = Upload(Path(path), progress, chunk_bytes)
         response = self._send(
             "PUT",
             f"/v1/models/{model}/weights",
@@ -293,7 +267,7 @@ class ModelportClient:
         return _json(response, 200, 201)
 
     def versions(self, model: str) -> dict[str, Any]:
-        """``{"active", "previous", "versions": [...]}``, oldest first."""
+        """``{"model", "active", "previous", "versions": [...]}``, oldest first."""
         return _json(self._send("GET", f"/v1/models/{model}/versions"))
 
     def activate(self, model: str, version: str) -> dict[str, Any]:
@@ -304,6 +278,18 @@ class ModelportClient:
     def rollback(self, model: str) -> dict[str, Any]:
         """Switch back to the previously active version; returns it."""
         return _json(self._send("POST", f"/v1/models/{model}/rollback"))
+
+    def delete(self, model: str, version: str) -> None:
+        """Remove a stored version (its record and bytes). ConflictError for the active or
+        the previous version and for the bundled weights; NotFoundError for an unknown one."""
+        _no_content(self._send("DELETE", f"/v1/models/{model}/versions/{version}"))
+
+    def history(self, model: str, *, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+        """The recorded management actions, newest first: ``{"model", "entries": [{"seq",
+        "at", "action", "from_version", "to_version", "request_id", "client"}, ...],
+        "next_before"}``; pass ``next_before`` as ``before`` for the next (older) page."""
+        params = _history_params(limit, before)
+        return _json(self._send("GET", f"/v1/models/{model}/history", params=params))
 
 
 class AsyncModelportClient:
@@ -340,7 +326,7 @@ class AsyncModelportClient:
         try:
             return await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(_unreachable(self._http.base_url, exc)) from exc
+            raise _failed(method, path, self._http, exc) from exc
 
     async def health(self) -> dict[str, Any]:
         """See :meth:`ModelportClient.health`."""
@@ -355,10 +341,71 @@ class AsyncModelportClient:
         """See :meth:`ModelportClient.model`."""
         return _json(await self._send("GET", f"/v1/models/{name}"))
 
-    async def predict(self, model: str, inputs: Inputs) -> dict[str, Any]:
+    @overload
+    async def predict(
+        self,
+        model: str,
+        inputs: Tensor,
+        *,
+        postprocess: Literal[False] | None = None,
+        binary: Binary = "raw",
+    ) -> np.ndarray: ...
+    @overload
+    async def predict(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        postprocess: Literal[False],
+        binary: Binary = "raw",
+    ) -> np.ndarray: ...
+    @overload
+    async def predict(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        postprocess: Literal[True] | None = None,
+        binary: Binary = "raw",
+    ) -> dict[str, Any]: ...
+    @overload
+    async def predict(
+        self, model: str, inputs: Tensor, *, postprocess: Literal[True], binary: Binary = "raw"
+    ) -> dict[str, Any]: ...
+    @overload
+    async def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> np.ndarray | dict[str, Any]: ...
+    async def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> np.ndarray | dict[str, Any]:
         """See :meth:`ModelportClient.predict`."""
-        body = {"inputs": as_batch(inputs)}
-        return _json(await self._send("POST", f"/v1/models/{model}/predict", json=body))
+        answer = await self.prediction(model, inputs, postprocess=postprocess, binary=binary)
+        return answer.outputs if isinstance(answer.outputs, np.ndarray) else answer.as_dict()
+
+    async def prediction(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> Prediction:
+        """See :meth:`ModelportClient.prediction`."""
+        call = predict_call(inputs, postprocess, binary)
+        path = f"/v1/models/{model}/predict"
+        response = await self._send("POST", path, content=call.content, headers=call.headers)
+        return _predicted(response, model)
 
     async def upload(
         self,
@@ -371,7 +418,7 @@ class AsyncModelportClient:
         chunk_bytes: int = CHUNK_BYTES,
     ) -> dict[str, Any]:
         """See :meth:`ModelportClient.upload`."""
-        upload = _Upload(Path(path), progress, chunk_bytes)
+        upload = Upload(Path(path), progress, chunk_bytes)
         response = await self._send(
             "PUT",
             f"/v1/models/{model}/weights",
@@ -392,3 +439,14 @@ class AsyncModelportClient:
     async def rollback(self, model: str) -> dict[str, Any]:
         """See :meth:`ModelportClient.rollback`."""
         return _json(await self._send("POST", f"/v1/models/{model}/rollback"))
+
+    async def delete(self, model: str, version: str) -> None:
+        """See :meth:`ModelportClient.delete`."""
+        _no_content(await self._send("DELETE", f"/v1/models/{model}/versions/{version}"))
+
+    async def history(
+        self, model: str, *, limit: int = 50, before: int | None = None
+    ) -> dict[str, Any]:
+        """See :meth:`ModelportClient.history`."""
+        params = _history_params(limit, before)
+        return _json(await self._send("GET", f"/v1/models/{model}/history", params=params))

@@ -1,4 +1,5 @@
-"""The ``modelport`` command: serve, predict, upload, versions, activate, rollback, health.
+"""The ``modelport`` command: serve, predict, upload, versions, activate, rollback, delete,
+history, health (and ``--version``).
 
 The server URL and token come from flags or the environment (``MODELPORT_URL``,
 ``MODELPORT_ADMIN_TOKEN``, else ``MODELPORT_API_TOKEN``). A failure prints one line to stderr
@@ -21,7 +22,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
-from app.client import DEFAULT_URL, ModelportClient, ModelportClientError
+from app.client import DEFAULT_URL, ModelportClient, ModelportClientError, client_version
 from app.client.images import image_sample
 
 
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelport", description="Serve PyTorch models, and talk to a modelport server."
     )
+    parser.add_argument("--version", action="version", version=f"modelport {client_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # The launcher (python -m app) declares and reads the serve flags: `serve --help` lists them.
@@ -72,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='.json (samples, one sample, or {"inputs": ...}), .npy, or an image (PNG, JPEG) '
         "for models whose description has an image_input",
+    )
+    predict.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE.npy",
+        help="save the model's raw output tensor (before its postprocess) as .npy",
     )
 
     upload = commands.add_parser(
@@ -95,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
         "rollback", parents=[common], help="switch back to the previous version"
     )
     rollback.add_argument("model")
+
+    delete = commands.add_parser(
+        "delete", parents=[common], help="delete a stored version (not the active or previous)"
+    )
+    delete.add_argument("model")
+    delete.add_argument("version")
+
+    history = commands.add_parser(
+        "history", parents=[common], help="a model's recorded management actions, newest first"
+    )
+    history.add_argument("model")
+    history.add_argument("--limit", type=int, default=20, help="entries (1-500, default 20)")
 
     commands.add_parser("health", parents=[common], help="is every model ready (exit 1 if not)")
     return parser
@@ -133,16 +153,43 @@ def _print(args: argparse.Namespace, answer: Any, text: str) -> None:
 def _predict(client: ModelportClient, args: argparse.Namespace) -> int:
     info = client.model(args.model)
     inputs = read_inputs(args.input, info)
-    answer = client.predict(args.model, inputs)
+    if args.output is not None:
+        return _predict_to_file(client, args, inputs)
+    answer = client.predict(args.model, inputs, postprocess=True)
     lines = [f"{answer['model']} (version {answer['version']})"]
     lines += [f"[{i}] {json.dumps(out)}" for i, out in enumerate(answer["outputs"])]
     _print(args, answer, "\n".join(lines))
     return 0
 
 
+def _predict_to_file(client: ModelportClient, args: argparse.Namespace, inputs: Any) -> int:
+    """The raw output tensor saved as ``.npy``; a line saying what was written."""
+    answer = client.prediction(args.model, inputs, postprocess=False)
+    output: np.ndarray = answer.outputs
+    try:  # through a file object: np.save would add ".npy" to a name without it
+        with Path(args.output).open("wb") as file:
+            np.save(file, output, allow_pickle=False)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc}") from None
+    summary = {
+        "model": answer.model,
+        "version": answer.version,
+        "shape": list(output.shape),
+        "dtype": str(output.dtype),
+        "file": str(args.output),
+    }
+    text = (
+        f"{answer.model} (version {answer.version}): output {summary['shape']} "
+        f"{summary['dtype']} -> {args.output}"
+    )
+    _print(args, summary, text)
+    return 0
+
+
 def read_inputs(path: Path, model: dict[str, Any]) -> Any:
     """A batch of samples from a JSON, ``.npy`` or image file, for the model described by
-    ``model`` (its ``GET /v1/models/{name}`` answer). A single sample becomes a batch of one."""
+    ``model`` (its ``GET /v1/models/{name}`` answer): lists from JSON and pictures, an array
+    from ``.npy`` (sent as a binary tensor). A single sample becomes a batch of one."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
@@ -150,7 +197,8 @@ def read_inputs(path: Path, model: dict[str, Any]) -> Any:
             if isinstance(data, dict) and "inputs" in data:
                 data = data["inputs"]
         elif suffix == ".npy":
-            data = np.load(path, allow_pickle=False).tolist()
+            array = np.load(path, allow_pickle=False)
+            return array[None] if list(array.shape) == model["input_shape"] else array
         else:
             return [_image_sample(path, model)]
     except (OSError, ValueError) as exc:
@@ -248,6 +296,32 @@ def _rollback(client: ModelportClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete(client: ModelportClient, args: argparse.Namespace) -> int:
+    client.delete(args.model, args.version)
+    answer = {"model": args.model, "version": args.version, "deleted": True}
+    _print(args, answer, f"{args.model}: version {args.version} deleted")
+    return 0
+
+
+def _history(client: ModelportClient, args: argparse.Namespace) -> int:
+    answer = client.history(args.model, limit=args.limit)
+    rows: list[tuple[str, ...]] = [("SEQ", "AT", "ACTION", "FROM", "TO", "CLIENT")]
+    for e in answer["entries"]:
+        cells = (e["from_version"], e["to_version"], e["client"])
+        rows.append((str(e["seq"]), e["at"][:19], e["action"], *(c or "-" for c in cells)))
+    _print(args, answer, _table(rows))
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns two spaces apart, without trailing spaces."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 def _health(client: ModelportClient, args: argparse.Namespace) -> int:
     answer = client.health()
     unavailable = answer.get("unavailable", {})
@@ -266,5 +340,7 @@ _COMMANDS: dict[str, Callable[[ModelportClient, argparse.Namespace], int]] = {
     "versions": _versions,
     "activate": _activate,
     "rollback": _rollback,
+    "delete": _delete,
+    "history": _history,
     "health": _health,
 }

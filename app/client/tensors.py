@@ -1,0 +1,224 @@
+"""Predict bodies and answers on the client side: numpy arrays and torch tensors go as binary
+tensors (raw little-endian bytes with ``X-Tensor-Shape`` / ``X-Tensor-Dtype``, or ``.npy``),
+lists as JSON; the server's raw output tensor comes back as a numpy array. Torch is never
+imported here: a tensor is recognised only when the caller's torch is already loaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import httpx
+import numpy as np
+
+from app.client.errors import ModelportClientError, UnsendableInputError
+
+SHAPE_HEADER = "X-Tensor-Shape"
+DTYPE_HEADER = "X-Tensor-Dtype"
+VERSION_HEADER = "X-Model-Version"
+JSON = "application/json"
+RAW = "application/octet-stream"
+NPY = "application/x-npy"
+
+Binary: TypeAlias = Literal["raw", "npy"]
+"""How arrays travel: raw bytes with the shape and dtype in headers, or an ``.npy`` file."""
+
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    "bool": np.dtype("u1"),  # a byte each: any non-zero is true
+    "uint8": np.dtype("u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
+    "int8": np.dtype("i1"),
+    "int16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),  # its bit patterns: numpy has no bfloat16
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+}
+"""Every ``X-Tensor-Dtype`` the server reads and writes, as laid out on the wire."""
+_SUPPORTED = "bool, (u)int8-64, float16, float32, float64 (and torch's bfloat16)"
+_UNSENDABLE_KINDS = {
+    "O": "an object array (dtype object) cannot be sent: its items could be anything; "
+    "convert it to numbers first, e.g. np.asarray(x, np.float32)",
+    "c": "complex numbers ({dtype}) cannot be sent: the server takes " + _SUPPORTED,
+    "U": "an array of strings ({dtype}) cannot be sent: models take numbers",
+    "S": "an array of bytes strings ({dtype}) cannot be sent: models take numbers",
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One answer: the model and the version that computed it, and its outputs."""
+
+    model: str
+    version: str
+    outputs: Any
+    """The raw output tensor as a numpy array (batch first), or the postprocessed outputs
+    (JSON values, one per sample)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"model", "version", "outputs"}``, the server's JSON answer."""
+        return {"model": self.model, "version": self.version, "outputs": self.outputs}
+
+
+@dataclass(frozen=True)
+class PredictCall:
+    """The body and headers of one predict request."""
+
+    content: bytes
+    headers: dict[str, str]
+    postprocess: bool
+
+
+def predict_call(inputs: Any, postprocess: bool | None, binary: Binary) -> PredictCall:
+    """Arrays and tensors as a binary tensor, anything else as JSON; the answer asked for is
+    the postprocessed JSON when ``postprocess`` (default: for lists only), else the raw tensor
+    in the ``binary`` form."""
+    if binary not in ("raw", "npy"):
+        raise ValueError(f"binary must be 'raw' or 'npy'; received {binary!r}")
+    tensor = as_array(inputs)
+    if postprocess is None:
+        postprocess = tensor is None
+    if tensor is None:
+        content, headers = encode_json({"inputs": inputs}), {"Content-Type": JSON}
+    elif binary == "npy":
+        content, headers = encode_npy(*tensor), {"Content-Type": NPY}
+    else:
+        array, dtype = tensor
+        shape = ",".join(str(dim) for dim in array.shape)
+        content = np.ascontiguousarray(array).tobytes()
+        headers = {"Content-Type": RAW, SHAPE_HEADER: shape, DTYPE_HEADER: dtype}
+    headers["Accept"] = JSON if postprocess else NPY if binary == "npy" else RAW
+    return PredictCall(content, headers, postprocess)
+
+
+def as_array(inputs: Any) -> tuple[np.ndarray, str] | None:
+    """A numpy array or torch tensor as (little-endian array, ``X-Tensor-Dtype`` name); None
+    for anything else. UnsendableInputError for what no wire dtype carries."""
+    if isinstance(inputs, np.ndarray):
+        return _checked(inputs)
+    torch = sys.modules.get("torch")  # a tensor exists only if its module is loaded
+    if torch is None or not isinstance(inputs, torch.Tensor):
+        return None
+    tensor = inputs.detach()
+    if tensor.is_complex():
+        raise UnsendableInputError(_UNSENDABLE_KINDS["c"].format(dtype=tensor.dtype))
+    tensor = tensor.cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        bits: np.ndarray = tensor.view(torch.int16).numpy().view("<u2")
+        if bits.ndim == 0:
+            raise UnsendableInputError(_scalar())
+        return bits, "bfloat16"
+    try:
+        array = tensor.numpy()
+    except TypeError:  # a dtype numpy has no counterpart for (float8, quantized...)
+        raise UnsendableInputError(
+            f"a torch tensor of {tensor.dtype} cannot be sent; the server takes {_SUPPORTED}"
+        ) from None
+    return _checked(array)
+
+
+def _checked(array: np.ndarray) -> tuple[np.ndarray, str]:
+    dtype = array.dtype
+    name = dtype.name
+    if dtype.kind in _UNSENDABLE_KINDS:
+        raise UnsendableInputError(_UNSENDABLE_KINDS[dtype.kind].format(dtype=name))
+    if name not in WIRE_DTYPES or name == "bfloat16" or dtype.fields is not None:
+        raise UnsendableInputError(f"dtype {dtype} cannot be sent; the server takes {_SUPPORTED}")
+    if array.ndim == 0:
+        raise UnsendableInputError(_scalar())
+    return array.astype(dtype.newbyteorder("<"), copy=False), name
+
+
+def _scalar() -> str:
+    return "a 0-d array is one value, not a batch: send (batch, *sample shape), e.g. x[None]"
+
+
+def encode_npy(array: np.ndarray, dtype: str) -> bytes:
+    """An ``.npy`` file of the array (bfloat16 as the float32 values it holds exactly)."""
+    stream = io.BytesIO()
+    np.save(stream, _bfloat16_values(array) if dtype == "bfloat16" else array, allow_pickle=False)
+    return stream.getvalue()
+
+
+def _bfloat16_values(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> the float32 values they are (a bfloat16 is a float32's upper
+    half)."""
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def encode_json(body: Any) -> bytes:
+    """JSON as Python writes it (NaN and Infinity included, for the server to judge: some
+    models take them); numpy values and tensors inside lists as their values. Anything else
+    raises UnsendableInputError, never the encoder's TypeError or ValueError."""
+    try:
+        text = json.dumps(body, allow_nan=True, separators=(",", ":"), default=_json_value)
+    except (ValueError, RecursionError) as exc:  # a list that holds itself, or nests too deep
+        raise UnsendableInputError(f"'inputs' cannot be written as JSON: {exc}") from None
+    return text.encode()
+
+
+def _json_value(value: Any) -> Any:
+    """What json.dumps cannot write itself: numpy scalars and arrays, tensors."""
+    if isinstance(value, complex):
+        raise UnsendableInputError(_UNSENDABLE_KINDS["c"].format(dtype="complex"))
+    to_list = getattr(value, "tolist", None)
+    if callable(to_list) and not isinstance(value, type):
+        return to_list()
+    raise UnsendableInputError(
+        f"'inputs' holds a {type(value).__name__}, which cannot be sent; send numbers "
+        "(nested lists), a numpy array or a torch tensor"
+    )
+
+
+def prediction_of(response: httpx.Response, model: str) -> Prediction:
+    """The answer of a successful predict: JSON outputs, or the raw tensor as a numpy array."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == JSON:
+        body = response.json()
+        return Prediction(body["model"], body["version"], body["outputs"])
+    version = response.headers.get(VERSION_HEADER, "")
+    if kind == NPY:
+        try:
+            array = np.load(io.BytesIO(response.content), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ModelportClientError(f"malformed .npy answer: {exc}") from None
+    elif kind == RAW:
+        array = decode_raw(
+            response.content,
+            response.headers.get(DTYPE_HEADER, ""),
+            response.headers.get(SHAPE_HEADER, ""),
+        )
+    else:
+        raise ModelportClientError(f"unexpected answer of type {kind!r} to a predict")
+    return Prediction(model, version, array)
+
+
+def decode_raw(data: bytes, dtype: str, shape_text: str) -> np.ndarray:
+    """Raw little-endian bytes and their headers -> a writable array (bool and bfloat16 widened
+    to numpy's bool and float32)."""
+    wire = WIRE_DTYPES.get(dtype)
+    dims = shape_text.split(",") if shape_text else []
+    if wire is None or not all(dim.isascii() and dim.isdigit() for dim in dims):
+        raise ModelportClientError(
+            f"malformed tensor answer: {DTYPE_HEADER} {dtype!r}, {SHAPE_HEADER} {shape_text!r}"
+        )
+    shape = tuple(int(dim) for dim in dims)
+    if len(data) != math.prod(shape) * wire.itemsize:
+        raise ModelportClientError(
+            f"malformed tensor answer: {len(data)} bytes for shape {list(shape)} of {dtype}"
+        )
+    array = np.frombuffer(data, wire).reshape(shape)
+    if dtype == "bool":
+        flags: np.ndarray = array != 0
+        return flags
+    if dtype == "bfloat16":
+        return _bfloat16_values(array)
+    return array.astype(wire.newbyteorder("="))  # a copy: the caller's to change
