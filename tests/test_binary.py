@@ -152,6 +152,9 @@ BAD_BINARY = [
     pytest.param({"X-Tensor-Dtype": "float32"}, b"\0" * 40, 400, "X-Tensor-Shape", id="no-shape"),
     pytest.param({"X-Tensor-Shape": "1,10"}, b"\0" * 40, 400, "X-Tensor-Dtype", id="no-dtype"),
     pytest.param(
+        {"X-Tensor-Shape": "", "X-Tensor-Dtype": "float32"}, b"\0" * 4, 400, "scalar", id="scalar"
+    ),
+    pytest.param(
         {"X-Tensor-Shape": "1,x", "X-Tensor-Dtype": "float32"}, b"", 400, "malformed", id="shape"
     ),
     pytest.param(

@@ -31,8 +31,12 @@ _NPY_HEADER_READERS: dict[
 
 def parse_shape(text: str | None) -> tuple[int, ...]:
     """``"2,10"`` -> ``(2, 10)``: at most MAX_DIMS counts in ASCII digits; BadRequest else."""
-    if not text:
+    if text is None:
         raise BadRequest(f"a raw tensor body needs the {SHAPE_HEADER} header, e.g. '2,10'")
+    if not text.strip():
+        raise BadRequest(
+            f"{SHAPE_HEADER} is empty (a scalar); send the batch dimension first, e.g. '1,10'"
+        )
     parts = text.split(",", MAX_DIMS)
     if len(parts) > MAX_DIMS:
         raise BadRequest(f"{SHAPE_HEADER} has more than {MAX_DIMS} dimensions")
