@@ -1,7 +1,8 @@
-# modelport: serve the bundled models (or your own) over HTTP on port 8000.
+# modelport: serve the bundled models (or your own) over HTTP on port 8000, and over gRPC (the
+# Open Inference Protocol, docs/grpc.md) on port 8001.
 #
 #   docker build -t modelport .                       # CPU torch from the PyTorch CPU index
-#   docker run -p 8000:8000 modelport
+#   docker run -p 8000:8000 -p 8001:8001 modelport
 #
 # Build arguments:
 #   TORCH_VERSION     torch release to install (default 2.13.0; >= 2.10 is required)
@@ -74,13 +75,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MODELPORT_HOST=0.0.0.0 \
     MODELPORT_PORT=8000 \
+    MODELPORT_GRPC_PORT=8001 \
     MODELPORT_CONFIG=/srv/modelport/modelport.toml \
     MODELPORT_STORE_DIR=/var/lib/modelport/store
 
 WORKDIR /srv/modelport
 USER 10001:10001
 VOLUME ["/var/lib/modelport/store"]
-EXPOSE 8000
+EXPOSE 8000 8001
 
 # Ready means every configured model can serve; urllib needs no curl in the image, and the
 # empty ProxyHandler keeps any HTTP(S)_PROXY in the environment away from loopback.

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test test-quick lint bench
+.PHONY: setup run test test-quick lint bench grpc
 
 # torch first, pinned to the CPU build on this disk: a bare `pip install torch` (or the range in
 # pyproject.toml with no torch installed yet) would download a multi-GB CUDA build.
@@ -29,6 +29,11 @@ test: lint
 # The unit and app tiers only (no server processes, sockets or database servers): under a minute.
 test-quick: setup
 	$(VENV)/bin/pytest -m "unit or app"
+
+# Regenerate the gRPC door's code from app/grpc/proto/*.proto (committed; tests/test_grpc.py
+# fails when it is stale).
+grpc: setup
+	$(PY) scripts/generate_grpc.py
 
 # Needs wrk (Debian: apt-get install -y wrk). About 14 minutes; writes bench/results.md.
 bench: setup

@@ -7,8 +7,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import ConfigError, location
 
@@ -16,6 +24,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "modelport.toml"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|mps|auto)$")
+DOTTED_NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+CLASS_PATH_PATTERN = re.compile(rf"{DOTTED_NAME}:{DOTTED_NAME}")
+PACKAGE_PATTERN = re.compile(DOTTED_NAME)
 
 
 class Settings(BaseSettings):
@@ -31,6 +42,18 @@ class Settings(BaseSettings):
 
     port: int = Field(default=8000, ge=1, le=65535)
     """TCP port to listen on."""
+
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """TCP port of the Open Inference Protocol's gRPC service, on the same interface (every
+    worker serves it, as Triton does on 8001); 0 turns it off."""
+
+    @field_validator("grpc_port")
+    @classmethod
+    def _grpc_port_apart(cls, value: int, info: ValidationInfo) -> int:
+        # with several workers both would bind with SO_REUSEPORT, and mix HTTP/1 and gRPC
+        if value and value == info.data.get("port"):
+            raise ValueError(f"must differ from MODELPORT_PORT ({value}); 0 turns gRPC off")
+        return value
 
     workers: int = Field(default=1, ge=1, le=64)
     """Server processes; each loads every model once."""
@@ -118,6 +141,20 @@ class Settings(BaseSettings):
     """With ``MODELPORT_API_TOKEN`` set, ``/metrics`` needs that token too (its series name the
     models, versions and sha256s) unless this is true, for scrapers that send no credentials."""
 
+    model_packages: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Packages to import at startup, besides ``models``, for their ``@register`` classes
+    (comma-separated: ``my_models,team.nets``); each must be importable (``PYTHONPATH``)."""
+
+    @field_validator("model_packages", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        for name in value if isinstance(value, list) else []:
+            if not isinstance(name, str) or not PACKAGE_PATTERN.fullmatch(name):
+                raise ValueError(f"expected comma-separated package names; got {name!r}")
+        return value
+
 
 class ServedModelConfig(BaseModel):
     """One ``[[models]]`` entry of the TOML file."""
@@ -128,7 +165,13 @@ class ServedModelConfig(BaseModel):
     """The name clients use in URLs."""
 
     model_class: str = Field(alias="class")
-    """The name the class was registered under with ``@register``."""
+    """The name the class was registered under with ``@register``, or ``module.path:ClassName``
+    of any importable ``nn.Module`` class (imported at startup)."""
+
+    registration: dict[str, Any] | None = Field(default=None, alias="register")
+    """The ``register`` table, for a ``module.path:ClassName`` not decorated with ``@register``:
+    what registration would give, keyed as its options (``input_shape`` and ``input_dtype`` at
+    least)."""
 
     weights: Path
     """The state_dict file: torch (``.pt``/``.pth``) or safetensors, told apart by content."""
@@ -155,6 +198,13 @@ class ServedModelConfig(BaseModel):
     max_batch_delay_ms: float = Field(default=2.0, ge=0, le=1000)
     """Longest a batch keeps collecting after its first request (it closes at once when no
     other request waits)."""
+
+    @field_validator("model_class")
+    @classmethod
+    def _class_reference(cls, value: str) -> str:
+        if ":" in value and not CLASS_PATH_PATTERN.fullmatch(value):
+            raise ValueError(f"expected a registered name or module.path:ClassName; got {value!r}")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -216,4 +266,5 @@ def settings_error_line(exc: ValidationError) -> str:
     """A Settings validation error as one line naming the environment variable."""
     error = exc.errors()[0]
     field = location(error["loc"])
-    return f"MODELPORT_{field.upper()}: {error['msg']}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"MODELPORT_{field.upper()}: {message}"

@@ -259,6 +259,9 @@ async def wait_until_async(
 def clean_env(**variables: str) -> dict[str, str]:
     """This process's environment without MODELPORT_* variables, plus ``variables``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
+    # no gRPC door unless a test asks for one (MODELPORT_GRPC_PORT): one process at a time can
+    # hold its default port, 8001, and the test servers run side by side
+    env["MODELPORT_GRPC_PORT"] = "0"
     return env | variables
 
 

@@ -348,19 +348,19 @@ def test_probes_use_the_service_health_endpoints_on_its_port(variant: str) -> No
     routes = {getattr(route, "path", None) for route in health_router.routes}
     named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     port = int(env["MODELPORT_PORT"]["value"])
+    grpc_port = int(env["MODELPORT_GRPC_PORT"]["value"])
     assert port == Settings.model_fields["port"].default == 8000
-    assert list(named_ports.values()) == [port]
+    assert grpc_port == Settings.model_fields["grpc_port"].default == 8001
+    assert named_ports == {"http": port, "grpc": grpc_port}
 
-    expected = {
-        "livenessProbe": "/health/live",
-        "readinessProbe": "/health/ready",
-        "startupProbe": "/health/live",
-    }
+    expected = {"readinessProbe": "/health/ready", "startupProbe": "/health/live"}
     for probe, path in expected.items():
         http_get = container[probe]["httpGet"]
         assert http_get["path"] == path
         assert path in routes
         assert named_ports.get(http_get["port"], http_get["port"]) == port
+    # liveness: the standard gRPC health check of the server as a whole (service "")
+    assert container["livenessProbe"]["grpc"] == {"port": grpc_port}
     assert env["MODELPORT_HOST"]["value"] == "0.0.0.0"
 
 
@@ -540,7 +540,7 @@ def test_every_variable_set_in_the_image_or_deployment_is_a_setting_or_aws(varia
 def test_dockerfile_is_multi_stage_non_root_healthchecked_with_port_and_volume() -> None:
     stages = _dockerfile_stages()
     assert len(stages) >= 2
-    assert _final_stage("EXPOSE") == ["8000"]
+    assert _final_stage("EXPOSE") == ["8000 8001"]  # REST, gRPC
     assert _final_stage("USER")
     assert _final_stage("VOLUME")
     [healthcheck] = _final_stage("HEALTHCHECK")

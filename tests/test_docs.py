@@ -386,7 +386,9 @@ class PageRun:
         if block.directive == "server-log" or block.lang == "promql":
             return True
         runs = block.lang in SHELLS | {"python"} and block.directive is None
-        return runs and bool(re.search(r"(127\.0\.0\.1|localhost):8000|bin/modelport ", block.text))
+        # 8001: the server's gRPC door
+        server = r"(127\.0\.0\.1|localhost):800[01]|bin/modelport "
+        return runs and bool(re.search(server, block.text))
 
     # -- each kind of block
 
@@ -550,7 +552,10 @@ class PageRun:
         folder = self.tmp / "server"
         folder.mkdir()
         config = write_config(folder, LINEAR, DIGITS)
-        with run_server(folder, config, env={"MODELPORT_ADMIN_TOKEN": self.token}) as server:
+        # the gRPC door where the page's 127.0.0.1:8001 points
+        grpc_port = str(self.port_for("8001", service=False))
+        env = {"MODELPORT_ADMIN_TOKEN": self.token, "MODELPORT_GRPC_PORT": grpc_port}
+        with run_server(folder, config, env=env) as server:
             yield server
 
 

@@ -6,8 +6,8 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -33,6 +33,10 @@ from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
+Door = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+"""Another front door the lifespan opens once the models serve and closes before they stop
+(the launcher adds the gRPC one, ``app.grpc.server``); it finds what it serves on ``app.state``."""
+
 DESCRIPTION = """Serve PyTorch models from a registered `nn.Module` class plus a `state_dict` file.
 
 Every error answers `{"error": "...", "code": "..."}` with a 4xx status saying what was expected
@@ -57,9 +61,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     access_log: AccessLog | None = app.state.access_log
     if access_log is not None:
         background.append(asyncio.create_task(access_log.flush_periodically()))
+    doors = AsyncExitStack()
     try:
+        for open_door in app.state.doors:  # the other front doors (gRPC), once models serve
+            await doors.enter_async_context(open_door(app))
         yield
     finally:
+        await doors.aclose()  # each drains before the models stop
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -89,6 +97,7 @@ class ModelportAPI(FastAPI):
         """Route every request through the front layers, then FastAPI."""
         framework = super().__call__
         service = InferenceService(registry, settings.max_samples_per_request)
+        self.state.inference = service  # for the other front doors
         inference = InferenceEndpoint(framework, service, settings, (NativePredict(), V2Infer()))
         self.front = RequestObserver(ShutdownGate(inference), metrics, access_log)
 
@@ -116,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.doors = list[Door]()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(health.metrics_router)

@@ -18,11 +18,12 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
-from starlette.types import ASGIApp
 
 from app.config import Settings
 from app.errors import ConfigError
+from app.grpc.server import add_grpc_door
 from app.http.app import create_app
 from app.http.shutdown import draining
 from app.observability.logs import configure_logging
@@ -74,8 +75,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def _server(
-    app: ASGIApp, settings: Settings, on_ready: Callable[[], None] | None = None
+    app: FastAPI, settings: Settings, on_ready: Callable[[], None] | None = None
 ) -> DrainingServer:
+    add_grpc_door(app, settings)  # the app's lifespan opens it (not an app in a test's process)
     config = uvicorn.Config(
         app,
         http=head_limited(settings.max_header_bytes, settings.max_header_count),
@@ -89,7 +91,7 @@ def _server(
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
 
 
-def run(settings: Settings, app: ASGIApp) -> int:
+def run(settings: Settings, app: FastAPI) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status. One process serves ``app`` (made
     from ``settings``); with several workers, each worker makes its own from ``settings``."""
     if settings.workers == 1:

@@ -15,7 +15,7 @@ from app.config import ServedModelConfig, Settings
 from app.errors import ConfigError, InvalidInput, ModelNotFound, ModelportError, StateUnavailable
 from app.observability.metrics import Metrics
 from app.serving.batching import BatchPolicy
-from app.serving.catalog import ModelSpec, discover, get_spec, registered_names
+from app.serving.catalog import ModelSpec, discover_all, spec_for
 from app.serving.model import ServedModel
 from app.serving.runtime import check_constructor_kwargs
 from app.state.versions import VersionState
@@ -66,7 +66,7 @@ class ModelRegistry:
 
         Raises ConfigError with one line naming the model and the problem.
         """
-        discover()
+        discover_all(settings.model_packages)
         state = VersionState.open(settings)
         # Default: share the cores between the worker processes, one model thread each.
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
@@ -215,10 +215,7 @@ def _policy(config: ServedModelConfig, settings: Settings) -> BatchPolicy:
 
 def _check_entry(config: ServedModelConfig) -> tuple[ModelSpec, torch.device]:
     where = f"model {config.name!r}"
-    spec = get_spec(config.model_class)
-    if spec is None:
-        known = ", ".join(registered_names()) or "none"
-        raise ConfigError(f"{where}: unknown class {config.model_class!r} (registered: {known})")
+    spec = spec_for(config)
     if not config.weights.is_file():
         raise ConfigError(f"{where}: weights file not found: {str(config.weights)!r}")
     problem = check_constructor_kwargs(spec, spec.constructor_kwargs(config.kwargs))
