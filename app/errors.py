@@ -169,6 +169,13 @@ class UnsupportedMediaType(ModelportError):
     code = "unsupported_media_type"
 
 
+class NotAcceptable(ModelportError):
+    """No answer in the form ``Accept`` asks for (e.g. one raw tensor for several outputs)."""
+
+    status = 406
+    code = "not_acceptable"
+
+
 class InvalidInput(ModelportError):
     """The inputs do not fit the model: shape, dtype, values or count."""
 

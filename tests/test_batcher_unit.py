@@ -20,7 +20,7 @@ from torch import nn
 from app.errors import InferenceFailed, InferenceTimeout, ModelUnavailable, QueueFull
 from app.observability.metrics import Metrics
 from app.serving.batching import BatchPolicy, DynamicBatcher
-from app.serving.catalog import ModelSpec
+from app.serving.catalog import INPUT_NAME, OUTPUT_NAME, ModelSpec
 from app.serving.runtime import ModelRuntime, build_runtime
 from tests.helpers import CPU, label_rows
 
@@ -64,13 +64,13 @@ LABELLED = ModelSpec(
 )
 
 
-def samples(*ids: float) -> np.ndarray:
+def samples(*ids: float) -> dict[str, np.ndarray]:
     """One sample per id: ``[id, 1, -1]``, so that each sample's output names its request."""
-    return np.array([[i, 1.0, -1.0] for i in ids], dtype=np.float32)
+    return {INPUT_NAME: np.array([[i, 1.0, -1.0] for i in ids], dtype=np.float32)}
 
 
-def doubled(inputs: np.ndarray) -> list[list[float]]:
-    result: list[list[float]] = (inputs * 2).tolist()
+def doubled(inputs: dict[str, np.ndarray]) -> list[list[float]]:
+    result: list[list[float]] = (inputs[INPUT_NAME] * 2).tolist()
     return result
 
 
@@ -185,8 +185,8 @@ async def test_raw_outputs_are_split_back_per_request_without_postprocess(
     module.gate.set()
     _, (_, raw_rows), (_, labels) = await answered(first, raw, labelled)
     assert module.batches[-1] == [1.0, 2.0, 3.0]
-    assert isinstance(raw_rows, torch.Tensor)
-    assert raw_rows.tolist() == doubled(samples(1, 2))
+    assert list(raw_rows) == [OUTPUT_NAME]
+    assert raw_rows[OUTPUT_NAME].tolist() == doubled(samples(1, 2))
     assert labels == [{"sum": 6.0}]
 
 
@@ -274,8 +274,8 @@ async def test_a_pinned_request_runs_on_its_version_in_a_batch_of_its_own(
     assert one == doubled(samples(1))
     assert two_by is pinned
     assert three_by is pinned
-    assert two == (samples(2) * 3).tolist()
-    assert three == (samples(3) * 3).tolist()
+    assert two == (samples(2)[INPUT_NAME] * 3).tolist()
+    assert three == (samples(3)[INPUT_NAME] * 3).tolist()
 
 
 async def test_an_unpinned_request_queued_behind_a_pinned_one_runs_on_the_active_version(
@@ -291,7 +291,7 @@ async def test_an_unpinned_request_queued_behind_a_pinned_one_runs_on_the_active
     gated(active).gate.set()
     (_, one), (two_by, two) = (await answered(first, *rest))[1:]
     assert gated(pinned).batches == [[1.0]]
-    assert one == (samples(1) * 3).tolist()
+    assert one == (samples(1)[INPUT_NAME] * 3).tolist()
     assert two_by is active
     assert two == doubled(samples(2))
 
@@ -310,7 +310,7 @@ async def test_a_request_runs_on_the_version_active_when_its_batch_opens(
     assert held_by is old
     assert held_out == doubled(samples(0))
     assert queued_by is new
-    assert queued_out == (samples(1) * 3).tolist()
+    assert queued_out == (samples(1)[INPUT_NAME] * 3).tolist()
 
 
 async def test_a_request_when_no_version_can_serve_fails_with_the_reason(

@@ -129,9 +129,9 @@ def test_linear_spec_carries_its_shapes_dtype_and_example() -> None:
     spec = spec_named("linear")
 
     assert spec.kwargs == {}
-    assert spec.sample_shape({}) == (10,)
+    assert spec.signature({})[0].shape == (10,)
     assert spec.input_dtype == torch.float32
-    assert spec.output_sample_shape({}) == (2,)
+    assert spec.output_shapes({}).get("output") == (2,)
     assert spec.example({}) == SAMPLE
     assert spec.preprocess is None
     assert spec.postprocess is None
@@ -142,7 +142,7 @@ def test_digits_spec_carries_its_kwargs_shapes_example_and_hooks() -> None:
     spec = spec_named("digits")
 
     assert spec.kwargs == {"num_classes": 10}
-    assert spec.sample_shape(spec.kwargs) == (8, 8)
+    assert spec.signature(spec.kwargs)[0].shape == (8, 8)
     assert spec.input_dtype == torch.float32
     assert spec.example(spec.kwargs) == EXAMPLE_ZERO
     assert spec.preprocess is not None
@@ -152,8 +152,8 @@ def test_digits_spec_carries_its_kwargs_shapes_example_and_hooks() -> None:
 def test_digits_num_classes_kwarg_changes_the_output_shape() -> None:
     spec = spec_named("digits")
 
-    assert spec.output_sample_shape(spec.constructor_kwargs({})) == (10,)
-    assert spec.output_sample_shape(spec.constructor_kwargs({"num_classes": 3})) == (3,)
+    assert spec.output_shapes(spec.constructor_kwargs({})).get("output") == (10,)
+    assert spec.output_shapes(spec.constructor_kwargs({"num_classes": 3})).get("output") == (3,)
 
 
 def test_served_kwargs_override_the_registered_defaults() -> None:
@@ -239,8 +239,8 @@ def test_zeros_example_follows_an_input_shape_rule_and_the_input_dtype() -> None
 
     assert spec.example(spec.kwargs) == [0, 0, 0]
     assert spec.example({"features": 5}) == [0, 0, 0, 0, 0]
-    assert spec.sample_shape({"features": 5}) == (5,)
-    assert spec.output_sample_shape(spec.kwargs) is None
+    assert spec.signature({"features": 5})[0].shape == (5,)
+    assert spec.output_shapes(spec.kwargs).get("output") is None
 
 
 def test_description_defaults_to_the_first_docstring_line() -> None:

@@ -75,12 +75,13 @@ def config_error_for_text(tmp_path: Path, text: str) -> str:
 # --- the TOML file -----------------------------------------------------------------------------
 
 
-def test_bundled_config_serves_linear_and_digits_from_the_bundled_weights() -> None:
+def test_bundled_config_serves_linear_digits_and_sentiment_from_the_bundled_weights() -> None:
     configs = load_service_config(DEFAULT_CONFIG)
 
     assert [(c.name, c.model_class, c.weights) for c in configs] == [
         ("linear", "linear", WEIGHTS / "linear.pth"),
         ("digits", "digits", WEIGHTS / "digits.pth"),
+        ("sentiment", "sentiment", WEIGHTS / "sentiment.pth"),
     ]
     assert configs[1].kwargs == {"num_classes": 10}
     check_config(Settings(config=DEFAULT_CONFIG))

@@ -11,12 +11,8 @@ import pytest
 import torch
 
 from app.errors import InvalidInput, ModelNotFound, ModelUnavailable, VersionNotFound
-from app.serving.inference import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    InferenceRequest,
-    InferenceService,
-)
+from app.serving.catalog import INPUT_NAME, OUTPUT_NAME
+from app.serving.inference import InferenceRequest, InferenceService
 from app.serving.registry import ModelRegistry
 from tests.helpers import DIGITS, LINEAR, registry_for
 

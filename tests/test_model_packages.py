@@ -169,9 +169,9 @@ def test_undecorated_class_named_by_module_and_class_serves_from_its_register_ta
     spec = model.spec
     assert spec.name == f"{PACKAGE}.nets:TinyMLP"
     assert spec.qualname == f"{PACKAGE}.nets.TinyMLP"
-    assert spec.sample_shape(model.kwargs) == (4,)
+    assert spec.signature(model.kwargs)[0].shape == (4,)
     assert spec.input_dtype == torch.float32
-    assert spec.output_sample_shape(model.kwargs) == (3,)
+    assert spec.output_shapes(model.kwargs).get("output") == (3,)
     assert spec.description == "Four features in, three scores out."
     batch = [[1.0, -2.0, 0.5, 3.0], [0.0, 0.25, -1.0, 2.0]]
     assert model.runtime is not None
@@ -223,7 +223,7 @@ def test_decorated_class_named_by_module_and_class_uses_its_decoration(
     spec = registry.get("scorer").spec
     assert spec is get_spec("user-scorer")
     assert spec.name == "user-scorer"
-    assert spec.output_sample_shape({}) == (1,)
+    assert spec.output_shapes({}).get("output") == (1,)
     registry.close()
 
 

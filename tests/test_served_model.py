@@ -19,6 +19,7 @@ from app.config import ServedModelConfig
 from app.errors import ModelUnavailable, VersionNotFound
 from app.observability.metrics import Metrics
 from app.serving.batching import BatchPolicy
+from app.serving.catalog import INPUT_NAME
 from app.serving.manager import VersionManager
 from app.serving.model import ServedModel
 from app.state.blobs import FolderBlobStore
@@ -41,6 +42,8 @@ BUNDLED = WEIGHTS / "linear.pth"
 SAMPLE = np.array(
     [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0], [1.0] * 10], dtype=np.float32
 )
+BATCH = {INPUT_NAME: SAMPLE}
+"""SAMPLE as the batcher takes it: by input name."""
 
 Replica = Callable[..., ServedModel]
 
@@ -139,7 +142,7 @@ async def test_activation_swaps_the_runtime_and_rollback_returns_to_the_one_kept
     assert model.runtime is not None
     assert model.runtime.version == v1
     assert model.previous is bundled
-    _, outputs = await model.batcher.submit(SAMPLE)
+    _, outputs = await model.batcher.submit(BATCH)
     assert np.allclose(outputs, outputs_of(new))
 
     record, pointers = await VersionManager(model).rollback(ACTOR)
@@ -148,7 +151,7 @@ async def test_activation_swaps_the_runtime_and_rollback_returns_to_the_one_kept
     assert model.runtime is bundled, "rollback rebuilt a runtime it held loaded"
     assert model.previous is not None
     assert model.previous.version == v1
-    _, outputs = await model.batcher.submit(SAMPLE)
+    _, outputs = await model.batcher.submit(BATCH)
     assert np.allclose(outputs, outputs_of(BUNDLED))
 
 
@@ -240,13 +243,13 @@ async def test_follow_serves_what_another_replica_activated_and_rolled_back(
     assert following.runtime is not None
     assert following.runtime.version == v1
     assert following.previous is held
-    _, outputs = await following.batcher.submit(SAMPLE)
+    _, outputs = await following.batcher.submit(BATCH)
     assert np.allclose(outputs, outputs_of(new))
 
     await VersionManager(acting).rollback(ACTOR)
     await following.follow()
     assert following.runtime is held, "the previous version it held was loaded again"
-    _, outputs = await following.batcher.submit(SAMPLE)
+    _, outputs = await following.batcher.submit(BATCH)
     assert np.allclose(outputs, outputs_of(BUNDLED))
 
 
@@ -287,10 +290,10 @@ async def test_versioned_inference_loads_stored_versions_on_demand_and_keeps_the
     assert await model.runtime_for(active.version) is active
     first = await model.runtime_for(v1)
     assert first.version == v1
-    served_by, outputs = await model.batcher.submit(SAMPLE, runtime=await model.runtime_for(v1))
+    served_by, outputs = await model.batcher.submit(BATCH, runtime=await model.runtime_for(v1))
     assert served_by is first
     assert np.allclose(outputs, outputs_of(weights[0]))
-    served_by, outputs = await model.batcher.submit(SAMPLE)
+    served_by, outputs = await model.batcher.submit(BATCH)
     assert served_by is active
     assert np.allclose(outputs, outputs_of(BUNDLED))
 

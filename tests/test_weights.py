@@ -66,7 +66,7 @@ def load(path: Path, checkpoint_key: str | None = None) -> dict[str, torch.Tenso
 def sample_batch(spec: ModelSpec, n: int = 4) -> np.ndarray:
     """The registered example plus a few seeded random samples, as a checked batch."""
     rng = np.random.default_rng(7)
-    shape = spec.sample_shape(spec.constructor_kwargs({}))
+    shape = spec.signature(spec.constructor_kwargs({}))[0].shape
     samples = [spec.example(spec.constructor_kwargs({}))]
     samples += [rng.uniform(0, 16, size=shape).tolist() for _ in range(n - 1)]
     return to_batch(samples, shape, spec.input_dtype)
@@ -599,15 +599,15 @@ class WrongShapeNet(nn.Module):
         return self.linear(x)
 
 
-class DictOutputNet(nn.Module):
-    """Returns a dict instead of a tensor."""
+class ListOutputNet(nn.Module):
+    """Returns its scores as nested lists, not as a tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(4, 2)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"scores": self.linear(x)}
+    def forward(self, x: torch.Tensor) -> dict[str, list[list[float]]]:
+        return {"scores": self.linear(x).tolist()}
 
 
 class CrashingNet(nn.Module):
@@ -626,7 +626,7 @@ class CrashingNet(nn.Module):
     [
         ("test-weights-nan-output", NanOutputNet, "non-finite output (NaN or infinity)"),
         ("test-weights-wrong-shape", WrongShapeNet, "output of shape [1, 3]; expected [1, 2]"),
-        ("test-weights-dict-output", DictOutputNet, "forward returned a dict, not a tensor"),
+        ("test-weights-list-output", ListOutputNet, "output 'scores' is a list, not a tensor"),
         ("test-weights-crashing", CrashingNet, "the example input failed: RuntimeError"),
     ],
 )

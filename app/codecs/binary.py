@@ -1,10 +1,13 @@
 """Tensors as raw bytes for the binary predict path: little-endian data with its shape and
-dtype in headers (``X-Tensor-Shape: 2,10``, ``X-Tensor-Dtype: float32``), or an ``.npy`` body."""
+dtype in headers (``X-Tensor-Shape: 2,10``, ``X-Tensor-Dtype: float32``), an ``.npy`` body, or
+an ``.npz`` body of several named tensors."""
 
 from __future__ import annotations
 
 import io
 import math
+import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,12 +16,15 @@ import torch
 
 from app.codecs.dtypes import BY_NAME, BY_TORCH, from_wire, name_of, to_wire
 from app.codecs.text import decimal
-from app.errors import BadRequest
+from app.errors import BadRequest, PayloadTooLarge
 
 SHAPE_HEADER = "X-Tensor-Shape"
 DTYPE_HEADER = "X-Tensor-Dtype"
 RAW = "application/octet-stream"
 NPY = "application/x-npy"
+NPZ = "application/x-npz"
+MAX_NPZ_MEMBERS = 64
+"""Most tensors one ``.npz`` body may hold."""
 MAX_DIMS = 32
 """Most dimensions a binary tensor may declare (numpy itself stops at 64)."""
 _NPY_HEADER_READERS: dict[
@@ -101,7 +107,50 @@ def encode_raw(tensor: torch.Tensor) -> tuple[bytes, str]:
 
 def encode_npy(tensor: torch.Tensor) -> bytes:
     """A CPU tensor -> an ``.npy`` file (bfloat16 as float32, which numpy can hold)."""
-    array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     stream = io.BytesIO()
-    np.save(stream, array, allow_pickle=False)
+    np.save(stream, _numpy(tensor), allow_pickle=False)
+    return stream.getvalue()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def decode_npz(data: bytes, limit: int) -> dict[str, np.ndarray]:
+    """An ``.npz`` body (numpy's ``savez`` or ``savez_compressed``) -> its arrays by name, each
+    member checked as :func:`decode_npy` checks one. At most MAX_NPZ_MEMBERS members; all of
+    them together inflate to at most ``limit`` bytes (a zip bomb stops there, 413)."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+        if len(members) > MAX_NPZ_MEMBERS:
+            raise BadRequest(f"the .npz body holds {len(members)} files; at most {MAX_NPZ_MEMBERS}")
+        for info in members:
+            name = info.filename.removesuffix(".npy")
+            if not info.filename.endswith(".npy") or not name or name in arrays:
+                raise BadRequest(f"the .npz body holds {info.filename[:100]!r}: not a named .npy")
+            with archive.open(info) as member:
+                raw = member.read(limit + 1)
+            limit -= len(raw)
+            if limit < 0:
+                raise PayloadTooLarge("the .npz body inflates past MODELPORT_MAX_BODY_BYTES")
+            arrays[name] = decode_npy(raw)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError) as exc:
+        # (RuntimeError: an encrypted member; NotImplementedError: an unknown compression)
+        raise BadRequest(f"malformed .npz body: {exc}") from None
+    except NotImplementedError as exc:
+        raise BadRequest(f"the .npz body uses an unsupported compression: {exc}") from None
+    if not arrays:
+        raise BadRequest("the .npz body holds no tensor")
+    return arrays
+
+
+def encode_npz(tensors: dict[str, torch.Tensor]) -> bytes:
+    """CPU tensors by name -> an ``.npz`` file (uncompressed; bfloat16 as float32)."""
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, "w") as archive:
+        for name, tensor in tensors.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, _numpy(tensor), allow_pickle=False)
     return stream.getvalue()

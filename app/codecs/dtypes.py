@@ -16,6 +16,16 @@ def name_of(dtype: torch.dtype) -> str:
 
 
 @dataclass(frozen=True)
+class TensorSignature:
+    """One input or output tensor of a model as served: its name, per-sample shape (no batch
+    dimension) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class DType:
     """One dtype under its names."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from app.codecs.arrays import check_numeric
 from app.codecs.binary import MAX_DIMS
-from app.codecs.dtypes import BY_V2, DType, from_wire, of_torch, to_wire
+from app.codecs.dtypes import BY_V2, DType, TensorSignature, from_wire, of_torch, to_wire
 from app.codecs.text import decimal, parse_json
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge, describe_problems
 
@@ -142,23 +143,32 @@ class RepositoryIndexRequest(BaseModel):
     ready: bool = Field(default=False, description="Only the models that can serve.")
 
 
+def tensor_metadata(tensors: Iterable[TensorSignature]) -> list[TensorMetadata]:
+    """A model's inputs or outputs as the protocol describes them (-1: the batch dimension)."""
+    return [
+        TensorMetadata(name=t.name, datatype=datatype_of(t.dtype), shape=[-1, *t.shape])
+        for t in tensors
+    ]
+
+
 def model_config(
     name: str,
-    tensors: tuple[TensorMetadata, TensorMetadata],
+    inputs: list[TensorMetadata],
+    outputs: list[TensorMetadata],
     max_batch_size: int,
     batch_delay_s: float,
     max_queue: int,
     timeout_s: float,
 ) -> dict[str, Any]:
     """A model's configuration in Triton's JSON shape (``GET /v2/models/{name}/config``): its
-    input and output (``dims`` without the batch dimension) and its dynamic batching."""
+    inputs and outputs (``dims`` without the batch dimension) and its dynamic batching."""
     config: dict[str, Any] = {
         "name": name,
         "platform": PLATFORM,
         "backend": "pytorch",
         "max_batch_size": max_batch_size,
-        "input": [_config_tensor(tensors[0])],
-        "output": [_config_tensor(tensors[1])],
+        "input": [_config_tensor(tensor) for tensor in inputs],
+        "output": [_config_tensor(tensor) for tensor in outputs],
     }
     if max_batch_size > 1:
         config["dynamic_batching"] = {

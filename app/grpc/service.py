@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from app.codecs.v2 import EXTENSIONS, PLATFORM, datatype_of
-from app.errors import InvalidInput, NoSuchEndpoint
+from app.codecs.v2 import EXTENSIONS, PLATFORM, tensor_metadata
+from app.errors import NoSuchEndpoint
 from app.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.grpc.proto.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from app.grpc.tensors import add_output, decode_inputs, wants_raw_output
-from app.serving.inference import INPUT_NAME, OUTPUT_NAME, InferenceRequest, InferenceService
+from app.serving.inference import InferenceRequest, InferenceService
 from app.serving.model import ServedModel
 
 SERVICE = "inference.GRPCInferenceService"
@@ -69,19 +69,16 @@ class InferenceServicer:
         """Resolve the model and version (NOT_FOUND before any tensor is read), decode, run
         on the model's batcher, encode."""
         target = await self.service.target(request.model_name, request.model_version or None)
-        for output in request.outputs:
-            if output.name != OUTPUT_NAME:
-                raise InvalidInput(
-                    f"model {target.model.name!r} has no output {output.name!r}; "
-                    f"its output is {OUTPUT_NAME!r}"
-                )
+        wanted = self.service.outputs(target, [output.name for output in request.outputs])
         inputs, raw = decode_inputs(request)
         result = await self.service.infer(target, InferenceRequest(inputs))
-        tensor = result.outputs[OUTPUT_NAME]
+        tensors = [result.outputs[name] for name in wanted]
         response = pb.ModelInferResponse(
             model_name=result.model, model_version=result.version, id=request.id
         )
-        add_output(response, OUTPUT_NAME, tensor, wants_raw_output(raw, [tensor]))
+        raw = wants_raw_output(raw, tensors)
+        for name, tensor in zip(wanted, tensors, strict=True):
+            add_output(response, name, tensor, raw)
         return response
 
     async def health_check(self, request: HealthCheckRequest) -> HealthCheckResponse:
@@ -99,25 +96,12 @@ class InferenceServicer:
 
 
 async def _metadata(model: ServedModel) -> pb.ModelMetadataResponse:
-    spec, runtime = model.spec, model.active()
     versions = [record.id for record in await asyncio.to_thread(model.versions)]
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=model.name,
         versions=versions,
         platform=PLATFORM,
-        inputs=[
-            tensor(
-                name=INPUT_NAME,
-                datatype=datatype_of(spec.input_dtype),
-                shape=[-1, *model.sample_shape],
-            )
-        ],
-        outputs=[
-            tensor(
-                name=OUTPUT_NAME,
-                datatype=datatype_of(runtime.output_dtype),
-                shape=[-1, *runtime.output_sample_shape],
-            )
-        ],
+        inputs=[tensor(**t.model_dump()) for t in tensor_metadata(model.inputs)],
+        outputs=[tensor(**t.model_dump()) for t in tensor_metadata(model.outputs)],
     )

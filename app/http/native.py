@@ -1,6 +1,7 @@
 """The native predict front door: ``POST /v1/models/{name}/predict`` and ``POST /predict`` with a
-JSON body (``{"inputs": [sample, ...]}``), raw little-endian tensor bytes or an ``.npy`` body;
-JSON outputs (the model's postprocess) or, asked for in ``Accept``, the raw output tensor."""
+JSON body (``{"inputs": [sample, ...]}``, or ``{"inputs": {"name": [sample, ...], ...}}`` for
+several inputs), raw little-endian tensor bytes, an ``.npy`` or an ``.npz`` body; JSON outputs
+(the model's postprocess) or, asked for in ``Accept``, the raw output tensor(s)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import orjson
 from app.codecs.binary import (
     DTYPE_HEADER,
     NPY,
+    NPZ,
     RAW,
     SHAPE_HEADER,
     decode_npy,
+    decode_npz,
     decode_raw,
     encode_npy,
+    encode_npz,
     encode_raw,
     parse_shape,
 )
 from app.codecs.text import parse_json
-from app.errors import BadRequest, InvalidInput, UnsupportedMediaType
+from app.errors import BadRequest, InvalidInput, NotAcceptable, UnsupportedMediaType
 from app.http import VERSION_HEADER
 from app.http.answers import JSON, Answer
 from app.http.endpoint import HttpCall, Paths
@@ -44,23 +48,30 @@ class NativePredict:
         """Decode the body, run it, and answer in the form ``Accept`` asks for."""
         body = await call.body()
         kind, accept = _content_type(call), _accept(call)
-        if kind in (RAW, NPY):
+        if kind in (RAW, NPY, NPZ):
             target = await service.target(call.params.get("name") or _query_model(call))
             call.served = target.model.name
-            array = decode_raw(body, *_tensor_headers(call)) if kind == RAW else decode_npy(body)
-            request = InferenceRequest(array, postprocess=accept == JSON)
+            request = InferenceRequest(_tensors(call, kind, body), postprocess=accept == JSON)
         elif kind == JSON:
             target, request = await _json_request(call, body, service, accept == JSON)
         else:
             raise UnsupportedMediaType(
                 f"unsupported Content-Type {kind!r}; send {JSON}, {RAW} (with {SHAPE_HEADER} "
-                f"and {DTYPE_HEADER}) or {NPY}"
+                f"and {DTYPE_HEADER}), {NPY} or {NPZ} (several inputs by name)"
+            )
+        outputs = service.outputs(target, ())
+        if accept in (RAW, NPY) and len(outputs) > 1:
+            raise NotAcceptable(
+                f"model {target.model.name!r} has {len(outputs)} outputs ({', '.join(outputs)}):"
+                f" one {accept} body holds one; ask for {NPZ} or {JSON}"
             )
         result = await service.infer(target, request)
         headers = {VERSION_HEADER: result.version}
         if result.samples is not None:
             payload = {"model": result.model, "version": result.version, "outputs": result.samples}
             return 200, orjson.dumps(payload), {"content-type": JSON, **headers}
+        if accept == NPZ:
+            return 200, encode_npz(result.outputs), {"content-type": NPZ, **headers}
         [output] = result.outputs.values()
         if accept == NPY:
             return 200, encode_npy(output), {"content-type": NPY, **headers}
@@ -88,6 +99,15 @@ async def _json_request(
     return target, request
 
 
+def _tensors(call: HttpCall, kind: str, body: bytes) -> Any:
+    """A binary body's tensor (raw or .npy), or its tensors by name (.npz)."""
+    if kind == RAW:
+        return decode_raw(body, *_tensor_headers(call))
+    if kind == NPY:
+        return decode_npy(body)
+    return decode_npz(body, call.max_body_bytes)
+
+
 def _content_type(call: HttpCall) -> str:
     kind = call.headers.get("content-type", "").split(";")[0].strip().lower()
     return JSON if kind in _JSON_ALIASES else kind
@@ -96,7 +116,7 @@ def _content_type(call: HttpCall) -> str:
 def _accept(call: HttpCall) -> str:
     """The binary form asked for in ``Accept``, else JSON."""
     accept = call.headers.get("accept", "")
-    return next((binary for binary in (RAW, NPY) if binary in accept), JSON)
+    return next((binary for binary in (RAW, NPY, NPZ) if binary in accept), JSON)
 
 
 def _tensor_headers(call: HttpCall) -> tuple[str | None, tuple[int, ...]]:
@@ -127,5 +147,7 @@ def _inputs_hold_no_string(body: bytes, parsed: dict[str, Any]) -> bool:
     """Whether the body proves that ``inputs`` holds no string, at the cost of counting its
     quote characters: every key, and a string ``model``, takes at least two, so when they
     account for all of them no string is left for ``inputs``."""
+    inputs = parsed["inputs"]
     least = 2 * len(parsed) + (2 if isinstance(parsed.get("model"), str) else 0)
+    least += 2 * len(inputs) if isinstance(inputs, dict) else 0  # the input names
     return body.count(b'"') <= least

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.codecs.dtypes import name_of
+from app.codecs.dtypes import TensorSignature, name_of
 from app.serving.model import ServedModel
 from app.state.database import Pointers
 from app.state.records import VersionRecord
@@ -89,6 +89,19 @@ class ImageInputInfo(BaseModel):
     )
 
 
+class TensorInfo(BaseModel):
+    """One input or output of a model: its name, per-sample shape and dtype."""
+
+    name: str
+    shape: list[int] | None = Field(description="Per sample (no batch dimension); null: unknown.")
+    dtype: str | None = Field(default=None, description="null: not known until the model loads.")
+
+    @classmethod
+    def of(cls, tensor: TensorSignature) -> TensorInfo:
+        """Describe a served tensor."""
+        return cls(name=tensor.name, shape=list(tensor.shape), dtype=name_of(tensor.dtype))
+
+
 class ModelInfo(BaseModel):
     """Everything a client needs to call a served model."""
 
@@ -101,13 +114,24 @@ class ModelInfo(BaseModel):
     status: Literal["ready", "unavailable"]
     error: str | None = Field(default=None, description="Why the model cannot serve.")
     device: str
-    input_shape: list[int] = Field(description="Per-sample input shape (no batch dimension).")
-    input_dtype: str
-    output_shape: list[int] | None = Field(default=None, description="Per-sample output shape.")
+    inputs: list[TensorInfo] = Field(description="The inputs, in the order forward takes them.")
+    outputs: list[TensorInfo] = Field(
+        description="The outputs (as the loaded model gives them; else as registered)."
+    )
+    input_shape: list[int] | None = Field(
+        description="The one input's per-sample shape (no batch dimension); null for a model"
+        " of several inputs."
+    )
+    input_dtype: str | None = Field(description="The one input's dtype; null for several.")
+    output_shape: list[int] | None = Field(
+        default=None, description="The one output's per-sample shape, when known."
+    )
     constructor_kwargs: dict[str, Any] = Field(
         alias="kwargs", description="Constructor keyword arguments."
     )
-    example_input: Any = Field(description="One valid sample.")
+    example_input: Any = Field(
+        description="One valid sample (an object of them by name for several inputs)."
+    )
     image_input: ImageInputInfo | None = Field(
         default=None, description="How a picture becomes a sample; null: the model takes none."
     )
@@ -134,7 +158,15 @@ class ModelInfo(BaseModel):
         """Describe a served model as it is now, with the database's ``pointers`` (None: they
         could not be read)."""
         runtime, spec, init_kwargs = model.runtime, model.spec, model.kwargs
-        output_shape = spec.output_sample_shape(init_kwargs)
+        inputs = [TensorInfo.of(tensor) for tensor in model.inputs]
+        if runtime is not None:
+            outputs = [TensorInfo.of(tensor) for tensor in runtime.outputs]
+        else:
+            declared = spec.output_shapes(init_kwargs).items()
+            outputs = [
+                TensorInfo(name=n, shape=None if s is None else list(s)) for n, s in declared
+            ]
+        single = len(inputs) == 1
         info = cls(
             name=model.name,
             model_class=spec.name,
@@ -143,9 +175,11 @@ class ModelInfo(BaseModel):
             status="unavailable" if runtime is None else "ready",
             error=model.error,
             device=str(model.device),
-            input_shape=list(model.sample_shape),
-            input_dtype=name_of(spec.input_dtype),
-            output_shape=None if output_shape is None else list(output_shape),
+            inputs=inputs,
+            outputs=outputs,
+            input_shape=inputs[0].shape if single else None,
+            input_dtype=inputs[0].dtype if single else None,
+            output_shape=outputs[0].shape if len(outputs) == 1 else None,
             constructor_kwargs=init_kwargs,
             example_input=spec.example(init_kwargs),
             image_input=None

@@ -19,13 +19,7 @@ from app.errors import InvalidInput
 from app.http import VERSION_HEADER
 from app.http.answers import JSON, Answer
 from app.http.endpoint import HttpCall, Paths
-from app.serving.inference import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    InferenceRequest,
-    InferenceService,
-    Target,
-)
+from app.serving.inference import InferenceRequest, InferenceService, Target
 
 
 class V2Infer:
@@ -51,14 +45,9 @@ class V2Infer:
             decoded = _raw_request(target, body)
         else:
             decoded = decode_request(body, header_length)
-        for name in decoded.outputs:
-            if name != OUTPUT_NAME:
-                raise InvalidInput(
-                    f"model {target.model.name!r} has no output {name!r}; "
-                    f"its output is {OUTPUT_NAME!r}"
-                )
+        wanted = service.outputs(target, decoded.outputs)
         result = await service.infer(target, InferenceRequest(decoded.inputs))
-        outputs = [(OUTPUT_NAME, result.outputs[OUTPUT_NAME], decoded.binary(OUTPUT_NAME))]
+        outputs = [(name, result.outputs[name], decoded.binary(name)) for name in wanted]
         content, json_length = encode_response(result.model, result.version, decoded.id, outputs)
         headers = {VERSION_HEADER: result.version}
         if json_length is None:
@@ -71,6 +60,11 @@ def _raw_request(target: Target, body: bytes) -> DecodedRequest:
     """``Inference-Header-Content-Length: 0``: the body is one sample of the model's one input,
     and every output comes back binary."""
     model = target.model
-    shape = [1, *model.sample_shape]
-    array = from_bytes(body, datatype_of(model.spec.input_dtype), shape, INPUT_NAME)
-    return DecodedRequest(None, {INPUT_NAME: array}, {}, binary_output=True)
+    if len(model.inputs) > 1:
+        raise InvalidInput(
+            f"model {model.name!r} takes {len(model.inputs)} inputs: a body without a JSON"
+            f" header carries one; name each input in the header"
+        )
+    [only] = model.inputs
+    array = from_bytes(body, datatype_of(only.dtype), [1, *only.shape], only.name)
+    return DecodedRequest(None, {only.name: array}, {}, binary_output=True)

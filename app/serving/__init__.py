@@ -3,6 +3,6 @@
 It never imports a web framework: it raises :mod:`app.errors` and each front door renders them.
 """
 
-from app.serving.catalog import Acceptance, Forward, ImageInput, register
+from app.serving.catalog import Acceptance, Forward, ImageInput, Input, register
 
-__all__ = ["Acceptance", "Forward", "ImageInput", "register"]
+__all__ = ["Acceptance", "Forward", "ImageInput", "Input", "register"]

@@ -27,6 +27,8 @@ from app.serving.runtime import ModelRuntime
 logger = logging.getLogger(__name__)
 
 Result = tuple[ModelRuntime, Any]
+Batch = dict[str, np.ndarray]
+"""A checked input batch: one array per input name, all of one length (the batch dimension)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class BatchPolicy:
 
 @dataclass(eq=False)
 class _Request:
-    inputs: np.ndarray
+    inputs: Batch
     runtime: ModelRuntime | None  # a pinned version; None: whichever is active when it runs
     postprocess: bool
     future: asyncio.Future[Result]
@@ -53,9 +55,10 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
-    @property
-    def size(self) -> int:
-        return len(self.inputs)
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = len(next(iter(self.inputs.values())))
 
 
 @dataclass
@@ -112,10 +115,11 @@ class DynamicBatcher:
             self._thread.join()
 
     async def submit(
-        self, inputs: np.ndarray, *, runtime: ModelRuntime | None = None, postprocess: bool = True
+        self, inputs: Batch, *, runtime: ModelRuntime | None = None, postprocess: bool = True
     ) -> Result:
         """Queue a checked input batch; returns the runtime that served it and its outputs
-        (one JSON-ready value per sample, or the raw output rows with ``postprocess=False``)."""
+        (one JSON-ready value per sample, or the raw output rows by name with
+        ``postprocess=False``)."""
         loop = asyncio.get_running_loop()
         request = _Request(inputs, runtime, postprocess, loop.create_future(), loop)
         with self._ready:
@@ -225,11 +229,15 @@ class DynamicBatcher:
         inputs = (
             requests[0].inputs
             if len(requests) == 1
-            else np.concatenate([request.inputs for request in requests])
+            else {
+                name: np.concatenate([request.inputs[name] for request in requests])
+                for name in requests[0].inputs
+            }
         )
+        size = sum(request.size for request in requests)
         gathered = time.perf_counter()
         try:
-            output = runtime.forward(inputs)
+            output = runtime.run(inputs)
         except Exception as exc:
             if len(requests) > 1:
                 raise
@@ -237,38 +245,41 @@ class DynamicBatcher:
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
         computed = time.perf_counter()
-        self._batch_size.observe(len(inputs))
-        answers = _answers(runtime, output, requests)
+        self._batch_size.observe(size)
+        answers = _answers(runtime, output, requests, size)
         _resolve_all(requests[0].loop, answers)
         done = time.perf_counter()
         self.metrics.compute_seconds.labels(self.name, runtime.version).observe(done - started)
         phases = (gathered - started, computed - gathered, done - computed)
-        self.metrics.tally(self.name, runtime.version).forward(len(inputs), len(requests), phases)
+        self.metrics.tally(self.name, runtime.version).forward(size, len(requests), phases)
 
 
 Answer = tuple[_Request, Result | None, ModelportError | None]
 
 
-def _answers(runtime: ModelRuntime, output: torch.Tensor, requests: list[_Request]) -> list[Answer]:
-    """Each request's rows of the batch's output, postprocessed for those that asked: the whole
-    batch in one call, or request by request if that fails, so that only a request whose rows
-    break the postprocess fails."""
+def _answers(
+    runtime: ModelRuntime, output: dict[str, torch.Tensor], requests: list[_Request], size: int
+) -> list[Answer]:
+    """Each request's rows of the batch's outputs, postprocessed for those that asked: the
+    whole batch in one call, or request by request if that fails, so that only a request whose
+    rows break the postprocess fails."""
     together = None
     if any(request.postprocess for request in requests):
         with contextlib.suppress(Exception):
             together = runtime.postprocess(output)
-        if together is not None and len(together) != len(output):
+        if together is not None and len(together) != size:
             together = None
     answers: list[Answer] = []
     offset = 0
     for request in requests:
         rows = slice(offset, offset + request.size)
         offset = rows.stop
+        mine = {name: tensor[rows] for name, tensor in output.items()}
         if not request.postprocess:
-            answers.append((request, (runtime, output[rows]), None))
+            answers.append((request, (runtime, mine), None))
             continue
         try:
-            value = together[rows] if together is not None else runtime.postprocess(output[rows])
+            value = together[rows] if together is not None else runtime.postprocess(mine)
         except Exception as exc:
             answers.append((request, None, InferenceFailed(f"postprocess failed: {_failure(exc)}")))
             continue

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
+import re
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
-from app.codecs.dtypes import BY_NAME
+from app.codecs.dtypes import BY_NAME, TensorSignature
 from app.config import ServedModelConfig
 from app.errors import ConfigError
 
@@ -25,11 +26,19 @@ Shape = tuple[int, ...]
 ShapeRule = Shape | Callable[[Mapping[str, Any]], Shape]
 """A fixed per-sample shape, or a function of the constructor kwargs that gives it."""
 
-Preprocess = Callable[[torch.Tensor], torch.Tensor]
-"""Turns a validated input batch (on the model's device) into what ``forward`` takes."""
+Preprocess = Callable[[Any], Any]
+"""Turns a validated input batch (on the model's device) into what ``forward`` takes: a tensor
+in, a tensor out for a model of one input; a dict of tensors by input name for several."""
 
-Postprocess = Callable[[torch.Tensor], list[Any]]
-"""Turns a CPU output batch into one JSON-ready value per sample."""
+Postprocess = Callable[[Any], list[Any]]
+"""Turns a CPU output batch (a tensor, or a dict of tensors by output name for a model of
+several outputs) into one JSON-ready value per sample."""
+
+INPUT_NAME = "input"
+"""The name of a model's one input when its registration names none (the Open Inference
+Protocol names every tensor)."""
+OUTPUT_NAME = "output"
+"""The name of a model's one output when its registration names none."""
 
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
@@ -67,8 +76,20 @@ class ImageInput:
     on paper) is inverted first."""
 
 
-Forward = Callable[[np.ndarray], torch.Tensor]
-"""A candidate model's forward: a checked input batch in, the raw output batch (CPU) out."""
+Forward = Callable[[Any], Any]
+"""A candidate model's forward: a checked input batch in (an array; a dict of arrays by name
+for a model of several inputs), the raw output batch (CPU) out (a tensor; a dict of tensors by
+name for a model of several outputs)."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One named input of a model of several: its per-sample shape (or a function of the
+    constructor kwargs that gives it) and dtype."""
+
+    shape: ShapeRule
+    dtype: torch.dtype = torch.float32
+
 
 AcceptanceCheck = Callable[[Forward], Acceptance]
 """Scores candidate weights before they may serve (e.g. accuracy on a held-out split)."""
@@ -80,9 +101,15 @@ class ModelSpec:
 
     name: str
     cls: type[nn.Module]
-    input_shape: ShapeRule
+    input_shape: ShapeRule | None = None
     input_dtype: torch.dtype = torch.float32
     output_shape: ShapeRule | None = None
+    inputs: Mapping[str, Input] | None = None
+    """Several named inputs instead of ``input_shape``/``input_dtype``, given to ``forward`` by
+    keyword in this order."""
+    outputs: Mapping[str, ShapeRule | None] | None = None
+    """The output names (with their per-sample shapes where known) when ``forward`` returns
+    a tuple (in this order) or a dict of tensors, or names its one output."""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     example_input: Any = None
     preprocess: Preprocess | None = None
@@ -101,19 +128,39 @@ class ModelSpec:
         """The registered default kwargs updated with a served model's own."""
         return {**self.kwargs, **overrides}
 
-    def sample_shape(self, kwargs: Mapping[str, Any]) -> Shape:
-        """The per-sample input shape for these constructor kwargs."""
-        return _resolve(self.input_shape, kwargs)
+    def signature(self, kwargs: Mapping[str, Any]) -> tuple[TensorSignature, ...]:
+        """The inputs for these constructor kwargs, in ``forward``'s order."""
+        if self.inputs is None:
+            assert self.input_shape is not None  # (checked when the spec was made)
+            shape = _resolve(self.input_shape, kwargs)
+            return (TensorSignature(INPUT_NAME, shape, self.input_dtype),)
+        return tuple(
+            TensorSignature(name, _resolve(spec.shape, kwargs), spec.dtype)
+            for name, spec in self.inputs.items()
+        )
 
-    def output_sample_shape(self, kwargs: Mapping[str, Any]) -> Shape | None:
-        """The per-sample output shape for these kwargs, when the registration states it."""
-        return None if self.output_shape is None else _resolve(self.output_shape, kwargs)
+    def output_shapes(self, kwargs: Mapping[str, Any]) -> dict[str, Shape | None]:
+        """The declared outputs by name, with their per-sample shapes where stated; empty when
+        the registration declares none (one output, named ``output``)."""
+        if self.outputs is None:
+            if self.output_shape is None:
+                return {}
+            return {OUTPUT_NAME: _resolve(self.output_shape, kwargs)}
+        return {
+            name: None if rule is None else _resolve(rule, kwargs)
+            for name, rule in self.outputs.items()
+        }
 
     def example(self, kwargs: Mapping[str, Any]) -> Any:
-        """One example sample as nested lists: the registered one, else zeros of the input shape."""
+        """One example sample in the form a request takes, as nested lists (an object of them
+        by input name when the registration names its inputs): the registered one, else zeros
+        of each input's shape and dtype."""
         if self.example_input is not None:
             return self.example_input
-        return torch.zeros(self.sample_shape(kwargs), dtype=self.input_dtype).tolist()
+        zeros = {
+            s.name: torch.zeros(s.shape, dtype=s.dtype).tolist() for s in self.signature(kwargs)
+        }
+        return zeros if self.inputs is not None else zeros[INPUT_NAME]
 
 
 def _resolve(rule: ShapeRule, kwargs: Mapping[str, Any]) -> Shape:
@@ -121,6 +168,8 @@ def _resolve(rule: ShapeRule, kwargs: Mapping[str, Any]) -> Shape:
 
 
 _CATALOG: dict[str, ModelSpec] = {}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+"""A tensor name: what every protocol (and an .npz member) can carry."""
 
 
 def register(name: str, **options: Any) -> Callable[[ModuleT], ModuleT]:
@@ -148,9 +197,38 @@ def register(name: str, **options: Any) -> Callable[[ModuleT], ModuleT]:
 
 
 def _spec(name: str, cls: type[nn.Module], options: Mapping[str, Any]) -> ModelSpec:
-    """The one way a spec is made, from ``@register``'s options or a ``register`` table."""
+    """The one way a spec is made, from ``@register``'s options or a ``register`` table;
+    ValueError when its inputs or outputs are declared wrongly."""
     summary = (cls.__doc__ or "").strip().split("\n")[0]
-    return ModelSpec(**{"description": summary, **options, "name": name, "cls": cls})
+    options = dict(options)
+    if isinstance(options.get("outputs"), list | tuple):  # names only, shapes unknown
+        options["outputs"] = dict.fromkeys(options["outputs"])
+    spec = ModelSpec(**{"description": summary, **options, "name": name, "cls": cls})
+    _check_signature(spec)
+    return spec
+
+
+def _check_signature(spec: ModelSpec) -> None:
+    """One input form (``input_shape`` or ``inputs``), names ``forward`` takes, outputs
+    named once each."""
+    where = f"model class {spec.qualname}"
+    if (spec.input_shape is None) == (spec.inputs is None):
+        raise ValueError(f"{where}: give input_shape (one input) or inputs (several), not both")
+    if spec.inputs is not None:
+        if not spec.inputs or not all(isinstance(i, Input) for i in spec.inputs.values()):
+            raise ValueError(f"{where}: inputs must map each input's name to an Input")
+        try:
+            inspect.signature(spec.cls.forward).bind(None, **dict.fromkeys(spec.inputs))
+        except TypeError as exc:
+            raise ValueError(
+                f"{where}: forward cannot take the inputs {list(spec.inputs)} by name: {exc}"
+            ) from None
+    if spec.outputs is not None and spec.output_shape is not None:
+        raise ValueError(f"{where}: give output_shape (one output) or outputs, not both")
+    for names in (spec.inputs or {}, spec.outputs or {}):
+        bad = [n for n in names if not isinstance(n, str) or not _NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"{where}: tensor names must match {_NAME.pattern}; got {bad}")
 
 
 def discover(package: str = "models") -> None:
@@ -226,10 +304,35 @@ def _of(kind: type, what: str) -> Callable[[Any], Any]:
     return check
 
 
+def _inputs(value: Any) -> dict[str, Input]:
+    expected = 'a table of inputs by name, each { shape = [...], dtype = "..." }'
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"expected {expected}; got {value!r}")
+    inputs = {}
+    for name, entry in value.items():
+        if not isinstance(entry, dict) or sorted(entry) != ["dtype", "shape"]:
+            raise ValueError(f'{name}: expected {{ shape = [...], dtype = "..." }}; got {entry!r}')
+        inputs[name] = Input(_shape(entry["shape"]), _dtype(entry["dtype"]))
+    return inputs
+
+
+def _outputs(value: Any) -> dict[str, Shape | None]:
+    if isinstance(value, list) and value and all(isinstance(n, str) for n in value):
+        return dict.fromkeys(value)
+    if isinstance(value, dict) and value:
+        return {name: _shape(shape) for name, shape in value.items()}
+    raise ValueError(
+        'expected the output names, e.g. ["logits", "embedding"], or a table of their'
+        f" per-sample shapes, e.g. {{ logits = [3], embedding = [4] }}; got {value!r}"
+    )
+
+
 FROM_TOML: dict[str, Callable[[Any], Any]] = {
     "input_shape": _shape,
     "input_dtype": _dtype,
     "output_shape": _shape,
+    "inputs": _inputs,
+    "outputs": _outputs,
     "kwargs": _of(dict, "a table of constructor kwargs"),
     "example_input": _of(list, "one sample as nested lists"),
     "allow_non_finite_input": _of(bool, "true or false"),
@@ -238,9 +341,6 @@ FROM_TOML: dict[str, Callable[[Any], Any]] = {
 }
 """How a ``register`` table's value becomes the :class:`ModelSpec` field of the same name, for
 the fields TOML can state; the others take code (hooks, acceptance) and need ``@register``."""
-
-REQUIRED_IN_TOML = ("input_shape", "input_dtype")
-"""What a ``register`` table must state: a config names the dtype rather than trust a default."""
 
 
 def spec_for(config: ServedModelConfig) -> ModelSpec:
@@ -306,13 +406,19 @@ def _spec_from_table(
             options[key] = FROM_TOML[key](value)
         except ValueError as exc:
             raise ConfigError(f"{where}: register.{key}: {exc}") from None
-    for key in REQUIRED_IN_TOML:
-        if key not in options:
-            raise ConfigError(
-                f"{where}: register.{key}: required for a class not decorated with @register"
-                ' (e.g. register = { input_shape = [3, 32, 32], input_dtype = "float32" })'
-            )
-    return _spec(name, cls, options)
+    if "inputs" not in options:  # a config names the dtype rather than trust a default
+        for key in ("input_shape", "input_dtype"):
+            if key not in options:
+                raise ConfigError(
+                    f"{where}: register.{key}: required for a class not decorated with"
+                    " @register (e.g. register = { input_shape = [3, 32, 32], input_dtype ="
+                    ' "float32" }, or inputs = { name = { shape = [...], dtype = "..." }, ... }'
+                    " for several inputs)"
+                )
+    try:
+        return _spec(name, cls, options)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: register: {exc}") from None
 
 
 def _import_class(path: str, where: str) -> type[nn.Module]:

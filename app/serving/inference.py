@@ -6,7 +6,7 @@ and render the :class:`InferenceResult` (or the error raised) in their own dress
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,15 +14,12 @@ import numpy as np
 import torch
 
 from app.codecs.arrays import to_batch
+from app.codecs.dtypes import TensorSignature
 from app.errors import InvalidInput, ModelportError
+from app.serving.batching import Batch
 from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
 from app.serving.runtime import ModelRuntime
-
-INPUT_NAME = "input"
-"""The name of a model's one input tensor (the Open Inference Protocol names every tensor)."""
-OUTPUT_NAME = "output"
-"""The name of a model's one output tensor."""
 
 Values = np.ndarray | list[Any]
 """A batch of samples: an array read from bytes, or nested JSON lists (not yet typed)."""
@@ -42,7 +39,7 @@ class InferenceRequest:
     """One inference as every protocol describes it."""
 
     inputs: Values | Mapping[str, Values]
-    """The model's one input, unnamed or by name."""
+    """The model's one input unnamed, or every input by name."""
     postprocess: bool = False
     """Answer one JSON-ready output per sample (the model's postprocess) instead of tensors."""
     numeric: bool = False
@@ -77,6 +74,18 @@ class InferenceService:
             return Target(model)
         return Target(model, await model.runtime_for(version))
 
+    def outputs(self, target: Target, wanted: Iterable[str]) -> list[str]:
+        """The outputs to answer: those ``wanted`` (every one when none is named), checked
+        against the model's before anything runs (InvalidInput naming an unknown one)."""
+        served = [output.name for output in (target.pinned or target.model.active()).outputs]
+        names = list(wanted)
+        for name in names:
+            if name not in served:
+                raise InvalidInput(
+                    f"model {target.model.name!r} has no output {name!r}; its outputs: {served}"
+                )
+        return names or served
+
     async def infer(self, target: Target, request: InferenceRequest) -> InferenceResult:
         """Check the inputs and run them on the target's batcher."""
         model = target.model
@@ -95,23 +104,50 @@ class InferenceService:
         tally.requests("success", time.perf_counter() - started)
         if request.postprocess:
             return InferenceResult(model.name, runtime.version, {}, output)
-        return InferenceResult(model.name, runtime.version, {OUTPUT_NAME: output})
+        return InferenceResult(model.name, runtime.version, output)
 
-    def batch(self, model: ServedModel, request: InferenceRequest) -> np.ndarray:
+    def batch(self, model: ServedModel, request: InferenceRequest) -> Batch:
         """The request's inputs as the model's checked input batch, or InvalidInput."""
+        signature = model.inputs
         values = request.inputs
-        if not isinstance(values, list | np.ndarray) and isinstance(values, Mapping):
-            names = sorted(values)
-            if names != [INPUT_NAME]:
+        if isinstance(values, list | np.ndarray):
+            if len(signature) > 1:
                 raise InvalidInput(
-                    f"model {model.name!r} takes one input named {INPUT_NAME!r}; received {names}"
+                    f"model {model.name!r} takes {len(signature)} inputs by name"
+                    f" ({', '.join(i.name for i in signature)}); received one unnamed input"
                 )
-            values = values[INPUT_NAME]
-        return to_batch(
-            values,
-            model.sample_shape,
-            model.spec.input_dtype,
-            max_samples=self.max_samples,
-            allow_non_finite=model.spec.allow_non_finite_input,
-            known_numeric=request.numeric,
-        )
+            values = {signature[0].name: values}
+        elif not isinstance(values, Mapping):
+            raise InvalidInput(
+                f"'inputs' must be a list of samples, or an object of them by input name;"
+                f" received {type(values).__name__}"
+            )
+        names = [i.name for i in signature]
+        if sorted(values) != sorted(names):
+            takes = f"one input named {names[0]!r}" if len(names) == 1 else f"the inputs {names}"
+            raise InvalidInput(
+                f"model {model.name!r} takes {takes}; received {sorted(values)}",
+                {"expected_inputs": names},
+            )
+        batch = {i.name: self._check(model, request, i, values[i.name]) for i in signature}
+        counts = {name: len(array) for name, array in batch.items()}
+        if len(set(counts.values())) > 1:
+            raise InvalidInput(f"the inputs hold different numbers of samples: {counts}")
+        return batch
+
+    def _check(
+        self, model: ServedModel, request: InferenceRequest, input: TensorSignature, values: Values
+    ) -> np.ndarray:
+        try:
+            return to_batch(
+                values,
+                input.shape,
+                input.dtype,
+                max_samples=self.max_samples,
+                allow_non_finite=model.spec.allow_non_finite_input,
+                known_numeric=request.numeric,
+            )
+        except InvalidInput as exc:
+            if len(model.inputs) == 1:
+                raise
+            raise InvalidInput(f"input {input.name!r}: {exc.message}", exc.detail) from None

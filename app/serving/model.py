@@ -13,11 +13,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.codecs.dtypes import TensorSignature
 from app.config import ServedModelConfig
 from app.errors import (
     InsufficientStorage,
@@ -83,10 +85,17 @@ class ServedModel:
         """The served name."""
         return self.config.name
 
+    @cached_property
+    def inputs(self) -> tuple[TensorSignature, ...]:
+        """The inputs for this model's constructor kwargs, in ``forward``'s order."""
+        return self.spec.signature(self.kwargs)
+
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Per-sample input shape for this model's constructor kwargs."""
-        return self.spec.sample_shape(self.kwargs)
+    def outputs(self) -> tuple[TensorSignature, ...]:
+        """The outputs as the load-time smoke test saw them (the same class and kwargs for
+        every version, so describing them never runs the model); ModelUnavailable when no
+        version can serve."""
+        return self.active().outputs
 
     # --- serving -------------------------------------------------------------------------
 

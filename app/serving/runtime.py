@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from app.codecs.arrays import to_batch
+from app.codecs.dtypes import TensorSignature
 from app.errors import AcceptanceFailed, SmokeTestFailed, WeightsChanged
-from app.serving.catalog import Acceptance, ModelSpec
+from app.serving.catalog import INPUT_NAME, OUTPUT_NAME, Acceptance, ModelSpec
 from app.serving.weights import (
     LoadReport,
     WeightsFile,
@@ -38,10 +39,8 @@ class ModelRuntime:
     weights: WeightsFile
     report: LoadReport
     loaded_at: datetime
-    output_dtype: torch.dtype = torch.float32
-    """The dtype of the raw forward output, as the smoke test saw it."""
-    output_sample_shape: tuple[int, ...] = ()
-    """The per-sample shape of the raw forward output, as the smoke test saw it."""
+    outputs: tuple[TensorSignature, ...] = ()
+    """The raw forward outputs (name, per-sample shape, dtype), as the smoke test saw them."""
 
     @property
     def version(self) -> str:
@@ -53,27 +52,98 @@ class ModelRuntime:
         """Number of scalar parameters of the module."""
         return sum(p.numel() for p in self.module.parameters())
 
-    def forward(self, batch: np.ndarray) -> torch.Tensor:
-        """Run one checked batch through preprocess and the module; the output on the CPU."""
+    @property
+    def inputs(self) -> tuple[TensorSignature, ...]:
+        """The inputs this module takes, in ``forward``'s order."""
+        return self.spec.signature(self.kwargs)
+
+    def run(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Run one checked batch (an array per input name) through preprocess and the
+        module; the outputs by name, on the CPU."""
+        inputs = self.spec.signature(self.kwargs)
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device, self.spec.input_dtype)
+            tensors = {
+                i.name: torch.from_numpy(batch[i.name]).to(self.device, i.dtype) for i in inputs
+            }
+            x: Any = tensors if self.spec.inputs is not None else tensors[inputs[0].name]
             if self.spec.preprocess is not None:
                 x = self.spec.preprocess(x)
-            output = self.module(x)
-        if not isinstance(output, torch.Tensor):
-            raise SmokeTestFailed(f"forward returned a {type(output).__name__}, not a tensor")
-        return output.cpu()
+            output = self.module(**x) if isinstance(x, dict) else self.module(x)
+        outputs = {name: tensor.cpu() for name, tensor in self._named(output).items()}
+        size = len(batch[inputs[0].name])
+        for name, tensor in outputs.items():
+            if tensor.shape[:1] != (size,):
+                raise ValueError(
+                    f"output {name!r} has shape {list(tensor.shape)}: not one row per sample of"
+                    f" the batch of {size}"
+                )
+        return outputs
 
-    def predict(self, batch: np.ndarray) -> list[Any]:
+    def _named(self, output: Any) -> dict[str, torch.Tensor]:
+        """The forward's tensor, tuple or dict of tensors, by output name."""
+        declared = list(self.spec.outputs or {})
+        if isinstance(output, torch.Tensor):
+            named = {(declared or [OUTPUT_NAME])[0]: output}
+        elif isinstance(output, tuple | list):
+            names = declared or [f"{OUTPUT_NAME}_{i}" for i in range(len(output))]
+            if len(names) != len(output):
+                raise SmokeTestFailed(
+                    f"forward returned {len(output)} outputs; the registration names {names}"
+                )
+            named = dict(zip(names, output, strict=True))
+        elif isinstance(output, Mapping):
+            named = dict(output)
+            if declared and sorted(named) != sorted(declared):
+                raise SmokeTestFailed(
+                    f"forward returned outputs {sorted(named)}; the registration names {declared}"
+                )
+            if declared:
+                named = {name: named[name] for name in declared}
+        else:
+            raise SmokeTestFailed(
+                f"forward returned a {type(output).__name__}, not a tensor, tuple or dict of them"
+            )
+        if declared and len(named) != len(declared):
+            raise SmokeTestFailed(f"forward returned one tensor; the registration names {declared}")
+        for name, tensor in named.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise SmokeTestFailed(f"output {name!r} is a {type(tensor).__name__}, not a tensor")
+        return named
+
+    def forward(self, batch: np.ndarray | Mapping[str, np.ndarray]) -> Any:
+        """:meth:`run` as a model's own code sees it (what an acceptance check calls): an
+        array in for a model of one input, a tensor out for one of one output."""
+        return _as_given(self.spec, self.run(self._by_name(batch)))
+
+    def predict(self, batch: np.ndarray | Mapping[str, np.ndarray]) -> list[Any]:
         """Forward, then one JSON-ready output per sample."""
-        return self.postprocess(self.forward(batch))
+        return self.postprocess(self.run(self._by_name(batch)))
 
-    def postprocess(self, output: torch.Tensor) -> list[Any]:
-        """One JSON-ready value per sample: the registered postprocess, or nested lists."""
+    def _by_name(self, batch: np.ndarray | Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        return {self.inputs[0].name: batch} if isinstance(batch, np.ndarray) else batch
+
+    def postprocess(self, outputs: Mapping[str, torch.Tensor]) -> list[Any]:
+        """One JSON-ready value per sample: the registered postprocess, or nested lists (a
+        dict of them by output name, for a model of several outputs)."""
         if self.spec.postprocess is not None:
-            return self.spec.postprocess(output)
-        result: list[Any] = output.tolist()
-        return result
+            return self.spec.postprocess(_as_given(self.spec, outputs))
+        if len(outputs) == 1:
+            [only] = outputs.values()
+            result: list[Any] = only.tolist()
+            return result
+        columns = {name: tensor.tolist() for name, tensor in outputs.items()}
+        return [
+            dict(zip(columns, sample, strict=True))
+            for sample in zip(*columns.values(), strict=True)
+        ]
+
+
+def _as_given(spec: ModelSpec, outputs: Mapping[str, torch.Tensor]) -> Any:
+    """The outputs as a model's own code sees them: one tensor, or a dict by name."""
+    if len(outputs) == 1 and spec.outputs is None:
+        [only] = outputs.values()
+        return only
+    return dict(outputs)
 
 
 def check_constructor_kwargs(spec: ModelSpec, kwargs: Mapping[str, Any]) -> str | None:
@@ -122,8 +192,12 @@ def build_runtime(
     module.load_state_dict(fitting, strict=False)
     module.eval()
     runtime = ModelRuntime(spec, kwargs, module, device, weights, report, datetime.now(UTC))
-    output = smoke_test(runtime)
-    return replace(runtime, output_dtype=output.dtype, output_sample_shape=tuple(output.shape[1:]))
+    outputs = smoke_test(runtime)
+    signatures = tuple(
+        TensorSignature(name, tuple(tensor.shape[1:]), tensor.dtype)
+        for name, tensor in outputs.items()
+    )
+    return replace(runtime, outputs=signatures)
 
 
 def check_acceptance(runtime: ModelRuntime) -> Acceptance | None:
@@ -154,23 +228,28 @@ def validation_report(runtime: ModelRuntime, acceptance: Acceptance | None) -> d
     }
 
 
-def smoke_test(runtime: ModelRuntime) -> torch.Tensor:
-    """Run the example input; the output must be finite and of the expected shape."""
+def smoke_test(runtime: ModelRuntime) -> dict[str, torch.Tensor]:
+    """Run the example input; each output must be finite and of the expected shape."""
     spec, kwargs = runtime.spec, runtime.kwargs
-    batch = to_batch([spec.example(kwargs)], spec.sample_shape(kwargs), spec.input_dtype)
+    example = spec.example(kwargs)
+    by_name = example if spec.inputs is not None else {INPUT_NAME: example}
+    batch = {i.name: to_batch([by_name[i.name]], i.shape, i.dtype) for i in runtime.inputs}
     try:
-        output = runtime.forward(batch)
+        outputs = runtime.run(batch)
     except SmokeTestFailed:
         raise
     except Exception as exc:  # any failure of user model code on its own example
         raise SmokeTestFailed(f"the example input failed: {type(exc).__name__}: {exc}") from None
-    expected = spec.output_sample_shape(kwargs)
-    found = tuple(output.shape)
-    if found[:1] != (1,) or (expected is not None and found[1:] != expected):
-        want = f"[1, {', '.join(map(str, expected))}]" if expected is not None else "[1, ...]"
-        raise SmokeTestFailed(
-            f"the example input gave an output of shape {list(found)}; expected {want}"
-        )
-    if output.is_floating_point() and not torch.isfinite(output).all():
-        raise SmokeTestFailed("the example input gave a non-finite output (NaN or infinity)")
-    return output
+    declared = spec.output_shapes(kwargs)
+    for name, output in outputs.items():
+        expected = declared.get(name)
+        found = tuple(output.shape)
+        if found[:1] != (1,) or (expected is not None and found[1:] != expected):
+            want = f"[1, {', '.join(map(str, expected))}]" if expected is not None else "[1, ...]"
+            what = "an output" if len(outputs) == 1 else f"output {name!r}"
+            raise SmokeTestFailed(
+                f"the example input gave {what} of shape {list(found)}; expected {want}"
+            )
+        if output.is_floating_point() and not torch.isfinite(output).all():
+            raise SmokeTestFailed("the example input gave a non-finite output (NaN or infinity)")
+    return outputs

@@ -23,16 +23,14 @@ from app.codecs.v2 import (
     ServerLive,
     ServerMetadata,
     ServerReady,
-    TensorMetadata,
-    datatype_of,
     model_config,
+    tensor_metadata,
 )
 from app.http.answers import json_response
 from app.http.deps import API_SECURITY, ApiDep, RegistryDep
 from app.http.schemas import InferenceErrorResponse
 from app.observability.metrics import Metrics
 from app.observability.statistics import model_statistics
-from app.serving.inference import INPUT_NAME, OUTPUT_NAME
 from app.serving.model import ServedModel
 
 ERROR_DESCRIPTIONS = {
@@ -167,25 +165,8 @@ async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
         name=model.name,
         versions=[record.id for record in await asyncio.to_thread(model.versions)],
         platform=PLATFORM,
-        inputs=[_tensors(model)[0]],
-        outputs=[_tensors(model)[1]],
-    )
-
-
-def _tensors(model: ServedModel) -> tuple[TensorMetadata, TensorMetadata]:
-    """The input and the output. The output's datatype and shape are those the model's
-    load-time smoke test saw (the same class and kwargs for every version), so metadata never
-    runs the model."""
-    spec, runtime = model.spec, model.active()
-    return (
-        TensorMetadata(
-            name=INPUT_NAME, datatype=datatype_of(spec.input_dtype), shape=[-1, *model.sample_shape]
-        ),
-        TensorMetadata(
-            name=OUTPUT_NAME,
-            datatype=datatype_of(runtime.output_dtype),
-            shape=[-1, *runtime.output_sample_shape],
-        ),
+        inputs=tensor_metadata(model.inputs),
+        outputs=tensor_metadata(model.outputs),
     )
 
 
@@ -224,7 +205,8 @@ def _config(model: ServedModel) -> dict[str, Any]:
     policy = model.batching
     return model_config(
         model.name,
-        _tensors(model),
+        tensor_metadata(model.inputs),
+        tensor_metadata(model.outputs),
         policy.max_batch_size,
         policy.max_batch_delay_s,
         policy.max_queue,
