@@ -35,6 +35,7 @@ test-quick: setup
 grpc: setup
 	$(PY) scripts/generate_grpc.py
 
-# Needs wrk (Debian: apt-get install -y wrk). About 14 minutes; writes bench/results.md.
+# Needs wrk (Debian: apt-get install -y wrk). About 16 minutes (gRPC rows included); writes
+# bench/results.md.
 bench: setup
 	$(PY) bench/run.py --duration 10

@@ -1,10 +1,14 @@
 """Benchmark modelport against the tutorial FastAPI baseline and the in-process limit.
 
 Starts both servers as real processes on 127.0.0.1, drives them with wrk (an external load
-generator, not a Python client competing for the cores), and measures the same models' forward
-with no HTTP. Prints a table and writes it, with the machine's description, to --out.
+generator, not a Python client competing for the cores) and modelport's gRPC door with
+bench/grpc_load.py (one bounded Python process; its CPU is reported beside wrk's), and measures
+the same models' forward with no HTTP. Prints a table and writes it, with the machine's
+description, to --out.
 
     make bench            # or: .venv/bin/python bench/run.py --duration 10
+    # the front doors alone, on chosen models (no tutorial server, A/B rounds or in-process limit)
+    .venv/bin/python bench/run.py --only-doors --models cnn,mlp --concurrency 1,64 --duration 3
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import multiprocessing
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import statistics
@@ -23,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -39,6 +46,9 @@ from models.bench import CNN, MLP, Tiny  # noqa: E402
 MODELS = {"tiny": (Tiny, (10,)), "mlp": (MLP, (784,)), "cnn": (CNN, (3, 64, 64))}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 JSON_ENV = {"CONTENT_TYPE": "application/json"}
+GRPC = "modelport (gRPC)"
+ERROR_KINDS = ("connect", "read", "write", "status", "timeout", "errors")
+"""The error counts of a load generator's summary: wrk's kinds, and grpc_load's one."""
 
 
 @dataclass
@@ -56,6 +66,9 @@ class Row:
     cpu_cores: float
     per_worker_cpu: list[float] = field(default_factory=list)
     mean_batch: float | None = None
+    client_cpu_s: float = 0.0
+    """CPU seconds the load generator used during the run."""
+    requests: int = 0
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -149,7 +162,28 @@ class Server:
 def run_wrk(
     server: Server, url: str, body: Path, concurrency: int, seconds: int, env: dict[str, str]
 ) -> Row:
-    """One wrk run; samples the server tree's memory while it lasts."""
+    """One wrk run (one wrk thread drives every connection: on 2 cores, the least CPU taken
+    from the servers)."""
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s"]
+    command += ["-s", str(ROOT / "bench" / "post.lua"), url]
+    return run_load(server, command, {**env, "BODY_FILE": str(body)}, concurrency)
+
+
+def run_grpc(
+    server: Server, target: str, name: str, raw: Path, concurrency: int, seconds: int
+) -> Row:
+    """One run of bench/grpc_load.py: ``ModelInfer`` with the raw sample, ``concurrency`` calls
+    in flight."""
+    shape = ",".join(str(d) for d in (1, *MODELS[name][1]))
+    command = [sys.executable, str(ROOT / "bench" / "grpc_load.py"), "--target", target]
+    command += ["--model", name, "--shape", shape, "--body", str(raw)]
+    command += ["--concurrency", str(concurrency), "--duration", str(seconds)]
+    return run_load(server, command, {}, concurrency)
+
+
+def run_load(server: Server, command: list[str], env: dict[str, str], concurrency: int) -> Row:
+    """Run a load generator that prints one ``WRK`` or ``GRPC`` JSON summary line; samples the
+    server tree's memory while it lasts, and reads its CPU and the generator's."""
     workers = server.workers()
     cpu_before = {pid: _cpu_seconds(pid) for pid in server.pids()}
     peak = [0.0]
@@ -161,31 +195,21 @@ def run_wrk(
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     result = subprocess.run(
-        [
-            "wrk",
-            "-t1",  # one wrk thread drives 64 connections: on 2 cores, least CPU taken from servers
-            f"-c{concurrency}",
-            f"-d{seconds}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(ROOT / "bench" / "post.lua"),
-            url,
-        ],
-        env={**os.environ, **env, "BODY_FILE": str(body)},
-        capture_output=True,
-        text=True,
-        check=True,
+        command, env={**os.environ, **env}, capture_output=True, text=True, check=True
     )
     elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     done.set()
     sampler.join()
-    line = next(x for x in result.stdout.splitlines() if x.startswith("WRK "))
-    stats = json.loads(line[4:])
-    errors = sum(stats[k] for k in ("connect", "read", "write", "status", "timeout"))
+    line = next(x for x in result.stdout.splitlines() if x.startswith(("WRK ", "GRPC ")))
+    stats = json.loads(line.split(" ", 1)[1])
     cpu = {pid: _cpu_seconds(pid) - cpu_before.get(pid, 0.0) for pid in server.pids()}
+    # grpc_load reports its CPU during the run alone (Python's start would weigh on short
+    # runs); wrk's is read from the kernel once it exits (a C program that starts at once)
+    waited = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     return Row(
         model="",
         server=server.name,
@@ -193,10 +217,12 @@ def run_wrk(
         rps=stats["requests"] / (stats["duration_us"] / 1e6),
         p50_ms=stats["p50_us"] / 1000,
         p99_ms=stats["p99_us"] / 1000,
-        errors=errors,
+        errors=sum(stats.get(kind, 0) for kind in ERROR_KINDS),
         rss_mib=peak[0],
         cpu_cores=sum(cpu.values()) / elapsed,
         per_worker_cpu=[cpu.get(pid, 0.0) / elapsed for pid in workers],
+        client_cpu_s=stats.get("cpu_s", waited),
+        requests=stats["requests"],
     )
 
 
@@ -343,8 +369,8 @@ def batch_totals(base_url: str, model: str) -> tuple[float, float]:
 def table(rows: list[Row]) -> str:
     lines = [
         "| model | server | conc | req/s | p50 ms | p99 ms | errors | peak RSS MiB | server CPU "
-        "| mean batch |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| mean batch | client CPU s / 1k req |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         spread = (
@@ -356,7 +382,7 @@ def table(rows: list[Row]) -> str:
             f"| {r.model} | {r.server} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.errors} | {r.rss_mib:,.0f} | {r.cpu_cores:.2f}{spread} | "
             + ("-" if r.mean_batch is None else f"{r.mean_batch:.1f}")
-            + " |"
+            + (f" | {1000 * r.client_cpu_s / r.requests:.2f} |" if r.requests else " | - |")
         )
     return "\n".join(lines)
 
@@ -370,11 +396,18 @@ def _mean_batch(base_url: str, model: str, before: tuple[float, float] | None) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per run")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--models", default="tiny,mlp,cnn")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    parser.add_argument(
+        "--only-doors",
+        action="store_true",
+        help="modelport's front doors alone: no A/B rounds, tutorial server or in-process limit",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where to write the report (bench/results.md for a full run)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -387,8 +420,12 @@ def main() -> None:
         files = prepare(directory)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPORT_")}
         ours_port, base_port = 18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)
+        grpc_target = f"127.0.0.1:{20000 + secrets.randbelow(1000)}"
         # as shipped: access log, request ids and metrics on (the log goes to /dev/null)
-        ours_env = env | {"MODELPORT_STORE_DIR": str(directory / "store")}
+        ours_env = env | {
+            "MODELPORT_STORE_DIR": str(directory / "store"),
+            "MODELPORT_GRPC_PORT": grpc_target.rsplit(":", 1)[1],
+        }
         rows: list[Row] = []
         pairs: dict[tuple[str, int], float] = {}
 
@@ -405,22 +442,36 @@ def main() -> None:
         try:
             for name in names:
                 for point, concurrency in enumerate(concurrencies):
-                    # the front doors one after another at each point, in turn first and last
                     doors = protocols(name, files[name])
-                    for label, path, body, wrk_env in doors[:: -1 if point % 2 else 1]:
+                    url, seconds = base("modelport"), args.duration
+                    runs: list[tuple[str, Callable[[], Row]]] = [
+                        (label, partial(run_wrk, ours, url + path, body, concurrency, seconds, wrk))
+                        for label, path, body, wrk in doors
+                    ]
+                    raw = files[name]["raw"]
+                    grpc = partial(run_grpc, ours, grpc_target, name, raw, concurrency, seconds)
+                    runs.append((GRPC, grpc))
+                    # the front doors one after another at each point, in turn first and last
+                    for label, measure in runs[:: -1 if point % 2 else 1]:
                         before = batch_totals(base("modelport"), name)
-                        url = f"{base('modelport')}{path}"
-                        row = run_wrk(ours, url, body, concurrency, args.duration, wrk_env)
+                        row = measure()
                         row.model, row.server = name, label
                         row.mean_batch = _mean_batch(base("modelport"), name, before)
                         rows.append(row)
                         print(table([row]).splitlines()[-1], flush=True)
-                    binary_doors = [door for door in doors if door[0].endswith("binary)")]
-                    pairs[name, concurrency] = alternate(
-                        ours, base("modelport"), binary_doors, concurrency
-                    )
+                    if not args.only_doors:
+                        binary_doors = [door for door in doors if door[0].endswith("binary)")]
+                        pairs[name, concurrency] = alternate(
+                            ours, base("modelport"), binary_doors, concurrency
+                        )
         finally:
             ours.stop()
+        if args.only_doors:
+            report = render_doors(rows, args, threads)
+            print(report)
+            if args.out is not None:
+                args.out.write_text(report)
+            return
         tutorial = Server(
             "tutorial",
             [python, "bench/tutorial_server.py", tmp, str(base_port)],
@@ -451,7 +502,7 @@ def main() -> None:
         }
     report = render(rows, pairs, limits, args, threads)
     print(report)
-    args.out.write_text(report)
+    (args.out or ROOT / "bench" / "results.md").write_text(report)
 
 
 AB_ROUNDS, AB_SECONDS = 7, 2
@@ -475,28 +526,68 @@ def alternate(
     return v2 / native
 
 
+DOORS = (
+    ("native JSON", "modelport"),
+    ("V2 JSON", "modelport (V2 JSON)"),
+    ("native binary", "modelport (binary)"),
+    ("V2 binary", "modelport (V2 binary)"),
+    ("gRPC", GRPC),
+)
+"""The front doors of the side-by-side table: their titles and row labels."""
+
+
 def front_doors(rows: list[Row], pairs: dict[tuple[str, int], float]) -> str:
-    """Each protocol's req/s per model and concurrency, and V2 against native in each form."""
-    by_point = {(r.model, r.concurrency, r.server): r.rps for r in rows}
+    """Each door's req/s and p99 per model and concurrency, V2 against native in each form,
+    and gRPC against V2 binary."""
+    by_point = {(r.model, r.concurrency, r.server): r for r in rows}
     lines = [
-        "| model | conc | native JSON | V2 JSON | native binary | V2 binary | V2 / native JSON "
-        f"| V2 / native binary | same, medians of {AB_ROUNDS} alternating {AB_SECONDS} s runs |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | conc | "
+        + " | ".join(title for title, _ in DOORS)
+        + " | V2 / native JSON | V2 / native binary "
+        f"| same, medians of {AB_ROUNDS} alternating {AB_SECONDS} s runs | gRPC / V2 binary |",
+        "|---|--:|" + "--:|" * (len(DOORS) + 4),
     ]
     for model, concurrency in dict.fromkeys((r.model, r.concurrency) for r in rows):
-        point = [
-            by_point.get((model, concurrency, f"modelport{suffix}"), 0.0)
-            for suffix in ("", " (V2 JSON)", " (binary)", " (V2 binary)")
-        ]
-        if not all(point):
+        point = [by_point.get((model, concurrency, label)) for _, label in DOORS]
+        if None in point:
             continue
+        native_json, v2_json, native_binary, v2_binary, grpc = (r.rps for r in point if r)
+        pair = pairs.get((model, concurrency))
         lines.append(
             f"| {model} | {concurrency} | "
-            + " | ".join(f"{rps:,.0f}" for rps in point)
-            + f" | {point[1] / point[0]:.2f} | {point[3] / point[2]:.2f} | "
-            + (f"{pairs[model, concurrency]:.2f} |" if (model, concurrency) in pairs else "- |")
+            + " | ".join(f"{r.rps:,.0f} ({r.p99_ms:.1f})" for r in point if r)
+            + f" | {v2_json / native_json:.2f} | {v2_binary / native_binary:.2f} | "
+            + ("-" if pair is None else f"{pair:.2f}")
+            + f" | {grpc / v2_binary:.2f} |"
         )
     return "\n".join(lines)
+
+
+def preamble(args: argparse.Namespace, threads: int) -> str:
+    """The report's title, machine, command and what its rows are."""
+    only = " --only-doors" if args.only_doors else ""
+    return (
+        f"# modelport benchmark\n\nMachine: {machine()}\n\n"
+        f"Command: `.venv/bin/python bench/run.py{only} --duration {args.duration} --concurrency "
+        f"{args.concurrency} --models {args.models} --workers {args.workers}`; modelport with "
+        f"{args.workers} worker processes x {threads} torch thread(s), batching on (defaults); "
+        f"tutorial: 1 uvicorn worker, default settings. One sample per request. Server CPU is "
+        f"in cores (per worker in brackets). modelport's rows, on the same server: native JSON "
+        f"in and out (`modelport`); raw float32 bytes in and out (`binary`); the Open Inference "
+        f"Protocol's JSON tensors (`V2 JSON`) and binary tensor extension in and out "
+        f"(`V2 binary`), driven by wrk; the protocol's gRPC `ModelInfer` with raw contents in "
+        f"and out (`gRPC`), driven by bench/grpc_load.py (Python, one process, a connection per "
+        f"call in flight as wrk has). Client CPU: the load generator's CPU seconds per 1,000 "
+        f"requests (wrk's or grpc_load's), taken from the same 2 cores as the server's.\n\n"
+    )
+
+
+def render_doors(rows: list[Row], args: argparse.Namespace, threads: int) -> str:
+    """The report of ``--only-doors``: every run, and the doors side by side."""
+    return (
+        f"{preamble(args, threads)}{table(rows)}\n\n"
+        f"## Front doors, side by side (req/s, p99 ms in brackets)\n\n{front_doors(rows, {})}\n"
+    )
 
 
 def render(
@@ -535,17 +626,10 @@ def render(
         else ""
     )
     return (
-        f"# modelport benchmark\n\nMachine: {machine()}\n\n"
-        f"Command: `.venv/bin/python bench/run.py --duration {args.duration} --concurrency "
-        f"{args.concurrency} --models {args.models} --workers {args.workers}`; modelport with "
-        f"{args.workers} worker processes x {threads} torch thread(s), batching on (defaults); "
-        f"tutorial: 1 uvicorn worker, default settings. One sample per request. Server CPU is "
-        f"in cores (per worker in brackets). modelport's rows, on the same server: native JSON "
-        f"in and out (`modelport`); raw float32 bytes in and out (`binary`); the Open Inference "
-        f"Protocol's JSON tensors (`V2 JSON`) and binary tensor extension in and out "
-        f"(`V2 binary`).\n\n"
+        f"{preamble(args, threads)}"
         f"{table(rows)}\n\n## Ratios\n\n" + "\n".join(ratios) + "\n"
-        f"\n## Front doors, side by side (req/s; V2 / native)\n\n{front_doors(rows, pairs)}\n"
+        f"\n## Front doors, side by side (req/s, p99 ms in brackets)\n\n"
+        f"{front_doors(rows, pairs)}\n"
         f"\n## In-process limit (samples/s, {args.workers} processes x {threads} thread(s), "
         f"no HTTP)\n\n" + "\n".join(limit_lines) + "\n" + cnn_line
     )

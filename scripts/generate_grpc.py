@@ -2,8 +2,9 @@
 grpcio-tools, reproducibly: ``make grpc`` (or ``.venv/bin/python scripts/generate_grpc.py``).
 
 The generated files are committed; tests/test_grpc.py regenerates them into a temporary folder
-and fails when the committed ones differ. One change is made to protoc's output: each file's
-descriptors go into a pool of their own instead of protobuf's default pool, where
+and fails when the committed ones differ. One change is made to protoc's output: the files'
+descriptors go into the door's own pool (``app.grpc.proto.POOL``, one for all of them, since
+grpc_predict_v2.proto imports extensions.proto) instead of protobuf's default pool, where
 tritonclient.grpc and KServe register their own copies of the same ``inference.*`` messages (two
 copies in one pool fail at import with "duplicate symbol"), so that modelport's code and those
 clients can live in one process (the tests, an application embedding both).
@@ -18,12 +19,12 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = Path("app/grpc/proto")
-PROTOS = ("grpc_predict_v2.proto", "health.proto")
+PROTOS = ("extensions.proto", "grpc_predict_v2.proto", "health.proto")
 DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
 OWN_POOL = (
-    "# modelport: a pool of its own, beside the default pool where clients register the same\n"
+    "# modelport: the door's own pool, beside the default pool where clients register the same\n"
     "# names (scripts/generate_grpc.py)\n"
-    "_POOL = _descriptor_pool.DescriptorPool()\n"
+    "from app.grpc.proto import POOL as _POOL\n"
     "DESCRIPTOR = _POOL.AddSerializedFile("
 )
 

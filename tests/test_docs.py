@@ -51,14 +51,11 @@ import pytest
 
 from app.config import ServedModelConfig, Settings, load_service_config
 from tests.helpers import (
-    DIGITS,
-    LINEAR,
     ROOT,
     ServerProcess,
     clean_env,
     free_port,
     run_server,
-    write_config,
 )
 
 pytestmark = pytest.mark.process
@@ -551,7 +548,7 @@ class PageRun:
     def start_server(self) -> Iterator[ServerProcess]:
         folder = self.tmp / "server"
         folder.mkdir()
-        config = write_config(folder, LINEAR, DIGITS)
+        config = self.sandbox / "modelport.toml"  # the bundled models, as `make run` serves
         # the gRPC door where the page's 127.0.0.1:8001 points
         grpc_port = str(self.port_for("8001", service=False))
         env = {"MODELPORT_ADMIN_TOKEN": self.token, "MODELPORT_GRPC_PORT": grpc_port}

@@ -25,6 +25,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor
+from tritonclient.grpc import model_config_pb2 as triton_config
+from tritonclient.grpc import service_pb2 as triton_service
 from tritonclient.utils import InferenceServerException
 
 from app.errors import (
@@ -35,9 +39,9 @@ from app.errors import (
     WeightsUnreadable,
 )
 from app.grpc.errors import Refusal, refusal
+from app.grpc.proto import extensions_pb2, health_pb2, health_pb2_grpc
 from app.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from app.grpc.proto import health_pb2, health_pb2_grpc
 from models.bench import CNN
 from tests.helpers import (
     API_TOKEN,
@@ -601,3 +605,187 @@ def test_kserve_grpc_client_reads_health_and_infers_raw_and_typed(served: Served
         assert (answer["version"], answer["id"], answer["datatype"]) == (version, "k", "FP32")
         assert np.array_equal(np.array(answer["output"], np.float32), expected)
     assert "no model named 'nope'" in answers["unknown"]
+
+
+# --- Triton's extensions: model configuration, repository index, statistics ------------------
+
+
+def _triton_descriptor(name: str) -> Descriptor | EnumDescriptor:
+    for module in (triton_service, triton_config):
+        found = module.DESCRIPTOR.message_types_by_name.get(name)
+        found = found or module.DESCRIPTOR.enum_types_by_name.get(name)
+        if found is not None:
+            return found
+    raise AssertionError(f"tritonclient has no message {name}")
+
+
+def _same_as_tritons(ours: Descriptor | EnumDescriptor) -> None:
+    theirs = _triton_descriptor(ours.full_name.removeprefix("inference.").split(".")[0])
+    for part in ours.full_name.split(".")[2:]:  # a nested message
+        theirs = theirs.nested_types_by_name[part]
+    assert theirs.full_name == ours.full_name
+    if isinstance(ours, EnumDescriptor):
+        assert {v.name: v.number for v in ours.values} == {v.name: v.number for v in theirs.values}
+        return
+    assert isinstance(theirs, Descriptor)
+    for field in ours.fields:
+        twin = theirs.fields_by_name[field.name]
+        assert (field.number, field.type, field.is_repeated) == (
+            twin.number,
+            twin.type,
+            twin.is_repeated,
+        ), field.full_name
+        if field.message_type is not None:
+            assert field.message_type.full_name == twin.message_type.full_name
+    for nested in ours.nested_types:
+        _same_as_tritons(nested)
+
+
+@pytest.mark.unit
+def test_the_extension_messages_are_tritons_field_for_field() -> None:
+    file = extensions_pb2.DESCRIPTOR
+    assert file.package == "inference"
+    for message in [*file.message_types_by_name.values(), *file.enum_types_by_name.values()]:
+        _same_as_tritons(message)
+    ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    theirs = triton_service.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in ours.methods:
+        twin = theirs.methods_by_name[method.name]
+        assert (method.input_type.full_name, method.output_type.full_name) == (
+            twin.input_type.full_name,
+            twin.output_type.full_name,
+        )
+
+
+def _rest(served: Served, method: str, path: str) -> Any:
+    response = httpx.request(method, f"{served.process.url}{path}", headers=API_AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_model_config_is_what_the_rest_door_answers(
+    served: Served, client: triton.InferenceServerClient
+) -> None:
+    for name in ("digits", "linear"):
+        rest = _rest(served, "GET", f"/v2/models/{name}/config")
+        config = client.get_model_config(name, headers=API_AUTH).config
+        as_json = client.get_model_config(name, headers=API_AUTH, as_json=True)["config"]
+
+        assert config.max_batch_size == rest["max_batch_size"] > 1
+        for ours, theirs in ((config.input, rest["input"]), (config.output, rest["output"])):
+            assert [t.name for t in ours] == [t["name"] for t in theirs]
+            assert [list(t.dims) for t in ours] == [t["dims"] for t in theirs]
+            types = [triton_config.DataType.Name(t.data_type) for t in ours]
+            assert types == [t["data_type"] for t in theirs]
+        batching, queue = rest["dynamic_batching"], rest["dynamic_batching"]["default_queue_policy"]
+        delay = config.dynamic_batching.max_queue_delay_microseconds
+        assert delay == batching["max_queue_delay_microseconds"] > 0
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == queue["max_queue_size"] > 0
+        assert policy.default_timeout_microseconds == queue["default_timeout_microseconds"] > 0
+        # and nothing else differs: REST's JSON is the message's JSON mapping
+        assert config == json_format.ParseDict(rest, triton_config.ModelConfig())
+        assert as_json == json_format.MessageToDict(config, preserving_proto_field_name=True)
+        assert as_json["input"][0]["data_type"] == rest["input"][0]["data_type"]
+    pinned = client.get_model_config("linear", BUNDLED.version, headers=API_AUTH).config
+    assert pinned == client.get_model_config("linear", headers=API_AUTH).config
+
+
+def test_repository_index_is_what_the_rest_door_answers(
+    served: Served, client: triton.InferenceServerClient, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    rest = _rest(served, "POST", "/v2/repository/index")
+    index = client.get_model_repository_index(headers=API_AUTH)
+    ready = stub.RepositoryIndex(
+        extensions_pb2.RepositoryIndexRequest(ready=True), metadata=METADATA
+    )
+
+    assert [(m.name, m.version, m.state, m.reason) for m in index.models] == [
+        (m["name"], m["version"], m["state"], m["reason"]) for m in rest
+    ]
+    assert {m.state for m in index.models} == {"READY"}
+    assert [m.name for m in ready.models] == [m.name for m in index.models]
+
+
+def test_statistics_count_the_inferences_as_the_rest_door_does(
+    served: Served, client: triton.InferenceServerClient
+) -> None:
+    digits = np.zeros((2, 8, 8), np.float32)
+    for _ in range(3):
+        client.infer("digits", [triton_input(digits, "FP32")], headers=API_AUTH)
+    with pytest.raises(InferenceServerException):  # reaches the model's checks: a failure
+        client.infer("digits", [triton_input(np.zeros((1, 8, 7)), "FP32")], headers=API_AUTH)
+
+    rest = _rest(served, "GET", "/v2/models/digits/stats")
+    [stats] = client.get_inference_statistics("digits", headers=API_AUTH).model_stats
+    version = stats.version
+    everyone = client.get_inference_statistics(headers=API_AUTH)
+    rest_everyone = _rest(served, "GET", "/v2/models/stats")
+    pinned = client.get_inference_statistics("digits", version, headers=API_AUTH, as_json=True)
+    rest_pinned = _rest(served, "GET", f"/v2/models/digits/versions/{version}/stats")
+
+    [expected] = rest["model_stats"]
+    requests = stats.inference_stats
+    assert (stats.name, stats.version) == (expected["name"], expected["version"])
+    assert requests.success.count == expected["inference_stats"]["success"]["count"] >= 3
+    assert requests.fail.count == expected["inference_stats"]["fail"]["count"] >= 1
+    assert requests.queue.ns == expected["inference_stats"]["queue"]["ns"] > 0
+    assert requests.compute_infer.ns == expected["inference_stats"]["compute_infer"]["ns"] > 0
+    assert stats.inference_count == expected["inference_count"] >= 6
+    assert [b.batch_size for b in stats.batch_stats] == [
+        b["batch_size"] for b in expected["batch_stats"]
+    ]
+    # and nothing else differs
+    assert stats == json_format.ParseDict(expected, triton_service.ModelStatistics())
+    assert everyone == json_format.ParseDict(
+        rest_everyone, triton_service.ModelStatisticsResponse()
+    )
+    assert {m.name for m in everyone.model_stats} == {"digits", "linear"}
+    assert pinned == json_format.MessageToDict(
+        json_format.ParseDict(rest_pinned, triton_service.ModelStatisticsResponse()),
+        preserving_proto_field_name=True,
+    )
+
+
+UNKNOWN = "no model named 'nope'"
+UNKNOWN_VERSION = "has no version '0123456789ab'"
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_", "message"),
+    [
+        ("ModelConfig", extensions_pb2.ModelConfigRequest(name="nope"), UNKNOWN),
+        (
+            "ModelConfig",
+            extensions_pb2.ModelConfigRequest(name="linear", version="0123456789ab"),
+            UNKNOWN_VERSION,
+        ),
+        ("ModelStatistics", extensions_pb2.ModelStatisticsRequest(name="nope"), UNKNOWN),
+        (
+            "ModelStatistics",
+            extensions_pb2.ModelStatisticsRequest(name="linear", version="0123456789ab"),
+            UNKNOWN_VERSION,
+        ),
+    ],
+)
+def test_an_unknown_model_or_version_is_not_found_on_the_extensions(
+    stub: pb_grpc.GRPCInferenceServiceStub, rpc: str, request_: Any, message: str
+) -> None:
+    error = refused(lambda: getattr(stub, rpc)(request_, metadata=METADATA))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert message in str(error.details())
+
+
+def test_the_extensions_need_the_api_token(
+    client: triton.InferenceServerClient, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    calls = [
+        lambda: stub.ModelConfig(extensions_pb2.ModelConfigRequest(name="linear")),
+        lambda: stub.ModelStatistics(extensions_pb2.ModelStatisticsRequest()),
+        lambda: stub.RepositoryIndex(extensions_pb2.RepositoryIndexRequest()),
+    ]
+    for call in calls:
+        assert refused(call).code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(InferenceServerException) as missing:
+        client.get_model_config("linear")
+    assert missing.value.status() == "StatusCode.UNAUTHENTICATED"

@@ -5,9 +5,9 @@ they stop. Every RPC goes through one wrapper: the draining gate and the API tok
 door applies them, errors rendered once (:mod:`app.grpc.errors`), the request metrics and the
 access log line.
 
-To add an RPC (Triton's ModelConfig, ModelStatistics, RepositoryIndex...): its messages in a
-.proto of app/grpc/proto (``make grpc``), a coroutine on the servicer, and a row in
-:func:`rpcs`."""
+To add an RPC: its messages in a .proto of app/grpc/proto (``make grpc``), a coroutine on a
+servicer (:mod:`app.grpc.service`, or :mod:`app.grpc.extensions` for Triton's extensions), and
+a row in :func:`rpcs`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from google.protobuf.message import Message
 from app.config import Settings
 from app.errors import Draining
 from app.grpc.errors import refusal
+from app.grpc.extensions import ExtensionServicer
+from app.grpc.proto import extensions_pb2 as ex
 from app.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.grpc.proto.health_pb2 import HealthCheckRequest
 from app.grpc.service import HEALTH_SERVICE, SERVICE, InferenceServicer
@@ -58,7 +60,8 @@ class Rpc:
     request: type[Message]
     handler: Handler
     authenticated: bool = False
-    """Needs the API token when MODELPORT_API_TOKEN is set (inference and model metadata)."""
+    """Needs the API token when MODELPORT_API_TOKEN is set (inference, model metadata and
+    Triton's extensions, as on REST)."""
     probe: bool = False
     """A health probe: answered while draining, and neither counted nor logged as traffic."""
 
@@ -68,7 +71,7 @@ class Rpc:
         return f"/{self.service}/{self.name}"
 
 
-def rpcs(servicer: InferenceServicer) -> list[Rpc]:
+def rpcs(servicer: InferenceServicer, extensions: ExtensionServicer) -> list[Rpc]:
     """Every method the server answers."""
     return [
         Rpc(SERVICE, "ServerLive", pb.ServerLiveRequest, servicer.server_live, probe=True),
@@ -83,6 +86,27 @@ def rpcs(servicer: InferenceServicer) -> list[Rpc]:
             authenticated=True,
         ),
         Rpc(SERVICE, "ModelInfer", pb.ModelInferRequest, servicer.model_infer, authenticated=True),
+        Rpc(
+            SERVICE,
+            "ModelConfig",
+            ex.ModelConfigRequest,
+            extensions.model_config,
+            authenticated=True,
+        ),
+        Rpc(
+            SERVICE,
+            "ModelStatistics",
+            ex.ModelStatisticsRequest,
+            extensions.model_statistics,
+            authenticated=True,
+        ),
+        Rpc(
+            SERVICE,
+            "RepositoryIndex",
+            ex.RepositoryIndexRequest,
+            extensions.repository_index,
+            authenticated=True,
+        ),
         Rpc(HEALTH_SERVICE, "Check", HealthCheckRequest, servicer.health_check, probe=True),
     ]
 
@@ -102,6 +126,7 @@ class GrpcServer:
         self.metrics = metrics
         self.access_log = access_log
         self.servicer = InferenceServicer(service, server_version, draining)
+        self.extensions = ExtensionServicer(service.registry, metrics)
         self.address = f"{_bracketed(settings.host)}:{settings.grpc_port}"
         self._server: grpc.aio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -124,7 +149,7 @@ class GrpcServer:
             ]
         )
         handlers: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
-        for rpc in rpcs(self.servicer):
+        for rpc in rpcs(self.servicer, self.extensions):
             handlers.setdefault(rpc.service, {})[rpc.name] = grpc.unary_unary_rpc_method_handler(
                 self._wrap(rpc),
                 request_deserializer=rpc.request.FromString,

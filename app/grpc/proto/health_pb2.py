@@ -24,9 +24,9 @@ _sym_db = _symbol_database.Default()
 
 
 
-# modelport: a pool of its own, beside the default pool where clients register the same
+# modelport: the door's own pool, beside the default pool where clients register the same
 # names (scripts/generate_grpc.py)
-_POOL = _descriptor_pool.DescriptorPool()
+from app.grpc.proto import POOL as _POOL
 DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1b\x61pp/grpc/proto/health.proto\x12\x0egrpc.health.v1\"%\n\x12HealthCheckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xa9\x01\n\x13HealthCheckResponse\x12\x41\n\x06status\x18\x01 \x01(\x0e\x32\x31.grpc.health.v1.HealthCheckResponse.ServingStatus\"O\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03\x32\xae\x01\n\x06Health\x12P\n\x05\x43heck\x12\".grpc.health.v1.HealthCheckRequest\x1a#.grpc.health.v1.HealthCheckResponse\x12R\n\x05Watch\x12\".grpc.health.v1.HealthCheckRequest\x1a#.grpc.health.v1.HealthCheckResponse0\x01\x62\x06proto3')
 
 _globals = globals()

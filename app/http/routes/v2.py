@@ -23,7 +23,6 @@ from app.codecs.v2 import (
     ServerLive,
     ServerMetadata,
     ServerReady,
-    model_config,
     tensor_metadata,
 )
 from app.http.answers import json_response
@@ -31,6 +30,7 @@ from app.http.deps import API_SECURITY, ApiDep, RegistryDep
 from app.http.schemas import InferenceErrorResponse
 from app.observability.metrics import Metrics
 from app.observability.statistics import model_statistics
+from app.serving.describe import configuration, repository_index, serving
 from app.serving.model import ServedModel
 
 ERROR_DESCRIPTIONS = {
@@ -128,7 +128,7 @@ async def get_statistics(request: Request, registry: RegistryDep) -> dict[str, A
     """Triton's inference statistics of every version that served here, and each model's
     active version. (Declared before the model metadata, which would take ``stats`` for a
     model name.)"""
-    return _statistics(request, [_serving(model) for model in registry], only_given=False)
+    return _statistics(request, [serving(model) for model in registry], only_given=False)
 
 
 @router.get(
@@ -182,7 +182,7 @@ async def _metadata(model: ServedModel, version: str | None) -> ModelMetadata:
 )
 async def get_model_config(name: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's tensors and dynamic batching in Triton's model configuration shape."""
-    return _config(registry.get(name))
+    return configuration(registry.get(name))
 
 
 @router.get(
@@ -198,20 +198,7 @@ async def get_model_version_config(
     """As the model's configuration (the same for every version), for a stored version."""
     model = registry.get(name)
     await asyncio.to_thread(model.record, version)  # 404 when there is none
-    return _config(model)
-
-
-def _config(model: ServedModel) -> dict[str, Any]:
-    policy = model.batching
-    return model_config(
-        model.name,
-        tensor_metadata(model.inputs),
-        tensor_metadata(model.outputs),
-        policy.max_batch_size,
-        policy.max_batch_delay_s,
-        policy.max_queue,
-        policy.timeout_s,
-    )
+    return configuration(model)
 
 
 @router.post(
@@ -226,17 +213,7 @@ async def post_repository_index(
 ) -> list[RepositoryEntry]:
     """Every model with the version it serves, READY or UNAVAILABLE with the reason; with
     ``{"ready": true}`` only those that can serve. The body may be empty."""
-    entries = []
-    for model in registry:
-        runtime = model.runtime
-        if runtime is not None:
-            entries.append(RepositoryEntry(name=model.name, version=runtime.version, state="READY"))
-        elif not (body and body.ready):
-            reason = model.error or "not loaded"
-            entries.append(
-                RepositoryEntry(name=model.name, version="", state="UNAVAILABLE", reason=reason)
-            )
-    return entries
+    return repository_index(registry, ready_only=bool(body and body.ready))
 
 
 @router.get(
@@ -250,7 +227,7 @@ async def get_model_statistics(
     name: str, request: Request, registry: RegistryDep
 ) -> dict[str, Any]:
     """As every model's statistics, for one model."""
-    return _statistics(request, [_serving(registry.get(name))], only_given=False)
+    return _statistics(request, [serving(registry.get(name))], only_given=False)
 
 
 @router.get(
@@ -267,10 +244,6 @@ async def get_model_version_statistics(
     model = registry.get(name)
     await asyncio.to_thread(model.record, version)  # 404 when there is none
     return _statistics(request, [(model.name, version)], only_given=True)
-
-
-def _serving(model: ServedModel) -> tuple[str, str]:
-    return model.name, model.runtime.version if model.runtime is not None else ""
 
 
 def _statistics(
