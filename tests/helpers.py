@@ -40,6 +40,7 @@ from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
 from app.state.database import Actor
 from models.linear import MyModel
+from models.sentiment import SentimentClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"
@@ -577,3 +578,35 @@ def label_rows(output: torch.Tensor) -> list[dict[str, float]]:
     if (output == 14).any():
         raise ValueError("no label for 14")
     return [{"sum": float(row.sum())} for row in output]
+
+
+# --- the bundled model of several inputs and outputs ------------------------------------------
+
+SENTIMENT = {"name": "sentiment", "class": "sentiment", "weights": str(WEIGHTS / "sentiment.pth")}
+"""The bundled model of two inputs (input_ids, attention_mask) and two outputs (logits,
+embedding)."""
+_RNG = np.random.default_rng(1)
+TOKENS = {
+    "input_ids": _RNG.integers(0, 100, (200, 8)).astype(np.uint8),
+    "attention_mask": (_RNG.random((200, 8)) < 0.7).astype(np.uint8),
+}
+"""A batch of sentiment's inputs by name: as uint8 (which the server widens to int64) one .npz
+of it fits MAX_BODY_BYTES (3.7 kB), its JSON (8.7 kB) does not."""
+
+
+def sentiment_outputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The bundled sentiment model's raw outputs on ``inputs`` (by name), outside any server."""
+    model = SentimentClassifier().eval()
+    model.load_state_dict(torch.load(WEIGHTS / "sentiment.pth", weights_only=True))
+    tensors = {
+        name: torch.as_tensor(np.asarray(value), dtype=torch.int64)
+        for name, value in inputs.items()
+    }
+    with torch.inference_mode():
+        outputs: dict[str, torch.Tensor] = model(**tensors)
+    return {name: output.numpy() for name, output in outputs.items()}
+
+
+def first(count: int) -> dict[str, np.ndarray]:
+    """The first ``count`` samples of each input of TOKENS."""
+    return {name: value[:count] for name, value in TOKENS.items()}

@@ -28,12 +28,17 @@ from tests.helpers import (
     DIGITS,
     LINEAR,
     SAMPLE,
+    SENTIMENT,
     TOKEN,
+    TOKENS,
     WEIGHTS,
     ServerProcess,
     clean_env,
+    first,
     free_port,
     linear_weights,
+    run_server,
+    sentiment_outputs,
     wait_until,
     write_config,
 )
@@ -341,3 +346,103 @@ def test_failures_print_one_line_and_exit_1(server: ServerProcess, tmp_path: Pat
     assert one_error_line(refused).endswith("(weights_incompatible, HTTP 422)")
     assert "cannot reach the server" in one_error_line(down)
     assert usage.returncode == 2
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Serves sentiment (two inputs, two outputs) and linear, with the same body cap."""
+    directory = tmp_path_factory.mktemp("cli-named-server")
+    config = write_config(directory, SENTIMENT, LINEAR)
+    env = {"MODELPORT_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    with run_server(directory, config, env=env) as process:
+        yield process
+
+
+def test_predict_reads_inputs_by_name_from_npz_and_json_and_saves_the_outputs_by_name(
+    named_server: ServerProcess, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "batch.npz", **TOKENS)
+    np.savez(tmp_path / "one.npz", **{name: value[0] for name, value in TOKENS.items()})
+    small = {name: value.tolist() for name, value in first(2).items()}
+    (tmp_path / "body.json").write_text(json.dumps({"inputs": small}))
+    (tmp_path / "one.json").write_text(json.dumps({k: v[0] for k, v in small.items()}))
+    (tmp_path / "batch.json").write_text(json.dumps({k: v.tolist() for k, v in TOKENS.items()}))
+    np.save(tmp_path / "linear.npy", BATCH)
+    out, linear_out = tmp_path / "out.npz", tmp_path / "linear.npz"
+
+    def predict(model: str, file: str, *flags: str) -> list[str]:
+        return ["predict", model, "--input", str(tmp_path / file), *flags]
+
+    batch, one, body, one_json, saved, saved_json, linear, as_lists = concurrently(
+        named_server,
+        predict("sentiment", "batch.npz", "--json"),
+        predict("sentiment", "one.npz", "--json"),
+        predict("sentiment", "body.json", "--json"),
+        predict("sentiment", "one.json"),
+        predict("sentiment", "batch.npz", "--output", str(out)),
+        predict("sentiment", "body.json", "--output", str(tmp_path / "small.npz"), "--json"),
+        predict("linear", "linear.npy", "--output", str(linear_out)),
+        predict("sentiment", "batch.json"),
+    )
+
+    expected = sentiment_outputs(TOKENS)
+    answers = {"batch": (as_json(batch), 200), "one": (as_json(one), 1), "body": (as_json(body), 2)}
+    for what, (answer, count) in answers.items():
+        assert len(answer["outputs"]) == count, what
+        for name, values in expected.items():
+            got = [sample[name] for sample in answer["outputs"]]
+            np.testing.assert_allclose(got, values[:count], rtol=0, atol=1e-6, err_msg=what)
+    version = as_json(batch)["version"]
+    header, line = one_json.stdout.splitlines()
+    assert header == f"sentiment (version {version})"
+    assert line.startswith('[0] {"logits": [')
+    assert '"embedding": [' in line
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stdout == (
+        f"sentiment (version {version}): logits [200, 3] float32, "
+        f"embedding [200, 4] float32 -> {out}\n"
+    )
+    with np.load(out, allow_pickle=False) as written:
+        assert written.files == ["logits", "embedding"]
+        for name, values in expected.items():
+            np.testing.assert_allclose(written[name], values, rtol=0, atol=1e-6)
+    assert as_json(saved_json)["outputs"] == {
+        "logits": {"shape": [2, 3], "dtype": "float32"},
+        "embedding": {"shape": [2, 4], "dtype": "float32"},
+    }
+    assert linear.returncode == 0, linear.stderr
+    with np.load(linear_out, allow_pickle=False) as written:
+        assert written.files == ["output"]
+        np.testing.assert_allclose(written["output"], BUNDLED.outputs(BATCH), rtol=0, atol=1e-6)
+    # the .npz went as binary: the same values as JSON are over the server's body cap
+    assert one_error_line(as_lists).endswith("(payload_too_large, HTTP 413)")
+
+
+def test_predict_by_name_failures_print_one_line(
+    named_server: ServerProcess, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "batch.npz", **first(2))
+    np.savez(tmp_path / "missing.npz", input_ids=TOKENS["input_ids"][:2])
+    np.save(tmp_path / "ids.npy", TOKENS["input_ids"][:2])
+    (tmp_path / "text.npz").write_text("not a zip")
+    single = tmp_path / "out.npy"
+
+    to_npy, missing, unnamed, unreadable = concurrently(
+        named_server,
+        ["predict", "sentiment", "--input", str(tmp_path / "batch.npz"), "--output", str(single)],
+        ["predict", "sentiment", "--input", str(tmp_path / "missing.npz")],
+        ["predict", "sentiment", "--input", str(tmp_path / "ids.npy")],
+        ["predict", "sentiment", "--input", str(tmp_path / "text.npz")],
+    )
+
+    assert one_error_line(to_npy) == (
+        "modelport: model 'sentiment' has 2 outputs (logits, embedding): save them by name as "
+        ".npz (--output FILE.npz)"
+    )
+    assert not single.exists()
+    assert "takes the inputs ['input_ids', 'attention_mask']" in one_error_line(missing)
+    assert one_error_line(missing).endswith("(invalid_input, HTTP 422)")
+    assert "takes 2 inputs by name" in one_error_line(unnamed)
+    assert one_error_line(unreadable) == (
+        f"modelport: cannot read {tmp_path / 'text.npz'}: not an .npz file: File is not a zip file"
+    )

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import socket
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -19,6 +23,8 @@ from app.client import (
     ConflictError,
     InvalidInputError,
     ModelportClient,
+    ModelportClientError,
+    NotAcceptableError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -35,13 +41,17 @@ from tests.helpers import (
     DIGITS,
     LINEAR,
     SAMPLE,
+    SENTIMENT,
     TOKEN,
+    TOKENS,
     WEIGHTS,
     ServerProcess,
+    first,
     free_port,
     linear_weights,
     make_settings,
     run_server,
+    sentiment_outputs,
     write_config,
 )
 
@@ -376,3 +386,248 @@ async def test_health_of_a_server_with_a_model_that_cannot_serve_says_why(
             health = await client.health()
     assert health["ready"] is False
     assert "missing keys" in health["unavailable"]["broken"]
+
+
+# --- inputs and outputs by name ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Serves sentiment and linear, with the same body cap as ``server``."""
+    directory = tmp_path_factory.mktemp("named-server")
+    config = write_config(directory, SENTIMENT, LINEAR)
+    env = {"MODELPORT_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    with run_server(directory, config, env=env) as process:
+        yield process
+
+
+@pytest.fixture
+def named_client(named_server: ServerProcess) -> Iterator[ModelportClient]:
+    with ModelportClient(named_server.url) as client:
+        yield client
+
+
+def test_inputs_by_name_as_arrays_go_as_one_npz_and_the_outputs_come_back_by_name(
+    named_client: ModelportClient,
+) -> None:
+    expected = sentiment_outputs(TOKENS)
+    small = first(3)
+    as_torch = {name: torch.from_numpy(value.astype(np.int64)) for name, value in small.items()}
+
+    outputs = named_client.predict("sentiment", TOKENS)
+    from_torch = named_client.predict("sentiment", as_torch)
+    linear = named_client.predict("linear", {"input": BATCH})
+    postprocessed = named_client.predict("sentiment", TOKENS, postprocess=True)
+    prediction = named_client.prediction("sentiment", small)
+    # The same values as JSON lists are over the server's body cap that the .npz passed.
+    as_lists = {name: value.tolist() for name, value in TOKENS.items()}
+    with pytest.raises(PayloadTooLargeError):
+        named_client.predict("sentiment", as_lists)
+
+    assert list(outputs) == ["logits", "embedding"]
+    assert {name: (a.shape, a.dtype) for name, a in outputs.items()} == {
+        "logits": ((200, 3), np.float32),
+        "embedding": ((200, 4), np.float32),
+    }
+    for name, values in expected.items():
+        np.testing.assert_allclose(outputs[name], values, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(from_torch[name], values[:3], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(prediction.outputs[name], values[:3], rtol=0, atol=1e-6)
+        per_sample = [sample[name] for sample in postprocessed["outputs"]]
+        np.testing.assert_allclose(per_sample, values, rtol=0, atol=1e-6)
+    # a model of one output answers inputs by name by name too
+    assert list(linear) == ["output"]
+    np.testing.assert_allclose(linear["output"], BUNDLED.outputs(BATCH), rtol=0, atol=1e-6)
+    version = named_client.model("sentiment")["version"]
+    assert (prediction.model, prediction.version) == ("sentiment", version)
+    assert postprocessed["version"] == version
+
+
+def test_inputs_by_name_as_lists_go_as_json_and_either_answer_form_is_had_on_request(
+    named_client: ModelportClient,
+) -> None:
+    small = {name: value.tolist() for name, value in first(4).items()}
+    expected = sentiment_outputs(small)
+
+    answer = named_client.predict("sentiment", small)
+    raw = named_client.predict("sentiment", small, postprocess=False)
+    linear = named_client.predict("linear", {"input": [SAMPLE]})
+
+    assert answer["model"] == "sentiment"
+    assert [list(sample) for sample in answer["outputs"]] == [["logits", "embedding"]] * 4
+    assert list(raw) == ["logits", "embedding"]
+    for name, values in expected.items():
+        np.testing.assert_allclose([s[name] for s in answer["outputs"]], values, atol=1e-6)
+        np.testing.assert_allclose(raw[name], values, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(linear["outputs"], BUNDLED.outputs([SAMPLE]), atol=1e-6)
+
+
+def test_inputs_the_server_refuses_by_name_raise_typed_errors_with_its_words(
+    named_client: ModelportClient,
+) -> None:
+    ids, mask = TOKENS["input_ids"][:2], TOKENS["attention_mask"][:2]
+    refused = {
+        "missing array": {"input_ids": ids},
+        "missing list": {"input_ids": ids.tolist()},
+        "sample counts": {"input_ids": ids, "attention_mask": mask[:1]},
+        "float ids": {"input_ids": ids.astype(np.float32), "attention_mask": mask},
+    }
+
+    errors = {}
+    for what, inputs in refused.items():
+        with pytest.raises(InvalidInputError) as error:
+            named_client.predict("sentiment", inputs)
+        errors[what] = error.value
+    with pytest.raises(NotAcceptableError) as one_raw_tensor:
+        named_client.predict("sentiment", ids)  # one unnamed array: the raw output asked for
+    with pytest.raises(InvalidInputError) as unnamed:
+        named_client.predict("sentiment", ids, postprocess=True)
+
+    assert {(e.status, e.code) for e in errors.values()} == {(422, "invalid_input")}
+    for what in ("missing array", "missing list"):
+        assert "takes the inputs ['input_ids', 'attention_mask']; received ['input_ids']" in (
+            errors[what].message
+        ), what
+        assert errors[what].detail == {"expected_inputs": ["input_ids", "attention_mask"]}
+    assert "different numbers of samples" in errors["sample counts"].message
+    assert "input 'input_ids': wrong dtype" in errors["float ids"].message
+    assert (one_raw_tensor.value.status, one_raw_tensor.value.code) == (406, "not_acceptable")
+    assert "has 2 outputs (logits, embedding)" in one_raw_tensor.value.message
+    assert "takes 2 inputs by name (input_ids, attention_mask)" in unnamed.value.message
+
+
+async def test_the_async_client_sends_inputs_by_name_as_the_sync_one_does(
+    named_server: ServerProcess,
+) -> None:
+    small = first(3)
+    expected = sentiment_outputs(small)
+    async with AsyncModelportClient(named_server.url) as client:
+        outputs = await client.predict("sentiment", small)
+        answer = await client.predict("sentiment", {k: v.tolist() for k, v in small.items()})
+        with pytest.raises(PayloadTooLargeError):
+            await client.predict("sentiment", {k: v.tolist() for k, v in TOKENS.items()})
+        with pytest.raises(InvalidInputError) as missing:
+            await client.predict("sentiment", {"attention_mask": small["attention_mask"]})
+
+    for name, values in expected.items():
+        np.testing.assert_allclose(outputs[name], values, rtol=0, atol=1e-6)
+        np.testing.assert_allclose([s[name] for s in answer["outputs"]], values, atol=1e-6)
+    assert "received ['attention_mask']" in missing.value.message
+
+
+class Recorder:
+    """A transport's handler that keeps each request and answers as a server of sentiment
+    would: an .npz of both outputs, or their JSON (or ``npz_answer``, when given)."""
+
+    def __init__(self, npz_answer: bytes | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.npz_answer = npz_answer
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        headers = {"X-Model-Version": "v1"}
+        if request.headers["Accept"] != "application/x-npz":
+            body = {"model": "sentiment", "version": "v1", "outputs": [{"logits": [0.0]}]}
+            return httpx.Response(200, json=body, headers=headers)
+        stream = io.BytesIO()
+        np.savez(stream, logits=np.ones((2, 3), np.float32), embedding=np.zeros((2, 4)))
+        content = stream.getvalue() if self.npz_answer is None else self.npz_answer
+        return httpx.Response(
+            200, content=content, headers=headers | {"Content-Type": "application/x-npz"}
+        )
+
+
+def sent_npz(request: httpx.Request) -> dict[str, np.ndarray]:
+    """The arrays of a request's .npz body by name."""
+    with np.load(io.BytesIO(request.content), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+@pytest.mark.unit
+async def test_both_clients_send_arrays_by_name_as_one_npz_and_lists_as_json() -> None:
+    ids = np.arange(16, dtype=">i8").reshape(2, 8)  # big-endian: sent little-endian
+    mask = torch.ones((2, 8), dtype=torch.bfloat16)  # sent as the float32 values it holds
+    recorder = Recorder()
+    transport, async_transport = httpx.MockTransport(recorder), httpx.MockTransport(recorder)
+    with ModelportClient("http://modelport", transport=transport) as client:
+        sync_answer = client.predict("sentiment", {"input_ids": ids, "attention_mask": mask})
+        client.predict("sentiment", {"input_ids": [[1] * 8]})
+        client.predict("sentiment", {"input_ids": ids}, postprocess=True)
+        client.predict("sentiment", {"input_ids": [[1] * 8]}, postprocess=False)
+    async with AsyncModelportClient("http://modelport", transport=async_transport) as aclient:
+        async_answer = await aclient.prediction(
+            "sentiment", {"input_ids": ids, "attention_mask": mask}
+        )
+
+    arrays, lists, postprocessed, raw_of_lists, async_arrays = recorder.requests
+    for request in (arrays, async_arrays):
+        assert request.headers["Content-Type"] == request.headers["Accept"] == "application/x-npz"
+        members = zipfile.ZipFile(io.BytesIO(request.content)).namelist()
+        assert members == ["input_ids.npy", "attention_mask.npy"]
+        sent = sent_npz(request)
+        assert (sent["input_ids"].dtype.str, sent["attention_mask"].dtype.str) == ("<i8", "<f4")
+        np.testing.assert_array_equal(sent["input_ids"], ids)
+        np.testing.assert_array_equal(sent["attention_mask"], np.ones((2, 8)))
+    assert arrays.content == async_arrays.content
+    assert lists.headers["Content-Type"] == lists.headers["Accept"] == "application/json"
+    assert json.loads(lists.content) == {"inputs": {"input_ids": [[1] * 8]}}
+    assert postprocessed.headers["Content-Type"] == "application/x-npz"
+    assert postprocessed.headers["Accept"] == "application/json"
+    assert raw_of_lists.headers["Content-Type"] == "application/json"
+    assert raw_of_lists.headers["Accept"] == "application/x-npz"
+    for outputs in (sync_answer, async_answer.outputs):
+        assert {name: a.shape for name, a in outputs.items()} == {
+            "logits": (2, 3),
+            "embedding": (2, 4),
+        }
+    assert async_answer.version == "v1"
+
+
+@pytest.mark.unit
+async def test_inputs_by_name_no_wire_carries_are_refused_before_anything_is_sent() -> None:
+    ids = np.ones((1, 8), np.int64)
+    never_sent: dict[str, dict[Any, Any]] = {
+        "object array": {"input_ids": ids, "attention_mask": np.array([[1, None]], dtype=object)},
+        "complex tensor": {"input_ids": torch.ones((1, 8), dtype=torch.complex64)},
+        "a string": {"input_ids": "the film was great"},
+        "a number": {"input_ids": 5},
+        "a name not a string": {1: ids},
+        "arrays and lists": {"input_ids": ids, "attention_mask": [[1] * 8]},
+    }
+    recorder = Recorder()
+    transport, async_transport = httpx.MockTransport(recorder), httpx.MockTransport(recorder)
+
+    unsendable: dict[str, list[str]] = {}
+    with ModelportClient("http://modelport", transport=transport) as client:
+        async with AsyncModelportClient("http://modelport", transport=async_transport) as aclient:
+            for what, inputs in never_sent.items():
+                with pytest.raises(UnsendableInputError) as local:
+                    client.predict("sentiment", inputs)
+                with pytest.raises(UnsendableInputError) as async_local:
+                    await aclient.predict("sentiment", inputs)
+                unsendable[what] = [local.value.message, async_local.value.message]
+
+    assert recorder.requests == []
+    assert all(sync == async_ for sync, async_ in unsendable.values())
+    messages = {what: pair[0] for what, pair in unsendable.items()}
+    assert messages["object array"].startswith("input 'attention_mask': an object array")
+    assert messages["complex tensor"].startswith("input 'input_ids': complex numbers")
+    assert messages["a string"].startswith("input 'input_ids' cannot be sent: str is not")
+    assert messages["a number"].startswith("input 'input_ids' cannot be sent: int is not")
+    assert messages["a name not a string"] == "input names are strings; received 1"
+    assert messages["arrays and lists"].startswith(
+        "inputs ['input_ids'] are arrays but ['attention_mask'] are lists"
+    )
+
+
+@pytest.mark.unit
+def test_a_malformed_npz_answer_is_a_client_error() -> None:
+    transport = httpx.MockTransport(Recorder(npz_answer=b"not a zip"))
+    with (
+        ModelportClient("http://modelport", transport=transport) as client,
+        pytest.raises(ModelportClientError) as malformed,
+    ):
+        client.predict("sentiment", {"input_ids": np.ones((1, 8), np.int64)})
+    assert (
+        malformed.value.message == "malformed .npz answer: not an .npz file: File is not a zip file"
+    )

@@ -25,19 +25,18 @@ from app.config import ServedModelConfig
 from app.errors import ConfigError, SmokeTestFailed
 from app.serving.catalog import Input, ModelSpec, register, spec_for
 from app.serving.runtime import build_runtime
-from models.sentiment import SentimentClassifier
 from tests.helpers import (
     CPU,
-    WEIGHTS,
+    SENTIMENT,
     free_port,
     make_settings,
     metric,
     run_server,
+    sentiment_outputs,
     serve_in_process,
     write_config,
 )
 
-SENTIMENT = {"name": "sentiment", "class": "sentiment", "weights": str(WEIGHTS / "sentiment.pth")}
 IDS = np.array([[5, 17, 42, 8, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 0, 0, 0, 0, 0, 0]])
 MASK = np.array([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]])
 NPZ = "application/x-npz"
@@ -45,14 +44,9 @@ LIMIT = 64 * 1024
 """MODELPORT_MAX_BODY_BYTES of the in-process app: what an .npz may inflate to at most."""
 
 
-def expected(ids: np.ndarray = IDS, mask: np.ndarray = MASK) -> dict[str, np.ndarray]:
-    """The bundled weights' own outputs, from the module called directly."""
-    module = SentimentClassifier()
-    module.load_state_dict(torch.load(WEIGHTS / "sentiment.pth", weights_only=True))
-    module.eval()
-    with torch.inference_mode():
-        outputs = module(torch.from_numpy(ids), torch.from_numpy(mask))
-    return {name: tensor.numpy() for name, tensor in outputs.items()}
+def expected() -> dict[str, np.ndarray]:
+    """The bundled weights' own outputs on IDS and MASK, from the module called directly."""
+    return sentiment_outputs({"input_ids": IDS, "attention_mask": MASK})
 
 
 def npz(**arrays: np.ndarray) -> bytes:

@@ -1,15 +1,17 @@
 """Python clients of the modelport HTTP API (httpx): ``ModelportClient`` and
 ``AsyncModelportClient``. Numpy arrays and torch tensors travel as binary tensors and come back
-as numpy arrays (the raw output tensor); lists travel as JSON and come back as the server's
-JSON. Every error answer becomes a typed exception carrying the server's message and code.
+as numpy arrays (the raw output tensor; inputs by name go as one ``.npz`` and the outputs come
+back by name); lists travel as JSON and come back as the server's JSON. Every error answer
+becomes a typed exception carrying the server's message and code.
 
     with ModelportClient("http://127.0.0.1:8000") as client:
         client.predict("linear", np.ones((1, 10), np.float32))  # -> array of shape (1, 2)
+        client.predict("linear", {"input": np.ones((1, 10))})  # -> {"output": array}
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +27,7 @@ from app.client.errors import (
     ConflictError,
     InvalidInputError,
     ModelportClientError,
+    NotAcceptableError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -34,7 +37,7 @@ from app.client.errors import (
     UnsendableInputError,
     error_for,
 )
-from app.client.tensors import Binary, Prediction, predict_call, prediction_of
+from app.client.tensors import Binary, Prediction, predict_call, predict_result, prediction_of
 from app.client.uploads import CHUNK_BYTES, Progress, Upload
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ __all__ = [
     "InvalidInputError",
     "ModelportClient",
     "ModelportClientError",
+    "NotAcceptableError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -68,8 +72,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 Tensor: TypeAlias = "np.ndarray | torch.Tensor"
 """A batch as one array (batch dimension first): sent as a binary tensor."""
-Inputs: TypeAlias = "Sequence[Any] | np.ndarray | torch.Tensor"
-"""A batch of samples: nested lists (sent as JSON), a numpy array or a torch tensor."""
+Inputs: TypeAlias = "Sequence[Any] | np.ndarray | torch.Tensor | Mapping[str, Any]"
+"""A batch of samples: nested lists (sent as JSON), a numpy array or a torch tensor; or a batch
+of each input by name, all arrays and tensors (sent as one ``.npz``) or all lists (JSON)."""
 
 
 def client_version() -> str:
@@ -208,6 +213,15 @@ class ModelportClient:
     def predict(
         self,
         model: str,
+        inputs: Mapping[str, Any],
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> dict[str, Any]: ...
+    @overload
+    def predict(
+        self,
+        model: str,
         inputs: Inputs,
         *,
         postprocess: bool | None = None,
@@ -226,9 +240,16 @@ class ModelportClient:
         answer is the model's raw output tensor as a numpy array; lists are sent as JSON and the
         answer is ``{"model", "version", "outputs"}``, one postprocessed output per sample.
         ``postprocess=True`` asks for that JSON answer for arrays too, ``False`` for the raw
-        tensor for lists too."""
+        tensor for lists too.
+
+        ``inputs`` may also be a dict of each input's batch by name (a model of several inputs
+        takes only that): all arrays and tensors go as one ``.npz`` and the raw outputs come
+        back as a dict of numpy arrays by output name (``{"output": ...}`` for a model of one
+        output); all lists go as JSON and the answer is the JSON one (one object of outputs
+        by name per sample for a model of several outputs). ``postprocess`` picks the other
+        answer as above; ``binary`` does not apply. A mix raises UnsendableInputError."""
         answer = self.prediction(model, inputs, postprocess=postprocess, binary=binary)
-        return answer.outputs if isinstance(answer.outputs, np.ndarray) else answer.as_dict()
+        return predict_result(answer)
 
     def prediction(
         self,
@@ -376,6 +397,15 @@ class AsyncModelportClient:
     async def predict(
         self,
         model: str,
+        inputs: Mapping[str, Any],
+        *,
+        postprocess: bool | None = None,
+        binary: Binary = "raw",
+    ) -> dict[str, Any]: ...
+    @overload
+    async def predict(
+        self,
+        model: str,
         inputs: Inputs,
         *,
         postprocess: bool | None = None,
@@ -391,7 +421,7 @@ class AsyncModelportClient:
     ) -> np.ndarray | dict[str, Any]:
         """See :meth:`ModelportClient.predict`."""
         answer = await self.prediction(model, inputs, postprocess=postprocess, binary=binary)
-        return answer.outputs if isinstance(answer.outputs, np.ndarray) else answer.as_dict()
+        return predict_result(answer)
 
     async def prediction(
         self,

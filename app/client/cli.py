@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from app.client import DEFAULT_URL, ModelportClient, ModelportClientError, client_version
 from app.client.images import image_sample
+from app.client.tensors import load_npz, write_npz
 
 
 class CliSettings(BaseSettings):
@@ -72,14 +73,16 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         type=Path,
         metavar="FILE",
-        help='.json (samples, one sample, or {"inputs": ...}), .npy, or an image (PNG, JPEG) '
+        help='.json (samples, one sample, or {"inputs": ...}; inputs by name as {"inputs": '
+        "{NAME: ...}} or {NAME: ...}), .npy, .npz (inputs by name), or an image (PNG, JPEG) "
         "for models whose description has an image_input",
     )
     predict.add_argument(
         "--output",
         type=Path,
-        metavar="FILE.npy",
-        help="save the model's raw output tensor (before its postprocess) as .npy",
+        metavar="FILE",
+        help="save the model's raw output tensor (before its postprocess) as .npy, or its raw "
+        "outputs by name as .npz",
     )
 
     upload = commands.add_parser(
@@ -154,7 +157,7 @@ def _predict(client: ModelportClient, args: argparse.Namespace) -> int:
     info = client.model(args.model)
     inputs = read_inputs(args.input, info)
     if args.output is not None:
-        return _predict_to_file(client, args, inputs)
+        return _predict_to_file(client, args, inputs, info)
     answer = client.predict(args.model, inputs, postprocess=True)
     lines = [f"{answer['model']} (version {answer['version']})"]
     lines += [f"[{i}] {json.dumps(out)}" for i, out in enumerate(answer["outputs"])]
@@ -162,34 +165,50 @@ def _predict(client: ModelportClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_to_file(client: ModelportClient, args: argparse.Namespace, inputs: Any) -> int:
-    """The raw output tensor saved as ``.npy``; a line saying what was written."""
+def _predict_to_file(
+    client: ModelportClient, args: argparse.Namespace, inputs: Any, model: dict[str, Any]
+) -> int:
+    """The raw output tensor saved as ``.npy``, or the raw outputs by name as ``.npz``; a line
+    saying what was written."""
+    path: Path = args.output
+    names = [output["name"] for output in model["outputs"]]
+    by_name = path.suffix.lower() == ".npz"
+    if not by_name and len(names) > 1:
+        raise CliError(
+            f"model {args.model!r} has {len(names)} outputs ({', '.join(names)}): save them "
+            "by name as .npz (--output FILE.npz)"
+        )
     answer = client.prediction(args.model, inputs, postprocess=False)
-    output: np.ndarray = answer.outputs
-    try:  # through a file object: np.save would add ".npy" to a name without it
-        with Path(args.output).open("wb") as file:
-            np.save(file, output, allow_pickle=False)
-    except OSError as exc:
-        raise CliError(f"cannot write {args.output}: {exc}") from None
-    summary = {
-        "model": answer.model,
-        "version": answer.version,
-        "shape": list(output.shape),
-        "dtype": str(output.dtype),
-        "file": str(args.output),
-    }
-    text = (
-        f"{answer.model} (version {answer.version}): output {summary['shape']} "
-        f"{summary['dtype']} -> {args.output}"
+    outputs: dict[str, np.ndarray] = (
+        answer.outputs if isinstance(answer.outputs, dict) else {names[0]: answer.outputs}
     )
-    _print(args, summary, text)
+    try:  # through a file object: np.save would add ".npy" to a name without it
+        with path.open("wb") as file:
+            if by_name:
+                write_npz(file, outputs)
+            else:
+                [output] = outputs.values()
+                np.save(file, output, allow_pickle=False)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc}") from None
+    saved = {
+        name: {"shape": list(array.shape), "dtype": str(array.dtype)}
+        for name, array in outputs.items()
+    }
+    summary: dict[str, Any] = {"model": answer.model, "version": answer.version}
+    summary |= {"outputs": saved} if by_name else saved[next(iter(saved))]
+    summary["file"] = str(path)
+    listed = ", ".join(f"{name} {out['shape']} {out['dtype']}" for name, out in saved.items())
+    _print(args, summary, f"{answer.model} (version {answer.version}): {listed} -> {path}")
     return 0
 
 
 def read_inputs(path: Path, model: dict[str, Any]) -> Any:
-    """A batch of samples from a JSON, ``.npy`` or image file, for the model described by
-    ``model`` (its ``GET /v1/models/{name}`` answer): lists from JSON and pictures, an array
-    from ``.npy`` (sent as a binary tensor). A single sample becomes a batch of one."""
+    """A batch of samples from a JSON, ``.npy``, ``.npz`` or image file, for the model
+    described by ``model`` (its ``GET /v1/models/{name}`` answer): lists from JSON and
+    pictures, an array from ``.npy`` (sent as a binary tensor), arrays by name from ``.npz``
+    (sent as one ``.npz``) and a JSON object (lists by name). A single sample (of each input)
+    becomes a batch of one."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
@@ -197,17 +216,28 @@ def read_inputs(path: Path, model: dict[str, Any]) -> Any:
             if isinstance(data, dict) and "inputs" in data:
                 data = data["inputs"]
         elif suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-            return array[None] if list(array.shape) == model["input_shape"] else array
+            data = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            data = load_npz(path)
         else:
             return [_image_sample(path, model)]
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, dict):
+        shapes = {spec["name"]: spec["shape"] for spec in model["inputs"]}
+        return {name: _batched(value, shapes.get(name)) for name, value in data.items()}
+    return _batched(data, model["input_shape"])
+
+
+def _batched(value: Any, sample_shape: list[int] | None) -> Any:
+    """``value`` as a batch: one sample (of the input's sample shape) becomes a batch of one."""
     try:
-        shape = np.shape(data)
+        shape = list(np.shape(value))
     except ValueError:  # ragged: the server says exactly what is wrong
-        return data
-    return [data] if list(shape) == model["input_shape"] else data
+        return value
+    if shape != sample_shape:
+        return value
+    return value[None] if isinstance(value, np.ndarray) else [value]
 
 
 def _image_sample(path: Path, model: dict[str, Any]) -> Any:
@@ -216,7 +246,7 @@ def _image_sample(path: Path, model: dict[str, Any]) -> Any:
         with Image.open(path) as image:
             return image_sample(image, model)
     except UnidentifiedImageError:
-        raise CliError(f"cannot read {path}: not .json, .npy or an image") from None
+        raise CliError(f"cannot read {path}: not .json, .npy, .npz or an image") from None
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -78,6 +78,13 @@ class NotFoundError(ApiError):
     status_codes = (404,)
 
 
+class NotAcceptableError(ApiError):
+    """406: the answer form asked for cannot hold the outputs (one raw tensor of a model of
+    several outputs: give its inputs by name, or ask for the postprocessed JSON)."""
+
+    status_codes = (406,)
+
+
 class ConflictError(ApiError):
     """409: the version operation conflicts with the model's state (e.g. nothing to roll back,
     or deleting the active version)."""
@@ -111,6 +118,7 @@ _BY_STATUS = {
         AuthenticationError,
         PermissionDeniedError,
         NotFoundError,
+        NotAcceptableError,
         ConflictError,
         PayloadTooLargeError,
         InvalidInputError,

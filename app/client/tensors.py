@@ -1,7 +1,8 @@
 """Predict bodies and answers on the client side: numpy arrays and torch tensors go as binary
-tensors (raw little-endian bytes with ``X-Tensor-Shape`` / ``X-Tensor-Dtype``, or ``.npy``),
-lists as JSON; the server's raw output tensor comes back as a numpy array. Torch is never
-imported here: a tensor is recognised only when the caller's torch is already loaded."""
+tensors (raw little-endian bytes with ``X-Tensor-Shape`` / ``X-Tensor-Dtype``, or ``.npy``;
+inputs by name as one ``.npz``), lists as JSON; the server's raw output tensor comes back as a
+numpy array (outputs by name as a dict of them). Torch is never imported here: a tensor is
+recognised only when the caller's torch is already loaded."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import io
 import json
 import math
 import sys
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from pathlib import Path
+from typing import IO, Any, Literal, TypeAlias
 
 import httpx
 import numpy as np
@@ -23,6 +28,7 @@ VERSION_HEADER = "X-Model-Version"
 JSON = "application/json"
 RAW = "application/octet-stream"
 NPY = "application/x-npy"
+NPZ = "application/x-npz"
 
 Binary: TypeAlias = Literal["raw", "npy"]
 """How arrays travel: raw bytes with the shape and dtype in headers, or an ``.npy`` file."""
@@ -60,12 +66,22 @@ class Prediction:
     model: str
     version: str
     outputs: Any
-    """The raw output tensor as a numpy array (batch first), or the postprocessed outputs
-    (JSON values, one per sample)."""
+    """The raw output tensor as a numpy array (batch first), the raw outputs by name as a dict
+    of them (for inputs given by name), or the postprocessed outputs (JSON values, one per
+    sample)."""
 
     def as_dict(self) -> dict[str, Any]:
         """``{"model", "version", "outputs"}``, the server's JSON answer."""
         return {"model": self.model, "version": self.version, "outputs": self.outputs}
+
+
+def predict_result(answer: Prediction) -> np.ndarray | dict[str, Any]:
+    """What ``predict`` returns: raw outputs as they came (an array, or arrays by name); the
+    postprocessed ones (always a list) as the server's JSON answer."""
+    if isinstance(answer.outputs, list):
+        return answer.as_dict()
+    raw: np.ndarray | dict[str, np.ndarray] = answer.outputs
+    return raw
 
 
 @dataclass(frozen=True)
@@ -78,25 +94,68 @@ class PredictCall:
 
 
 def predict_call(inputs: Any, postprocess: bool | None, binary: Binary) -> PredictCall:
-    """Arrays and tensors as a binary tensor, anything else as JSON; the answer asked for is
-    the postprocessed JSON when ``postprocess`` (default: for lists only), else the raw tensor
-    in the ``binary`` form."""
+    """Arrays and tensors as a binary tensor (inputs by name as one ``.npz``), lists as JSON;
+    the answer asked for is the postprocessed JSON when ``postprocess`` (default: for lists
+    only), else the raw output tensor in the ``binary`` form (outputs by name as an ``.npz``
+    for inputs by name)."""
     if binary not in ("raw", "npy"):
         raise ValueError(f"binary must be 'raw' or 'npy'; received {binary!r}")
-    tensor = as_array(inputs)
-    if postprocess is None:
-        postprocess = tensor is None
-    if tensor is None:
-        content, headers = encode_json({"inputs": inputs}), {"Content-Type": JSON}
-    elif binary == "npy":
-        content, headers = encode_npy(*tensor), {"Content-Type": NPY}
+    body: tuple[bytes, dict[str, str]] | None
+    if isinstance(inputs, Mapping):
+        inputs = dict(inputs)  # what json.dumps writes as an object
+        arrays = named_arrays(inputs)
+        body = None if arrays is None else (encode_npz(arrays), {"Content-Type": NPZ})
+        raw_answer = NPZ
     else:
-        array, dtype = tensor
-        shape = ",".join(str(dim) for dim in array.shape)
-        content = np.ascontiguousarray(array).tobytes()
-        headers = {"Content-Type": RAW, SHAPE_HEADER: shape, DTYPE_HEADER: dtype}
-    headers["Accept"] = JSON if postprocess else NPY if binary == "npy" else RAW
+        tensor = as_array(inputs)
+        body = None if tensor is None else _tensor_body(*tensor, binary)
+        raw_answer = NPY if binary == "npy" else RAW
+    if postprocess is None:
+        postprocess = body is None
+    content, headers = body or (encode_json({"inputs": inputs}), {"Content-Type": JSON})
+    headers["Accept"] = JSON if postprocess else raw_answer
     return PredictCall(content, headers, postprocess)
+
+
+def _tensor_body(array: np.ndarray, dtype: str, binary: Binary) -> tuple[bytes, dict[str, str]]:
+    """One array as raw bytes with its shape and dtype headers, or as an ``.npy``."""
+    if binary == "npy":
+        return encode_npy(array, dtype), {"Content-Type": NPY}
+    shape = ",".join(str(dim) for dim in array.shape)
+    content = np.ascontiguousarray(array).tobytes()
+    return content, {"Content-Type": RAW, SHAPE_HEADER: shape, DTYPE_HEADER: dtype}
+
+
+def named_arrays(inputs: Mapping[Any, Any]) -> dict[str, np.ndarray] | None:
+    """Inputs by name as the arrays an ``.npz`` carries, when every value is a numpy array or
+    torch tensor; None when every value is (nested) lists, which go as JSON. UnsendableInputError
+    for a name that is not a string, a value that is neither, and a mix (which dtype a list
+    should take is the model's, which the client does not know)."""
+    arrays: dict[str, np.ndarray] = {}
+    lists: list[str] = []
+    for name, value in inputs.items():
+        if not isinstance(name, str):
+            raise UnsendableInputError(f"input names are strings; received {name!r}")
+        try:
+            tensor = as_array(value)
+        except UnsendableInputError as exc:
+            raise UnsendableInputError(f"input {name!r}: {exc.message}") from None
+        if tensor is not None:
+            arrays[name] = npy_values(*tensor)
+        elif isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
+            lists.append(name)
+        else:
+            raise UnsendableInputError(
+                f"input {name!r} cannot be sent: {type(value).__name__} is not a numpy array, "
+                "a torch tensor or (nested) lists of numbers"
+            )
+    if arrays and lists:
+        raise UnsendableInputError(
+            f"inputs {list(arrays)} are arrays but {lists} are lists: send every input as an "
+            "array or tensor (one binary .npz; e.g. np.asarray(x, np.int64)) or every one as "
+            "lists (JSON)"
+        )
+    return arrays or None
 
 
 def as_array(inputs: Any) -> tuple[np.ndarray, str] | None:
@@ -144,8 +203,46 @@ def _scalar() -> str:
 def encode_npy(array: np.ndarray, dtype: str) -> bytes:
     """An ``.npy`` file of the array (bfloat16 as the float32 values it holds exactly)."""
     stream = io.BytesIO()
-    np.save(stream, _bfloat16_values(array) if dtype == "bfloat16" else array, allow_pickle=False)
+    np.save(stream, npy_values(array, dtype), allow_pickle=False)
     return stream.getvalue()
+
+
+def npy_values(array: np.ndarray, dtype: str) -> np.ndarray:
+    """The array as an ``.npy`` holds it: bfloat16 bits as the float32 values they are."""
+    return _bfloat16_values(array) if dtype == "bfloat16" else array
+
+
+def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An ``.npz`` file of the arrays by name."""
+    stream = io.BytesIO()
+    write_npz(stream, arrays)
+    return stream.getvalue()
+
+
+def write_npz(file: IO[bytes], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write an uncompressed ``.npz``, one ``NAME.npy`` member per array: ``np.savez``'s layout,
+    for any name (``np.savez(file, **arrays)`` clashes with its own ``file`` argument)."""
+    with zipfile.ZipFile(file, "w") as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def load_npz(file: Path | IO[bytes]) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name (never a pickle); ValueError for anything else
+    (OSError for a file that cannot be read)."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name == info.filename:
+                    raise ValueError(f"the .npz holds {info.filename!r}, not a NAME.npy array")
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except (EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"not an .npz file: {exc}") from None
+    return arrays
 
 
 def _bfloat16_values(bits: np.ndarray) -> np.ndarray:
@@ -179,12 +276,18 @@ def _json_value(value: Any) -> Any:
 
 
 def prediction_of(response: httpx.Response, model: str) -> Prediction:
-    """The answer of a successful predict: JSON outputs, or the raw tensor as a numpy array."""
+    """The answer of a successful predict: JSON outputs, the raw tensor as a numpy array, or
+    the raw outputs by name as a dict of them."""
     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == JSON:
         body = response.json()
         return Prediction(body["model"], body["version"], body["outputs"])
     version = response.headers.get(VERSION_HEADER, "")
+    if kind == NPZ:
+        try:
+            return Prediction(model, version, load_npz(io.BytesIO(response.content)))
+        except ValueError as exc:
+            raise ModelportClientError(f"malformed .npz answer: {exc}") from None
     if kind == NPY:
         try:
             array = np.load(io.BytesIO(response.content), allow_pickle=False)
