@@ -224,7 +224,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
     tmp_path: Path, cnn_config: Path, cnn_weights: Path
 ) -> None:
     grace_s = 20.0
-    inputs = batches(10, 64)
+    inputs = batches(10, 160)  # a few seconds of forward on 2 workers: the checks run meanwhile
     with run_server(tmp_path, cnn_config, "--workers", "2", env=server_env(grace_s)) as server:
         started = "Application startup complete"
         wait_until(lambda: server.output().count(started) >= 2, 60, "two workers", server=server)
