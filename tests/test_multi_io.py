@@ -23,7 +23,8 @@ from torch import nn
 
 from app.config import ServedModelConfig
 from app.errors import ConfigError, SmokeTestFailed
-from app.serving.catalog import Input, ModelSpec, register, spec_for
+from app.serving.catalog import Input, ModelSpec, register
+from app.serving.classes import spec_for
 from app.serving.runtime import build_runtime
 from tests.helpers import (
     CPU,

@@ -15,7 +15,8 @@ from app.config import ServedModelConfig, Settings
 from app.errors import ConfigError, InvalidInput, ModelNotFound, ModelportError, StateUnavailable
 from app.observability.metrics import Metrics
 from app.serving.batching import BatchPolicy
-from app.serving.catalog import ModelSpec, discover_all, spec_for
+from app.serving.catalog import ModelSpec
+from app.serving.classes import discover_all, spec_for
 from app.serving.model import ServedModel
 from app.serving.runtime import check_constructor_kwargs
 from app.state.versions import VersionState
