@@ -512,3 +512,19 @@ def test_tritonclient_grpc_sends_both_inputs_and_reads_both_outputs(
         np.testing.assert_allclose(result.as_numpy(name), values, rtol=1e-6)
     assert only.as_numpy("embedding") is None
     np.testing.assert_allclose(only.as_numpy("logits"), expected()["logits"], rtol=1e-6)
+
+
+@pytest.mark.app
+async def test_the_openapi_example_body_of_a_model_of_several_inputs_really_predicts(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    operation = spec["paths"]["/v1/models/{name}/predict"]["post"]
+    example = operation["requestBody"]["content"]["application/json"]["examples"]["sentiment"]
+
+    response = await client.post(PREDICT, json=example["value"])
+
+    assert response.status_code == 200, response.text
+    assert sorted(example["value"]["inputs"]) == ["attention_mask", "input_ids"]
+    assert NPZ in operation["requestBody"]["content"]
+    assert "406" in operation["responses"]

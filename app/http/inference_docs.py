@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.codecs.binary import DTYPE_HEADER, NPY, RAW, SHAPE_HEADER
+from app.codecs.binary import DTYPE_HEADER, NPY, NPZ, RAW, SHAPE_HEADER
 from app.codecs.dtypes import BY_NAME
 from app.codecs.v2 import HEADER_LENGTH, InferenceRequest, InferenceResponse
 from app.http import VERSION_HEADER
@@ -29,7 +29,8 @@ _ERRORS = {
     "403": "MODELPORT_API_TOKEN is set and the bearer token is neither it nor the admin token",
     "404": "No model of that name",
     "413": "Body over MODELPORT_MAX_BODY_BYTES",
-    "415": "A Content-Type other than JSON, raw tensor bytes or .npy",
+    "406": "One raw tensor or .npy asked of a model of several outputs (ask for .npz or JSON)",
+    "415": "A Content-Type other than JSON, raw tensor bytes, .npy or .npz",
     "422": "Inputs do not fit the model (shape, dtype, values, count)",
     "503": "The model cannot serve, or its queue is full (Retry-After)",
     "504": "Not answered within MODELPORT_REQUEST_TIMEOUT_S",
@@ -48,8 +49,8 @@ def add_inference_paths(schema: dict[str, Any], examples: dict[str, Any]) -> Non
     """Add the inference endpoints to an OpenAPI document, with one example body per served
     model for the native ones."""
     add_components(schema, ModelPredictRequest, PredictRequest, PredictResponse, ErrorResponse)
-    per_model = {n: {"value": {"inputs": [x]}} for n, x in examples.items()}
-    named = {n: {"value": {"model": n, "inputs": [x]}} for n, x in examples.items()}
+    per_model = {n: {"value": {"inputs": _batch_of(x)}} for n, x in examples.items()}
+    named = {n: {"value": {"model": n, "inputs": _batch_of(x)}} for n, x in examples.items()}
     schema["paths"]["/v1/models/{name}/predict"] = {
         "post": _operation(
             "predict",
@@ -79,6 +80,14 @@ def add_inference_paths(schema: dict[str, Any], examples: dict[str, Any]) -> Non
     _add_v2_infer(schema)
 
 
+def _batch_of(example: Any) -> Any:
+    """A request's ``inputs`` holding one example sample: a list of it, or (for a model whose
+    inputs are named) a list of each input's sample by name."""
+    if isinstance(example, dict):
+        return {name: [sample] for name, sample in example.items()}
+    return [example]
+
+
 def _operation(
     operation_id: str,
     summary: str,
@@ -95,7 +104,10 @@ def _operation(
             "into one forward pass); outputs come back in input order with the version that "
             f"computed them (body and `{VERSION_HEADER}`). Large tensors can be sent as raw "
             f"little-endian bytes (`{RAW}` with `{SHAPE_HEADER}` and `{DTYPE_HEADER}`) or as "
-            f"`{NPY}`; `Accept: {RAW}` or `{NPY}` answers the raw output tensor in that form."
+            f"`{NPY}`; `Accept: {RAW}` or `{NPY}` answers the raw output tensor in that form. "
+            "A model of several inputs takes `inputs` as an object of sample lists by input "
+            f"name, or one `{NPZ}` of its inputs by name; `Accept: {NPZ}` answers every output "
+            "by name."
         ),
         "parameters": parameters,
         **API_SECURITY,
@@ -108,6 +120,7 @@ def _operation(
                 },
                 RAW: _BINARY,
                 NPY: _BINARY,
+                NPZ: _BINARY,
             },
         },
         "responses": {
@@ -124,6 +137,7 @@ def _operation(
                     "application/json": {"schema": {"$ref": REF.format(model="PredictResponse")}},
                     RAW: _BINARY,
                     NPY: _BINARY,
+                    NPZ: _BINARY,
                 },
             },
             **{

@@ -218,9 +218,9 @@ class ModelList(BaseModel):
 class ModelPredictRequest(BaseModel):
     """A predict body. Documents the endpoint; the body itself is decoded by a faster path."""
 
-    inputs: list[Any] = Field(
-        description="One or more samples, each of the model's per-sample input shape.",
-        min_length=1,
+    inputs: list[Any] | dict[str, list[Any]] = Field(
+        description="One or more samples, each of the model's per-sample input shape; for a"
+        " model of several inputs, an object of such sample lists by input name.",
     )
 
 
