@@ -528,3 +528,20 @@ async def test_the_openapi_example_body_of_a_model_of_several_inputs_really_pred
     assert sorted(example["value"]["inputs"]) == ["attention_mask", "input_ids"]
     assert NPZ in operation["requestBody"]["content"]
     assert "406" in operation["responses"]
+
+
+@pytest.mark.app
+@pytest.mark.parametrize(
+    "names",
+    [[f"x{i}" for i in range(2_000)], ["x" * 40_000], ["input_ids", "attention_mask", "extra"]],
+    ids=["thousands of names", "one long name", "one name too many"],
+)
+async def test_input_names_that_do_not_fit_are_refused_with_a_short_message(
+    client: httpx.AsyncClient, names: list[str]
+) -> None:
+    body = {"inputs": {name: [] for name in names}}
+    response = await client.post(PREDICT, json=body)
+
+    assert response.status_code == 422, response.text
+    assert len(response.content) < 1024
+    assert "takes the inputs ['input_ids', 'attention_mask']" in response.json()["error"]

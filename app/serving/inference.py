@@ -21,6 +21,10 @@ from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
 from app.serving.runtime import ModelRuntime
 
+MAX_NAMES_SHOWN = 8
+"""The most received input names an error quotes, each cut at 64 characters (a body may hold
+thousands, or one of a megabyte)."""
+
 Values = np.ndarray | list[Any]
 """A batch of samples: an array read from bytes, or nested JSON lists (not yet typed)."""
 
@@ -123,11 +127,16 @@ class InferenceService:
                 f" received {type(values).__name__}"
             )
         names = [i.name for i in signature]
-        if sorted(values) != sorted(names):
+        if len(values) != len(names) or sorted(values) != sorted(names):
             takes = f"one input named {names[0]!r}" if len(names) == 1 else f"the inputs {names}"
+            received = sorted(str(name)[:64] for name in values)
+            shown = f"{received[:MAX_NAMES_SHOWN]}" + (
+                f" and {len(received) - MAX_NAMES_SHOWN} more"
+                if len(received) > MAX_NAMES_SHOWN
+                else ""
+            )
             raise InvalidInput(
-                f"model {model.name!r} takes {takes}; received {sorted(values)}",
-                {"expected_inputs": names},
+                f"model {model.name!r} takes {takes}; received {shown}", {"expected_inputs": names}
             )
         batch = {i.name: self._check(model, request, i, values[i.name]) for i in signature}
         counts = {name: len(array) for name, array in batch.items()}
