@@ -190,6 +190,13 @@ class ModelUnavailable(ModelportError):
     code = "model_unavailable"
 
 
+class UnloadRefused(ModelportError):
+    """A model cannot be unloaded: the service serves every model its configuration names."""
+
+    status = 400
+    code = "unload_refused"
+
+
 class QueueFull(ModelportError):
     """Too many requests wait for this model; the client should retry shortly."""
 

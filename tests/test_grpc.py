@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from tritonclient.grpc import model_config_pb2 as triton_config
@@ -502,6 +503,7 @@ def test_on_sigterm_calls_in_flight_finish_and_new_ones_are_unavailable(tmp_path
         "MODELPORT_TORCH_THREADS": "1",
         "MODELPORT_MAX_BODY_BYTES": str(16 * 1024 * 1024),
         "MODELPORT_SHUTDOWN_GRACE_S": "30",
+        "MODELPORT_MAX_BATCH_SIZE": "16",  # one call per forward: the others wait in the queue
     }
     batch = np.zeros((16, 3, 64, 64), np.float32)
     request = pb.ModelInferRequest(
@@ -517,12 +519,14 @@ def test_on_sigterm_calls_in_flight_finish_and_new_ones_are_unavailable(tmp_path
     ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         in_flight = [stub.ModelInfer.future(request, timeout=60) for _ in range(8)]
+        # every call accepted (one computing, the rest queued) before the signal: a call still
+        # in grpc's hands then would be refused as new work
         wait_until(
             lambda: (
                 metric(
                     httpx.get(f"{server.url}/metrics").text, "modelport_queue_depth", missing=0.0
                 )
-                >= 1
+                >= len(in_flight) - 1
             ),
             20,
             "calls queued",
@@ -789,3 +793,24 @@ def test_the_extensions_need_the_api_token(
     with pytest.raises(InferenceServerException) as missing:
         client.get_model_config("linear")
     assert missing.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_model_load_answers_whether_a_model_serves_and_unload_is_refused_on_both_doors(
+    served: Served, client: triton.InferenceServerClient
+) -> None:
+    rest = triton_http.InferenceServerClient(url=served.process.url.removeprefix("http://"))
+    for door in (client, rest):
+        door.load_model("linear", headers=API_AUTH)  # served from the configuration: no error
+        with pytest.raises(InferenceServerException, match="cannot be unloaded"):
+            door.unload_model("linear", headers=API_AUTH)
+        with pytest.raises(InferenceServerException, match="no model named 'nope'"):
+            door.load_model("nope", headers=API_AUTH)
+        assert door.is_model_ready("linear", headers=API_AUTH)
+    rest.close()
+    unauthenticated = httpx.post(f"{served.process.url}/v2/repository/models/linear/load")
+    assert unauthenticated.status_code == 401
+    refused = httpx.post(
+        f"{served.process.url}/v2/repository/models/linear/unload", headers=API_AUTH
+    )
+    assert refused.status_code == 400
+    assert set(refused.json()) == {"error"}

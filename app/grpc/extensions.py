@@ -14,7 +14,7 @@ from google.protobuf.json_format import ParseDict
 from app.grpc.proto import extensions_pb2 as ex
 from app.observability.metrics import Metrics
 from app.observability.statistics import model_statistics
-from app.serving.describe import configuration, repository_index, serving
+from app.serving.describe import configuration, load, repository_index, serving, unload
 from app.serving.registry import ModelRegistry
 
 
@@ -56,3 +56,17 @@ class ExtensionServicer:
         entries = repository_index(self.registry, ready_only=request.ready)
         models = [entry.model_dump(exclude_defaults=True) for entry in entries]
         return ParseDict({"models": models}, ex.RepositoryIndexResponse())
+
+    async def model_load(
+        self, request: ex.RepositoryModelLoadRequest
+    ) -> ex.RepositoryModelLoadResponse:
+        """As ``POST /v2/repository/models/{name}/load``: OK when the model serves (loaded
+        from the configuration), NOT_FOUND or UNAVAILABLE saying why not."""
+        load(self.registry, request.model_name)
+        return ex.RepositoryModelLoadResponse()
+
+    async def model_unload(
+        self, request: ex.RepositoryModelUnloadRequest
+    ) -> ex.RepositoryModelUnloadResponse:
+        """As ``POST /v2/repository/models/{name}/unload``: refused (INVALID_ARGUMENT)."""
+        unload(self.registry, request.model_name)

@@ -107,6 +107,20 @@ def rpcs(servicer: InferenceServicer, extensions: ExtensionServicer) -> list[Rpc
             extensions.repository_index,
             authenticated=True,
         ),
+        Rpc(
+            SERVICE,
+            "RepositoryModelLoad",
+            ex.RepositoryModelLoadRequest,
+            extensions.model_load,
+            authenticated=True,
+        ),
+        Rpc(
+            SERVICE,
+            "RepositoryModelUnload",
+            ex.RepositoryModelUnloadRequest,
+            extensions.model_unload,
+            authenticated=True,
+        ),
         Rpc(HEALTH_SERVICE, "Check", HealthCheckRequest, servicer.health_check, probe=True),
     ]
 

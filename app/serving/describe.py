@@ -1,12 +1,13 @@
-"""What the Open Inference Protocol's description extensions answer, once for its REST and gRPC
-doors: a model's configuration in Triton's shape, the repository index, and the version each
-model serves (what the statistics are kept under)."""
+"""What Triton's extensions of the Open Inference Protocol answer, once for its REST and gRPC
+doors: a model's configuration in Triton's shape, the repository index with model load and
+unload, and the version each model serves (what the statistics are kept under)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from app.codecs.v2 import RepositoryEntry, model_config, tensor_metadata
+from app.errors import UnloadRefused
 from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
 
@@ -45,3 +46,18 @@ def repository_index(registry: ModelRegistry, *, ready_only: bool) -> list[Repos
 def serving(model: ServedModel) -> tuple[str, str]:
     """The model and the version it serves (``""`` when none)."""
     return model.name, model.runtime.version if model.runtime is not None else ""
+
+
+def load(registry: ModelRegistry, name: str) -> None:
+    """Triton's model load: the models here are loaded from the configuration at startup, so
+    this only answers whether ``name`` serves (ModelNotFound, or ModelUnavailable saying why)."""
+    registry.get(name).active()
+
+
+def unload(registry: ModelRegistry, name: str) -> NoReturn:
+    """Triton's model unload: refused (UnloadRefused; ModelNotFound for an unknown model)."""
+    model = registry.get(name)
+    raise UnloadRefused(
+        f"model {model.name!r} cannot be unloaded: modelport serves every model its"
+        " configuration names while it runs (remove it from the configuration to stop serving it)"
+    )

@@ -30,7 +30,7 @@ from app.http.deps import API_SECURITY, ApiDep, RegistryDep
 from app.http.schemas import InferenceErrorResponse
 from app.observability.metrics import Metrics
 from app.observability.statistics import model_statistics
-from app.serving.describe import configuration, repository_index, serving
+from app.serving.describe import configuration, load, repository_index, serving, unload
 from app.serving.model import ServedModel
 
 ERROR_DESCRIPTIONS = {
@@ -214,6 +214,32 @@ async def post_repository_index(
     """Every model with the version it serves, READY or UNAVAILABLE with the reason; with
     ``{"ready": true}`` only those that can serve. The body may be empty."""
     return repository_index(registry, ready_only=bool(body and body.ready))
+
+
+@router.post(
+    "/repository/models/{name}/load",
+    summary="Load a model",
+    dependencies=[ApiDep],
+    responses=_errors(401, 403, 404, 503),
+    openapi_extra=API_SECURITY,
+)
+async def post_model_load(name: str, registry: RegistryDep) -> dict[str, Any]:
+    """The models are loaded from the configuration at startup: 200 (``{}``) when this one
+    serves, 503 saying why it cannot. Any body (Triton's load parameters) is ignored."""
+    load(registry, name)
+    return {}
+
+
+@router.post(
+    "/repository/models/{name}/unload",
+    summary="Unload a model (refused)",
+    dependencies=[ApiDep],
+    responses=_errors(400, 401, 403, 404),
+    openapi_extra=API_SECURITY,
+)
+async def post_model_unload(name: str, registry: RegistryDep) -> dict[str, Any]:
+    """Refused with 400: every model the configuration names serves while the process runs."""
+    unload(registry, name)
 
 
 @router.get(
