@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,6 +38,7 @@ from tests.helpers import (
     first,
     free_port,
     linear_weights,
+    metric,
     run_server,
     sentiment_outputs,
     wait_until,
@@ -445,4 +447,63 @@ def test_predict_by_name_failures_print_one_line(
     assert "takes 2 inputs by name" in one_error_line(unnamed)
     assert one_error_line(unreadable) == (
         f"modelport: cannot read {tmp_path / 'text.npz'}: not an .npz file: File is not a zip file"
+    )
+
+
+# --- over the gRPC door ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    """Serves sentiment and linear, with its gRPC door on a free port (``HOST:PORT``)."""
+    directory = tmp_path_factory.mktemp("cli-grpc-server")
+    port = free_port()
+    config = write_config(directory, SENTIMENT, LINEAR)
+    with run_server(directory, config, env={"MODELPORT_GRPC_PORT": str(port)}) as process:
+        yield process, f"127.0.0.1:{port}"
+
+
+def test_predict_over_grpc_prints_and_saves_the_raw_outputs_as_over_http(
+    grpc_server: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    server, target = grpc_server
+    np.save(tmp_path / "linear.npy", BATCH)
+    np.savez(tmp_path / "tokens.npz", **first(2))
+    (tmp_path / "batch.json").write_text(json.dumps([SAMPLE]))
+    over_grpc, over_http = tmp_path / "grpc.npz", tmp_path / "http.npz"
+
+    def calls() -> float:
+        scrape = httpx.get(f"{server.url}/metrics", timeout=10).text
+        endpoint = "/inference.GRPCInferenceService/ModelInfer"
+        return metric(scrape, "modelport_requests_total", missing=0.0, endpoint=endpoint)
+
+    def predict(model: str, file: str, *flags: str) -> list[str]:
+        return ["predict", model, "--input", str(tmp_path / file), *flags]
+
+    before = calls()
+    linear, linear_http, text, saved, saved_http, not_arrays = concurrently(
+        server,
+        predict("linear", "linear.npy", "--grpc", target, "--json"),
+        predict("linear", "linear.npy", "--json"),
+        predict("sentiment", "tokens.npz", "--grpc", target),
+        predict("sentiment", "tokens.npz", "--grpc", target, "--output", str(over_grpc)),
+        predict("sentiment", "tokens.npz", "--output", str(over_http)),
+        predict("linear", "batch.json", "--grpc", target),
+    )
+
+    assert calls() == before + 3
+    answer, expected = as_json(linear), as_json(linear_http)  # linear has no postprocess
+    assert (answer["model"], answer["version"]) == ("linear", expected["version"])
+    np.testing.assert_allclose(answer["outputs"], expected["outputs"], rtol=0, atol=1e-6)
+    assert text.returncode == 0, text.stderr
+    header, *lines = text.stdout.splitlines()
+    assert header.startswith("sentiment (version ")
+    assert [line[:16] for line in lines] == ['[0] {"logits": [', '[1] {"logits": [']
+    assert saved.returncode == saved_http.returncode == 0, saved.stderr + saved_http.stderr
+    with np.load(over_grpc) as got, np.load(over_http) as wanted:
+        assert got.files == wanted.files == ["logits", "embedding"]
+        for name in wanted.files:
+            np.testing.assert_array_equal(got[name], wanted[name])
+    assert one_error_line(not_arrays) == (
+        "modelport: --grpc sends arrays: give a .npy or .npz file, not batch.json"
     )

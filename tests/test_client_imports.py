@@ -27,8 +27,11 @@ SERVER_MODULES = (
     "starlette",
     "uvicorn",
     "torch",
+    "app.grpc",
+    "grpc",
 )
-"""Modules of the server (and the frameworks only it needs) a client must not load."""
+"""Modules of the server (and the frameworks only it needs) a client must not load: grpc and
+the generated protocol code only for a client given ``grpc=``."""
 DIGITS = {
     "name": "digits",
     "input_shape": [8, 8],

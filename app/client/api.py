@@ -1,8 +1,10 @@
 """Python clients of the modelport HTTP API (httpx): ``ModelportClient`` and
 ``AsyncModelportClient``. Numpy arrays and torch tensors travel as binary tensors and come back
 as numpy arrays (the raw output tensor; inputs by name go as one ``.npz`` and the outputs come
-back by name); lists travel as JSON and come back as the server's JSON. Every error answer
-becomes a typed exception carrying the server's message and code.
+back by name); lists travel as JSON and come back as the server's JSON. Given the server's gRPC
+door (``grpc="HOST:PORT"``), arrays and tensors go there instead (``ModelInfer``, raw tensors)
+and come back the same. Every error answer becomes a typed exception carrying the server's
+message and code.
 
     with ModelportClient("http://127.0.0.1:8000") as client:
         client.predict("linear", np.ones((1, 10), np.float32))  # -> array of shape (1, 2)
@@ -37,11 +39,20 @@ from app.client.errors import (
     UnsendableInputError,
     error_for,
 )
-from app.client.tensors import Binary, Prediction, predict_call, predict_result, prediction_of
+from app.client.tensors import (
+    Binary,
+    Prediction,
+    binary_tensors,
+    predict_call,
+    predict_result,
+    prediction_of,
+)
 from app.client.uploads import CHUNK_BYTES, Progress, Upload
 
 if TYPE_CHECKING:
     import torch
+
+    from app.client.grpc_transport import AsyncGrpcTransport, GrpcTransport
 
 __all__ = [
     "CHUNK_BYTES",
@@ -128,7 +139,12 @@ def _history_params(limit: int, before: int | None) -> dict[str, int]:
 class ModelportClient:
     """A synchronous client. ``token`` is sent as a bearer token: the admin token for
     management, the API token (when the server sets one) for prediction and metadata.
-    ``timeout`` (seconds) bounds connecting and each wait for the server."""
+    ``timeout`` (seconds) bounds connecting and each wait for the server.
+
+    ``grpc``: the server's gRPC door as ``HOST:PORT`` (its ``MODELPORT_GRPC_PORT``). Then
+    :meth:`predict` and :meth:`prediction` of arrays and tensors for the raw outputs go over
+    gRPC (``ModelInfer`` with raw tensors, the token as ``authorization`` metadata) and answer
+    as over HTTP; lists, ``postprocess=True`` and every other method stay on HTTP."""
 
     def __init__(
         self,
@@ -137,10 +153,16 @@ class ModelportClient:
         *,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        grpc: str | None = None,
     ) -> None:
         self._http = httpx.Client(
             base_url=url, headers=_headers(token), timeout=timeout, transport=transport
         )
+        self._grpc: GrpcTransport | None = None
+        if grpc is not None:
+            from app.client.grpc_transport import GrpcTransport  # grpc loads only when asked for
+
+            self._grpc = GrpcTransport(grpc, token, timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -156,6 +178,8 @@ class ModelportClient:
     def close(self) -> None:
         """Close the connections."""
         self._http.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -247,7 +271,10 @@ class ModelportClient:
         back as a dict of numpy arrays by output name (``{"output": ...}`` for a model of one
         output); all lists go as JSON and the answer is the JSON one (one object of outputs
         by name per sample for a model of several outputs). ``postprocess`` picks the other
-        answer as above; ``binary`` does not apply. A mix raises UnsendableInputError."""
+        answer as above; ``binary`` does not apply. A mix raises UnsendableInputError.
+
+        With the client's ``grpc`` door, arrays and tensors (one, or a dict by name) go over
+        gRPC unless ``postprocess=True``, and answer the same (``binary`` does not apply)."""
         answer = self.prediction(model, inputs, postprocess=postprocess, binary=binary)
         return predict_result(answer)
 
@@ -260,6 +287,10 @@ class ModelportClient:
         binary: Binary = "raw",
     ) -> Prediction:
         """As :meth:`predict`, with the version that computed the outputs in either form."""
+        if self._grpc is not None:
+            tensors = binary_tensors(inputs, postprocess)
+            if tensors is not None:
+                return self._grpc.prediction(model, tensors)
         call = predict_call(inputs, postprocess, binary)
         path = f"/v1/models/{model}/predict"
         response = self._send("POST", path, content=call.content, headers=call.headers)
@@ -314,7 +345,8 @@ class ModelportClient:
 
 
 class AsyncModelportClient:
-    """The asynchronous twin of :class:`ModelportClient`, with the same methods awaited."""
+    """The asynchronous twin of :class:`ModelportClient`, with the same methods awaited (and
+    ``grpc`` over ``grpc.aio``)."""
 
     def __init__(
         self,
@@ -323,10 +355,16 @@ class AsyncModelportClient:
         *,
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        grpc: str | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
             base_url=url, headers=_headers(token), timeout=timeout, transport=transport
         )
+        self._grpc: AsyncGrpcTransport | None = None
+        if grpc is not None:
+            from app.client.grpc_transport import AsyncGrpcTransport  # as ModelportClient
+
+            self._grpc = AsyncGrpcTransport(grpc, token, timeout)
 
     async def __aenter__(self) -> Self:
         return self
@@ -342,6 +380,8 @@ class AsyncModelportClient:
     async def aclose(self) -> None:
         """Close the connections."""
         await self._http.aclose()
+        if self._grpc is not None:
+            await self._grpc.aclose()
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -432,6 +472,10 @@ class AsyncModelportClient:
         binary: Binary = "raw",
     ) -> Prediction:
         """See :meth:`ModelportClient.prediction`."""
+        if self._grpc is not None:
+            tensors = binary_tensors(inputs, postprocess)
+            if tensors is not None:
+                return await self._grpc.prediction(model, tensors)
         call = predict_call(inputs, postprocess, binary)
         path = f"/v1/models/{model}/predict"
         response = await self._send("POST", path, content=call.content, headers=call.headers)

@@ -2,8 +2,9 @@
 history, health (and ``--version``).
 
 The server URL and token come from flags or the environment (``MODELPORT_URL``,
-``MODELPORT_ADMIN_TOKEN``, else ``MODELPORT_API_TOKEN``). A failure prints one line to stderr
-and exits 1; ``--json`` prints the server's answer as JSON on stdout.
+``MODELPORT_ADMIN_TOKEN``, else ``MODELPORT_API_TOKEN``); ``predict --grpc HOST:PORT`` sends
+arrays over the server's gRPC door. A failure prints one line to stderr and exits 1; ``--json``
+prints the server's answer as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         help="save the model's raw output tensor (before its postprocess) as .npy, or its raw "
         "outputs by name as .npz",
     )
+    predict.add_argument(
+        "--grpc",
+        metavar="HOST:PORT",
+        help="send the .npy or .npz inputs over the server's gRPC door (raw tensors) and print "
+        "or save the raw outputs (before the model's postprocess)",
+    )
 
     upload = commands.add_parser(
         "upload", parents=[common], help="upload weights: validated, stored, activated"
@@ -134,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = CliSettings()
     secret = settings.admin_token or settings.api_token
     token = args.token or (secret.get_secret_value() if secret else None)
+    url, grpc = args.url or settings.url, getattr(args, "grpc", None)
     try:
-        with ModelportClient(args.url or settings.url, token, timeout=args.timeout) as client:
+        with ModelportClient(url, token, timeout=args.timeout, grpc=grpc) as client:
             return _COMMANDS[args.command](client, args)
     except (ModelportClientError, CliError) as exc:
         print(f"modelport: {exc}", file=sys.stderr)
@@ -154,15 +162,31 @@ def _print(args: argparse.Namespace, answer: Any, text: str) -> None:
 
 
 def _predict(client: ModelportClient, args: argparse.Namespace) -> int:
+    if args.grpc and args.input.suffix.lower() not in (".npy", ".npz"):
+        raise CliError(f"--grpc sends arrays: give a .npy or .npz file, not {args.input.name}")
     info = client.model(args.model)
     inputs = read_inputs(args.input, info)
     if args.output is not None:
         return _predict_to_file(client, args, inputs, info)
-    answer = client.predict(args.model, inputs, postprocess=True)
+    if args.grpc:
+        raw = client.prediction(args.model, inputs)
+        answer = raw.as_dict() | {"outputs": _samples(raw.outputs)}
+    else:
+        answer = client.predict(args.model, inputs, postprocess=True)
     lines = [f"{answer['model']} (version {answer['version']})"]
     lines += [f"[{i}] {json.dumps(out)}" for i, out in enumerate(answer["outputs"])]
     _print(args, answer, "\n".join(lines))
     return 0
+
+
+def _samples(outputs: np.ndarray | dict[str, np.ndarray]) -> list[Any]:
+    """Raw outputs as one value per sample (an object of outputs by name, for outputs by
+    name), as a postprocessed answer lists them."""
+    if isinstance(outputs, np.ndarray):
+        rows: list[Any] = outputs.tolist()
+        return rows
+    columns = {name: array.tolist() for name, array in outputs.items()}
+    return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
 
 def _predict_to_file(

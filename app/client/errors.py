@@ -1,6 +1,6 @@
 """The errors the client raises: one base, ``ModelportClientError``; the server's error answers
-as typed ``ApiError`` subclasses (by status) with its message and code; no connection, no answer
-in time, and inputs that cannot be put on the wire."""
+as typed ``ApiError`` subclasses (by status, or by gRPC status code) with its message and code;
+no connection, no answer in time, and inputs that cannot be put on the wire."""
 
 from __future__ import annotations
 
@@ -35,19 +35,30 @@ class UnsendableInputError(ModelportClientError):
 
 
 class ApiError(ModelportClientError):
-    """The server answered an error: its status, its message and its stable ``code``."""
+    """The server answered an error: its status, its message and its stable ``code``. Over
+    gRPC, ``grpc_code`` is the status code's name (``INVALID_ARGUMENT``), ``code`` that name in
+    lower case and ``status`` the HTTP status the REST door answers for the same error."""
 
     status_codes: ClassVar[tuple[int, ...]] = ()
 
     def __init__(
-        self, message: str, status: int, code: str, detail: dict[str, Any] | None = None
+        self,
+        message: str,
+        status: int,
+        code: str,
+        detail: dict[str, Any] | None = None,
+        *,
+        grpc_code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.detail = detail
+        self.grpc_code = grpc_code
 
     def __str__(self) -> str:
+        if self.grpc_code is not None:
+            return f"{self.message} (gRPC {self.grpc_code})"
         return f"{self.message} ({self.code}, HTTP {self.status})"
 
     def __repr__(self) -> str:
@@ -61,7 +72,8 @@ class BadRequestError(ApiError):
 
 
 class AuthenticationError(ApiError):
-    """401: a token is required and none was sent."""
+    """401: a token is required and none was sent (over gRPC, UNAUTHENTICATED: none, or a wrong
+    one)."""
 
     status_codes = (401,)
 

@@ -1,8 +1,9 @@
 """Predict bodies and answers on the client side: numpy arrays and torch tensors go as binary
 tensors (raw little-endian bytes with ``X-Tensor-Shape`` / ``X-Tensor-Dtype``, or ``.npy``;
-inputs by name as one ``.npz``), lists as JSON; the server's raw output tensor comes back as a
-numpy array (outputs by name as a dict of them). Torch is never imported here: a tensor is
-recognised only when the caller's torch is already loaded."""
+inputs by name as one ``.npz``; over gRPC, :mod:`app.client.grpc_transport`), lists as JSON;
+the server's raw output tensor comes back as a numpy array (outputs by name as a dict of them).
+Torch is never imported here: a tensor is recognised only when the caller's torch is already
+loaded."""
 
 from __future__ import annotations
 
@@ -32,23 +33,39 @@ NPZ = "application/x-npz"
 
 Binary: TypeAlias = Literal["raw", "npy"]
 """How arrays travel: raw bytes with the shape and dtype in headers, or an ``.npy`` file."""
+WireTensor: TypeAlias = tuple[np.ndarray, str]
+"""An array ready for the wire: little-endian (bfloat16 as its bits) and its dtype's name."""
+WireTensors: TypeAlias = WireTensor | dict[str, WireTensor]
+"""One unnamed array, or arrays by input name."""
 
-WIRE_DTYPES: dict[str, np.dtype[Any]] = {
-    "bool": np.dtype("u1"),  # a byte each: any non-zero is true
-    "uint8": np.dtype("u1"),
-    "uint16": np.dtype("<u2"),
-    "uint32": np.dtype("<u4"),
-    "uint64": np.dtype("<u8"),
-    "int8": np.dtype("i1"),
-    "int16": np.dtype("<i2"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-    "float16": np.dtype("<f2"),
-    "bfloat16": np.dtype("<u2"),  # its bit patterns: numpy has no bfloat16
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
+
+@dataclass(frozen=True)
+class WireDtype:
+    """How one dtype travels: its little-endian layout and its Open Inference Protocol name."""
+
+    layout: np.dtype[Any]
+    datatype: str
+
+
+WIRE_DTYPES: dict[str, WireDtype] = {
+    "bool": WireDtype(np.dtype("u1"), "BOOL"),  # a byte each: any non-zero is true
+    "uint8": WireDtype(np.dtype("u1"), "UINT8"),
+    "uint16": WireDtype(np.dtype("<u2"), "UINT16"),
+    "uint32": WireDtype(np.dtype("<u4"), "UINT32"),
+    "uint64": WireDtype(np.dtype("<u8"), "UINT64"),
+    "int8": WireDtype(np.dtype("i1"), "INT8"),
+    "int16": WireDtype(np.dtype("<i2"), "INT16"),
+    "int32": WireDtype(np.dtype("<i4"), "INT32"),
+    "int64": WireDtype(np.dtype("<i8"), "INT64"),
+    "float16": WireDtype(np.dtype("<f2"), "FP16"),
+    "bfloat16": WireDtype(np.dtype("<u2"), "BF16"),  # its bit patterns: numpy has no bfloat16
+    "float32": WireDtype(np.dtype("<f4"), "FP32"),
+    "float64": WireDtype(np.dtype("<f8"), "FP64"),
 }
-"""Every ``X-Tensor-Dtype`` the server reads and writes, as laid out on the wire."""
+"""Every dtype the server reads and writes, by its ``X-Tensor-Dtype`` name: the client's one
+dtype table, for both transports."""
+BY_DATATYPE = {wire.datatype: name for name, wire in WIRE_DTYPES.items()}
+"""``FP32`` -> ``float32``."""
 _SUPPORTED = "bool, (u)int8-64, float16, float32, float64 (and torch's bfloat16)"
 _UNSENDABLE_KINDS = {
     "O": "an object array (dtype object) cannot be sent: its items could be anything; "
@@ -103,7 +120,8 @@ def predict_call(inputs: Any, postprocess: bool | None, binary: Binary) -> Predi
     body: tuple[bytes, dict[str, str]] | None
     if isinstance(inputs, Mapping):
         inputs = dict(inputs)  # what json.dumps writes as an object
-        arrays = named_arrays(inputs)
+        tensors = named_tensors(inputs)
+        arrays = None if tensors is None else {k: npy_values(*t) for k, t in tensors.items()}
         body = None if arrays is None else (encode_npz(arrays), {"Content-Type": NPZ})
         raw_answer = NPZ
     else:
@@ -126,12 +144,24 @@ def _tensor_body(array: np.ndarray, dtype: str, binary: Binary) -> tuple[bytes, 
     return content, {"Content-Type": RAW, SHAPE_HEADER: shape, DTYPE_HEADER: dtype}
 
 
-def named_arrays(inputs: Mapping[Any, Any]) -> dict[str, np.ndarray] | None:
-    """Inputs by name as the arrays an ``.npz`` carries, when every value is a numpy array or
-    torch tensor; None when every value is (nested) lists, which go as JSON. UnsendableInputError
+def binary_tensors(inputs: Any, postprocess: bool | None) -> WireTensors | None:
+    """What a client with a gRPC door sends there: a numpy array or torch tensor, or a dict of
+    them by name, when the raw outputs are asked for (``postprocess`` not true); None for the
+    rest (lists, the postprocessed answer), which goes over HTTP. UnsendableInputError as for
+    :func:`predict_call`."""
+    if postprocess:
+        return None
+    if isinstance(inputs, Mapping):
+        return named_tensors(inputs)
+    return as_array(inputs)
+
+
+def named_tensors(inputs: Mapping[Any, Any]) -> dict[str, WireTensor] | None:
+    """Inputs by name as tensors for the wire, when every value is a numpy array or torch
+    tensor; None when every value is (nested) lists, which go as JSON. UnsendableInputError
     for a name that is not a string, a value that is neither, and a mix (which dtype a list
     should take is the model's, which the client does not know)."""
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, WireTensor] = {}
     lists: list[str] = []
     for name, value in inputs.items():
         if not isinstance(name, str):
@@ -141,7 +171,7 @@ def named_arrays(inputs: Mapping[Any, Any]) -> dict[str, np.ndarray] | None:
         except UnsendableInputError as exc:
             raise UnsendableInputError(f"input {name!r}: {exc.message}") from None
         if tensor is not None:
-            arrays[name] = npy_values(*tensor)
+            arrays[name] = tensor
         elif isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
             lists.append(name)
         else:
@@ -158,7 +188,7 @@ def named_arrays(inputs: Mapping[Any, Any]) -> dict[str, np.ndarray] | None:
     return arrays or None
 
 
-def as_array(inputs: Any) -> tuple[np.ndarray, str] | None:
+def as_array(inputs: Any) -> WireTensor | None:
     """A numpy array or torch tensor as (little-endian array, ``X-Tensor-Dtype`` name); None
     for anything else. UnsendableInputError for what no wire dtype carries."""
     if isinstance(inputs, np.ndarray):
@@ -184,7 +214,7 @@ def as_array(inputs: Any) -> tuple[np.ndarray, str] | None:
     return _checked(array)
 
 
-def _checked(array: np.ndarray) -> tuple[np.ndarray, str]:
+def _checked(array: np.ndarray) -> WireTensor:
     dtype = array.dtype
     name = dtype.name
     if dtype.kind in _UNSENDABLE_KINDS:
@@ -305,16 +335,20 @@ def prediction_of(response: httpx.Response, model: str) -> Prediction:
 
 
 def decode_raw(data: bytes, dtype: str, shape_text: str) -> np.ndarray:
-    """Raw little-endian bytes and their headers -> a writable array (bool and bfloat16 widened
-    to numpy's bool and float32)."""
-    wire = WIRE_DTYPES.get(dtype)
+    """Raw little-endian bytes and their headers -> a writable array (as :func:`decode_tensor`)."""
     dims = shape_text.split(",") if shape_text else []
-    if wire is None or not all(dim.isascii() and dim.isdigit() for dim in dims):
+    if dtype not in WIRE_DTYPES or not all(dim.isascii() and dim.isdigit() for dim in dims):
         raise ModelportClientError(
             f"malformed tensor answer: {DTYPE_HEADER} {dtype!r}, {SHAPE_HEADER} {shape_text!r}"
         )
-    shape = tuple(int(dim) for dim in dims)
-    if len(data) != math.prod(shape) * wire.itemsize:
+    return decode_tensor(data, dtype, tuple(int(dim) for dim in dims))
+
+
+def decode_tensor(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw little-endian bytes of a dtype of :data:`WIRE_DTYPES` -> a writable array of
+    ``shape`` (bool and bfloat16 widened to numpy's bool and float32)."""
+    wire = WIRE_DTYPES[dtype].layout
+    if min(shape, default=0) < 0 or len(data) != math.prod(shape) * wire.itemsize:
         raise ModelportClientError(
             f"malformed tensor answer: {len(data)} bytes for shape {list(shape)} of {dtype}"
         )
