@@ -503,9 +503,9 @@ def test_on_sigterm_calls_in_flight_finish_and_new_ones_are_unavailable(tmp_path
         "MODELPORT_TORCH_THREADS": "1",
         "MODELPORT_MAX_BODY_BYTES": str(16 * 1024 * 1024),
         "MODELPORT_SHUTDOWN_GRACE_S": "30",
-        "MODELPORT_MAX_BATCH_SIZE": "16",  # one call per forward: the others wait in the queue
+        "MODELPORT_MAX_BATCH_SIZE": "64",  # one call per forward: the others wait in the queue
     }
-    batch = np.zeros((16, 3, 64, 64), np.float32)
+    batch = np.zeros((64, 3, 64, 64), np.float32)  # ~0.3 s a forward: every call arrives first
     request = pb.ModelInferRequest(
         model_name="cnn",
         inputs=[
@@ -549,7 +549,7 @@ def test_on_sigterm_calls_in_flight_finish_and_new_ones_are_unavailable(tmp_path
     assert liveness == health_pb2.HealthCheckResponse.SERVING  # draining is no reason to restart
     assert late.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in str(late.details())
-    assert all(list(answer.outputs[0].shape) == [16, 10] for answer in answers)
+    assert all(list(answer.outputs[0].shape) == [64, 10] for answer in answers)
 
 
 # --- KServe's client --------------------------------------------------------------------------
