@@ -59,12 +59,8 @@ class NativePredict:
                 f"unsupported Content-Type {kind!r}; send {JSON}, {RAW} (with {SHAPE_HEADER} "
                 f"and {DTYPE_HEADER}), {NPY} or {NPZ} (several inputs by name)"
             )
-        outputs = service.outputs(target, ())
-        if accept in (RAW, NPY) and len(outputs) > 1:
-            raise NotAcceptable(
-                f"model {target.model.name!r} has {len(outputs)} outputs ({', '.join(outputs)}):"
-                f" one {accept} body holds one; ask for {NPZ} or {JSON}"
-            )
+        if accept in (RAW, NPY):
+            _check_one_output(service, target, accept)
         result = await service.infer(target, request)
         headers = {VERSION_HEADER: result.version}
         if result.samples is not None:
@@ -97,6 +93,17 @@ async def _json_request(
         numeric=_inputs_hold_no_string(body, parsed),
     )
     return target, request
+
+
+def _check_one_output(service: InferenceService, target: Target, accept: str) -> None:
+    """NotAcceptable, before the model runs, when one raw or .npy answer cannot hold its
+    outputs."""
+    outputs = service.outputs(target, ())
+    if len(outputs) > 1:
+        raise NotAcceptable(
+            f"model {target.model.name!r} has {len(outputs)} outputs ({', '.join(outputs)}):"
+            f" one {accept} body holds one; ask for {NPZ} or {JSON}"
+        )
 
 
 def _tensors(call: HttpCall, kind: str, body: bytes) -> Any:

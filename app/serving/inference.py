@@ -126,18 +126,8 @@ class InferenceService:
                 f"'inputs' must be a list of samples, or an object of them by input name;"
                 f" received {type(values).__name__}"
             )
-        names = [i.name for i in signature]
-        if len(values) != len(names) or sorted(values) != sorted(names):
-            takes = f"one input named {names[0]!r}" if len(names) == 1 else f"the inputs {names}"
-            received = sorted(str(name)[:64] for name in values)
-            shown = f"{received[:MAX_NAMES_SHOWN]}" + (
-                f" and {len(received) - MAX_NAMES_SHOWN} more"
-                if len(received) > MAX_NAMES_SHOWN
-                else ""
-            )
-            raise InvalidInput(
-                f"model {model.name!r} takes {takes}; received {shown}", {"expected_inputs": names}
-            )
+        else:
+            _check_names(model, values)
         batch = {i.name: self._check(model, request, i, values[i.name]) for i in signature}
         counts = {name: len(array) for name, array in batch.items()}
         if len(set(counts.values())) > 1:
@@ -160,3 +150,19 @@ class InferenceService:
             if len(model.inputs) == 1:
                 raise
             raise InvalidInput(f"input {input.name!r}: {exc.message}", exc.detail) from None
+
+
+def _check_names(model: ServedModel, values: Mapping[Any, Any]) -> None:
+    """InvalidInput unless the inputs given by name are exactly the model's, quoting at most
+    MAX_NAMES_SHOWN of those received."""
+    names = [i.name for i in model.inputs]
+    if len(values) == len(names) and sorted(values) == sorted(names):
+        return
+    takes = f"one input named {names[0]!r}" if len(names) == 1 else f"the inputs {names}"
+    received = sorted(str(name)[:64] for name in values)
+    shown = f"{received[:MAX_NAMES_SHOWN]}" + (
+        f" and {len(received) - MAX_NAMES_SHOWN} more" if len(received) > MAX_NAMES_SHOWN else ""
+    )
+    raise InvalidInput(
+        f"model {model.name!r} takes {takes}; received {shown}", {"expected_inputs": names}
+    )
