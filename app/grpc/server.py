@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,16 +34,14 @@ from app.grpc.proto.health_pb2 import HealthCheckRequest
 from app.grpc.service import HEALTH_SERVICE, SERVICE, InferenceServicer
 from app.http.auth import authorize_api
 from app.http.shutdown import draining
-from app.observability.logs import AccessLog, request_id
-from app.observability.metrics import DeferredCounter, DeferredHistogram, Metrics
+from app.observability.logs import request_id
+from app.observability.requests import REQUEST_ID_HEADER, RequestRecorder, request_id_for
 from app.serving.inference import InferenceService
 
 logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.1
 """How often the server looks at the draining flag (uvicorn looks at its own as often)."""
-REQUEST_ID_KEY = "x-request-id"
-_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the REST door's rule (app.http.observer)
 
 Handler = Callable[[Any], Awaitable[Message]]
 
@@ -132,13 +128,12 @@ class GrpcServer:
         self,
         service: InferenceService,
         settings: Settings,
-        metrics: Metrics,
-        access_log: AccessLog | None,
+        recorder: RequestRecorder,
         server_version: str,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics
-        self.access_log = access_log
+        self.recorder = recorder
+        metrics = recorder.metrics
         self.servicer = InferenceServicer(service, server_version, draining)
         self.extensions = ExtensionServicer(service.registry, metrics)
         self.address = f"{_bracketed(settings.host)}:{settings.grpc_port}"
@@ -146,8 +141,6 @@ class GrpcServer:
         self._watcher: asyncio.Task[None] | None = None
         self._drained_by: float | None = None
         """When the grace period ends, once the process drains (monotonic seconds)."""
-        self._children: dict[tuple[str, str, str, str], tuple[DeferredCounter, DeferredHistogram]]
-        self._children = {}
 
     async def start(self) -> None:
         """Bind the port and serve (RuntimeError naming the address when it cannot bind)."""
@@ -216,9 +209,9 @@ class GrpcServer:
         async def serve(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
             started = time.perf_counter()
             metadata = _metadata(context)
-            rid = _incoming_id(metadata.get(REQUEST_ID_KEY)) or f"{random.getrandbits(64):016x}"
+            rid = request_id_for(metadata.get(REQUEST_ID_HEADER))
             token = request_id.set(rid)
-            trailer = ((REQUEST_ID_KEY, rid),)
+            trailer = ((REQUEST_ID_HEADER, rid),)
             context.set_trailing_metadata(trailer)
             # a call the client cancels (or the grace period cuts off) ends neither way below
             status, code, response = "499", grpc.StatusCode.CANCELLED.name, None
@@ -253,27 +246,22 @@ class GrpcServer:
         started: float,
         rid: str,
     ) -> None:
-        """Count the call and log it, as the REST door's observer does a request."""
-        elapsed = time.perf_counter() - started
+        """Count the call and log it, as the REST door does a request."""
         named = getattr(request, "model_name", None) or getattr(request, "name", "")
-        model = self.metrics.model_label(str(named))
         version = str(getattr(response, "model_version", ""))
-        labels = (model, version, rpc.path, status)
-        children = self._children.get(labels)
-        if children is None:  # prometheus_client's own lookup takes a lock on every call
-            metrics = self.metrics
-            children = (
-                metrics.deferred_counter(metrics.requests.labels(*labels)),
-                metrics.request_seconds.labels(model, rpc.path),
-            )
-            self._children[labels] = children
-        count, latency = children
-        count.inc()
-        latency.observe(elapsed)
-        if self.access_log is not None:
-            self.access_log.record(
-                "GRPC", rpc.path, code, elapsed * 1000, _client(context.peer()), rid
-            )
+        elapsed = time.perf_counter() - started
+        self.recorder.record(
+            "GRPC",
+            rpc.path,
+            rpc.path,
+            str(named),
+            version,
+            status,
+            elapsed,
+            _client(context.peer()),
+            rid,
+            shown=code,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -283,8 +271,7 @@ async def grpc_door(app: FastAPI) -> AsyncIterator[None]:
     server = GrpcServer(
         app.state.inference,
         app.state.settings,
-        app.state.metrics,
-        app.state.access_log,
+        app.state.recorder,
         app.version,
     )
     await server.start()
@@ -311,10 +298,6 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
         for key, value in context.invocation_metadata() or ()
         if isinstance(value, str)
     }
-
-
-def _incoming_id(value: str | None) -> str | None:
-    return value if value is not None and _VALID_ID.fullmatch(value) else None
 
 
 def _client(peer: str) -> str:

@@ -28,6 +28,7 @@ from app.http.shutdown import ShutdownGate
 from app.http.v2_infer import V2Infer
 from app.observability.logs import AccessLog, configure_logging
 from app.observability.metrics import Metrics
+from app.observability.requests import RequestRecorder
 from app.serving.inference import InferenceService
 from app.serving.registry import ModelRegistry
 
@@ -75,7 +76,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class ModelportAPI(FastAPI):
-    """FastAPI, with the request observer, the shutdown gate and the lean inference path in front
+    """FastAPI, with the lean inference path, the request observer and the shutdown gate in front
     of Starlette's own middleware (error pages, body limits, telemetry hooks), which would
     otherwise cost every prediction as much as its own work on a small model."""
 
@@ -88,18 +89,15 @@ class ModelportAPI(FastAPI):
             await self.front(scope, receive, send)
 
     def put_in_front(
-        self,
-        registry: ModelRegistry,
-        settings: Settings,
-        metrics: Metrics,
-        access_log: AccessLog | None,
+        self, registry: ModelRegistry, settings: Settings, recorder: RequestRecorder
     ) -> None:
-        """Route every request through the front layers, then FastAPI."""
-        framework = super().__call__
+        """Route every request through the front layers: the lean inference path, else the
+        observer and the shutdown gate in front of FastAPI."""
+        framework = RequestObserver(ShutdownGate(super().__call__), recorder)
         service = InferenceService(registry, settings.max_samples_per_request)
         self.state.inference = service  # for the other front doors
-        inference = InferenceEndpoint(framework, service, settings, (NativePredict(), V2Infer()))
-        self.front = RequestObserver(ShutdownGate(inference), metrics, access_log)
+        doors = (NativePredict(), V2Infer())
+        self.front = InferenceEndpoint(framework, service, settings, doors, recorder)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -133,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(v2.router)
     app.state.access_log = AccessLog(settings.log_format) if settings.access_log else None
-    app.put_in_front(registry, settings, metrics, app.state.access_log)
+    app.state.recorder = RequestRecorder(metrics, app.state.access_log)
+    app.put_in_front(registry, settings, app.state.recorder)
     _document(app, {m.name: m.spec.example(m.kwargs) for m in registry})
     return app
 

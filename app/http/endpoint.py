@@ -5,8 +5,10 @@ adapter; everything else goes on to the app. Errors are rendered by :mod:`app.ht
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,9 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.codecs.text import decimal
 from app.config import Settings
 from app.errors import BadRequest, MethodNotAllowed, ModelportError, PayloadTooLarge
+from app.http import VERSION_HEADER
 from app.http.answers import Answer, error_answer, send_answer, unexpected
 from app.http.auth import authorize_api
-from app.http.observer import ROUTE_KEY
+from app.http.observer import client_of
+from app.http.shutdown import answered_cut_off, refuse_if_draining
+from app.observability.logs import request_id
+from app.observability.requests import REQUEST_ID_HEADER, RequestRecorder, request_id_for
 from app.serving.inference import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -71,12 +77,18 @@ class FrontDoor(Protocol):
 
 @dataclass
 class InferenceEndpoint:
-    """ASGI middleware answering the front doors' inference paths; the rest goes to ``app``."""
+    """ASGI middleware answering the front doors' inference paths; the rest goes to ``app``.
+
+    It does for its requests what the layers in front of the framework's routes do for theirs
+    (the request id, the draining gate, the request metrics and access line, through the same
+    functions), in one call and with no wrapped ``send``: on a small model those layers cost
+    as much as the inference."""
 
     app: ASGIApp
     service: InferenceService
     settings: Settings
     doors: tuple[FrontDoor, ...]
+    recorder: RequestRecorder
     _routes: list[tuple[re.Pattern[str], str, FrontDoor]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,26 +115,54 @@ class InferenceEndpoint:
         route: str,
         match: re.Match[str],
     ) -> None:
+        started = time.perf_counter()
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = request_id_for(headers.get(REQUEST_ID_HEADER))
+        token = request_id.set(rid)
         params = {k: v for k, v in match.groupdict().items() if v is not None}
         call = HttpCall(
             path, params, headers, scope["query_string"], receive, self.settings.max_body_bytes
         )
+        status, version = 500, ""
         try:
-            if scope["method"] != "POST":
-                raise MethodNotAllowed(
-                    f"{scope['method']} {path}: method not allowed; allowed: POST"
-                )
-            authorize_api(headers.get("authorization"), self.settings)
-            status, body, answer_headers = await door.answer(call, self.service)
+            status, body, answer_headers = await self._answer(scope["method"], call, door)
+            version = answer_headers.get(VERSION_HEADER, "")
+            answer_headers[REQUEST_ID_HEADER] = rid
+            await send_answer(send, status, body, answer_headers)
+        except asyncio.CancelledError:
+            # the server cancels what is still open once the grace period is over
+            if not await answered_cut_off(path, send):
+                raise
+            status = 503
+        finally:
+            elapsed = time.perf_counter() - started
+            served = call.served or params.get("name", "")
+            self.recorder.record(
+                scope["method"],
+                path,
+                route,
+                served,
+                version,
+                str(status),
+                elapsed,
+                client_of(scope),
+                rid,
+            )
+            request_id.reset(token)
+
+    async def _answer(self, method: str, call: HttpCall, door: FrontDoor) -> Answer:
+        """The door's answer, or the error raised on the way rendered in its dress."""
+        try:
+            refuse_if_draining()
+            if method != "POST":
+                raise MethodNotAllowed(f"{method} {call.path}: method not allowed; allowed: POST")
+            authorize_api(call.headers.get("authorization"), self.settings)
+            return await door.answer(call, self.service)
         except ModelportError as exc:
-            status, body, answer_headers = error_answer(exc, path)
+            return error_answer(exc, call.path)
         except Exception as exc:  # in front of the framework: nothing else would answer
-            status, body, answer_headers = error_answer(unexpected(f"POST {path}", exc), path)
-        scope[ROUTE_KEY] = route
-        scope["path_params"] = {**params, "name": call.served or params.get("name", "")}
-        await send_answer(send, status, body, answer_headers)
+            return error_answer(unexpected(f"POST {call.path}", exc), call.path)
 
 
 async def _chunks(receive: Receive) -> AsyncIterator[bytes]:

@@ -34,18 +34,30 @@ class ShutdownGate:
             await self.app(scope, receive, send)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over
-            if not draining.is_set() or not await _refused(scope["path"], send):
+            if not await answered_cut_off(scope["path"], send):
                 raise
 
 
+def refuse_if_draining() -> None:
+    """Draining (503, Retry-After) for new work once the process drains."""
+    if draining.is_set():
+        raise _draining()
+
+
+def _draining() -> Draining:
+    return Draining("the server is shutting down; retry on another replica")
+
+
 async def _refuse(path: str, send: Send) -> None:
-    error = Draining("the server is shutting down; retry on another replica")
-    await send_answer(send, *error_answer(error, path))
+    await send_answer(send, *error_answer(_draining(), path))
 
 
-async def _refused(path: str, send: Send) -> bool:
-    """Answer 503 to a request cut off at the end of the grace period; False if its answer had
-    started already (the server refuses a second start)."""
+async def answered_cut_off(path: str, send: Send) -> bool:
+    """Answer 503 to a request cancelled at the end of the grace period; False if the server
+    is not draining (the cancellation is someone else's) or its answer had started already
+    (the server refuses a second start)."""
+    if not draining.is_set():
+        return False
     try:
         await _refuse(path, send)
     except RuntimeError:
