@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     """Server processes; each loads every model once."""
 
     torch_threads: int | None = Field(default=None, ge=1, le=256)
-    """Intra-op threads of each model's inference thread; unset: the cores divided by the
-    workers (at least 1)."""
+    """Intra-op threads of each model's inference thread; unset: every core for a request
+    that computes alone (nothing queued behind it, no other forward running in any worker),
+    else the cores divided by the workers (at least 1)."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest predict request body accepted, in bytes (413 beyond)."""

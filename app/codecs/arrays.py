@@ -119,8 +119,11 @@ def _check_array(
         )
     target = BY_TORCH[dtype].held.type
     _check_range(array, target)
-    with np.errstate(over="ignore", invalid="ignore"):
-        batch = np.ascontiguousarray(array, dtype=target)
+    if array.dtype == target:
+        batch = np.ascontiguousarray(array)
+    else:  # a narrowing cast may overflow: to infinity, refused below when not allowed
+        with np.errstate(over="ignore", invalid="ignore"):
+            batch = np.ascontiguousarray(array, dtype=target)
     if not batch.flags.writeable:  # e.g. read from a bytes body: torch wants to own it
         batch = batch.copy()
     if batch.dtype.kind == "f" and not allow_non_finite and not np.isfinite(batch).all():

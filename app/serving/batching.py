@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 
 from app.errors import InferenceFailed, InferenceTimeout, ModelportError, QueueFull
 from app.observability.metrics import Metrics
+from app.serving.cores import process_share
 from app.serving.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class DynamicBatcher:
         metrics.sample(lambda: depth.set(len(self._queue)))
         self._active = active
         self._torch_threads = torch_threads
+        """A fixed intra-op thread count; None: each forward's, from the process's share."""
+        self._cores = process_share()
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
         self._stopping = False
@@ -215,14 +218,31 @@ class DynamicBatcher:
         return _Batch(runtime, [first])
 
     def _run(self, batch: _Batch) -> None:
+        # one request with nothing behind it may have every core nobody else computes on
+        alone = len(batch.requests) == 1 and not self._queue
         try:
-            self._forward(batch.runtime, batch.requests)
+            self._forward(batch.runtime, batch.requests, alone)
         except Exception:
             # one request's inputs may break the model: retry each alone so only it fails
             for request in batch.requests:
-                self._forward(batch.runtime, [request])
+                self._forward(batch.runtime, [request], alone=False)
 
-    def _forward(self, runtime: ModelRuntime, requests: list[_Request]) -> None:
+    @contextlib.contextmanager
+    def _threads(self, alone: bool) -> Iterator[None]:
+        """Run the forward inside on the intra-op threads it may use, counted in the process's
+        share of the cores while it computes (a fixed count when the operator set one)."""
+        if self._torch_threads is not None:
+            yield
+            return
+        threads = self._cores.begin(alone)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)  # per thread: this one's forwards only
+        try:
+            yield
+        finally:
+            self._cores.end()
+
+    def _forward(self, runtime: ModelRuntime, requests: list[_Request], alone: bool) -> None:
         """Run the requests as one forward; a single request's failure is its answer, a
         batch's failure is raised for :meth:`_run` to split."""
         started = time.perf_counter()
@@ -237,7 +257,8 @@ class DynamicBatcher:
         size = sum(request.size for request in requests)
         gathered = time.perf_counter()
         try:
-            output = runtime.run(inputs)
+            with self._threads(alone):
+                output = runtime.run(inputs)
         except Exception as exc:
             if len(requests) > 1:
                 raise
@@ -274,12 +295,15 @@ def _answers(
     for request in requests:
         rows = slice(offset, offset + request.size)
         offset = rows.stop
+        if request.postprocess and together is not None:
+            answers.append((request, (runtime, together[rows]), None))
+            continue
         mine = {name: tensor[rows] for name, tensor in output.items()}
         if not request.postprocess:
             answers.append((request, (runtime, mine), None))
             continue
         try:
-            value = together[rows] if together is not None else runtime.postprocess(mine)
+            value = runtime.postprocess(mine)
         except Exception as exc:
             answers.append((request, None, InferenceFailed(f"postprocess failed: {_failure(exc)}")))
             continue

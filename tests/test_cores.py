@@ -1,0 +1,159 @@
+"""The intra-op threads each forward runs with (app.serving.cores): every core for a request
+that computes alone, the worker's share while anything else computes; seen from inside the
+forward of a real module behind a real batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app.observability.metrics import Metrics
+from app.serving import cores
+from app.serving.batching import BatchPolicy, DynamicBatcher
+from app.serving.catalog import INPUT_NAME, ModelSpec
+from app.serving.runtime import ModelRuntime, build_runtime
+from tests.helpers import CPU
+
+pytestmark = pytest.mark.unit
+
+CORES = os.cpu_count() or 1
+WAIT_S = 5.0
+"""Upper bound on anything that should happen at once; only reached when a test fails."""
+
+
+class ThreadCounter(nn.Module):
+    """Records the intra-op threads each forward runs with; a forward can be held at a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        if not self.gate.wait(WAIT_S):
+            raise TimeoutError("the test never opened the gate")
+        self.seen.append(torch.get_num_threads())
+        if (x < 0).any():
+            raise ValueError("negative sample")
+        return x * self.weight
+
+
+SPEC = ModelSpec(name="unit-thread-counter", cls=ThreadCounter, input_shape=(2,))
+
+
+def sample(value: float = 1.0) -> dict[str, np.ndarray]:
+    return {INPUT_NAME: np.full((1, 2), value, dtype=np.float32)}
+
+
+@pytest.fixture
+def busy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """This process as worker 0 of two, counting in a plain list (the launcher's is shared
+    memory); the process's own share is put back afterwards."""
+    if CORES < 2:
+        pytest.skip("one core: every forward gets it")
+    slots = [0, 0]
+    monkeypatch.setattr(cores, "_installed", None)
+    cores.install(slots, 0)
+    return slots
+
+
+@pytest.fixture
+def counter(tmp_path: Path) -> Iterator[tuple[ThreadCounter, Any]]:
+    """A runtime over ThreadCounter and a function making batchers over it (stopped after)."""
+    path = tmp_path / "counter.pth"
+    torch.save({"weight": torch.ones(2)}, path)
+    runtime: ModelRuntime = build_runtime(SPEC, {}, path, CPU)
+    module = runtime.module
+    assert isinstance(module, ThreadCounter)
+    module.seen.clear()  # the smoke test's forward
+    module.entered.clear()
+    batchers: list[DynamicBatcher] = []
+
+    def batcher(torch_threads: int | None = None) -> DynamicBatcher:
+        policy = BatchPolicy(max_batch_delay_s=WAIT_S)
+        made = DynamicBatcher(
+            "counter", lambda: runtime, policy, Metrics(list, ["counter"]), torch_threads
+        )
+        made.start()
+        batchers.append(made)
+        return made
+
+    try:
+        yield module, batcher
+    finally:
+        module.gate.set()
+        for made in batchers:
+            made.stop()
+
+
+async def test_a_lone_request_computes_on_every_core(
+    busy: list[int], counter: tuple[ThreadCounter, Any]
+) -> None:
+    module, batcher = counter
+    await batcher().submit(sample())
+    assert module.seen == [CORES]
+    assert busy == [0, 0]
+
+
+async def test_a_request_computes_on_its_share_while_another_worker_computes(
+    busy: list[int], counter: tuple[ThreadCounter, Any]
+) -> None:
+    module, batcher = counter
+    made = batcher()
+    busy[1] = 1  # the other worker's forward in progress
+    await made.submit(sample())
+    busy[1] = 0
+    await made.submit(sample())
+    assert module.seen == [CORES // 2, CORES]
+
+
+async def test_requests_queued_behind_a_forward_compute_on_the_share(
+    busy: list[int], counter: tuple[ThreadCounter, Any]
+) -> None:
+    module, batcher = counter
+    made = batcher()
+    module.gate.clear()
+    first = asyncio.ensure_future(made.submit(sample()))
+    assert await asyncio.to_thread(module.entered.wait, WAIT_S)
+    assert busy == [1, 0]  # counted in while it computes
+    rest = [asyncio.ensure_future(made.submit(sample())) for _ in range(3)]
+    await asyncio.sleep(0)  # every one queued behind the held forward
+    module.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), WAIT_S)
+    # the first came alone; the three queued behind it ran as one batch of several requests
+    assert module.seen == [CORES, CORES // 2]
+    assert busy == [0, 0]
+
+
+async def test_a_failed_forward_is_counted_out(
+    busy: list[int], counter: tuple[ThreadCounter, Any]
+) -> None:
+    module, batcher = counter
+    made = batcher()
+    with pytest.raises(Exception, match="negative sample"):
+        await made.submit(sample(-1.0))
+    assert busy == [0, 0]
+    await made.submit(sample())
+    assert module.seen[-1] == CORES
+
+
+async def test_a_thread_count_set_by_the_operator_is_kept_whatever_the_load(
+    busy: list[int], counter: tuple[ThreadCounter, Any]
+) -> None:
+    module, batcher = counter
+    await batcher(torch_threads=1).submit(sample())
+    assert module.seen == [1]
+    assert busy == [0, 0]  # not counted: it takes no more than it was given
