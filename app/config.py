@@ -59,9 +59,9 @@ class Settings(BaseSettings):
     """Server processes; each loads every model once."""
 
     torch_threads: int | None = Field(default=None, ge=1, le=256)
-    """Intra-op threads of each model's inference thread; unset: every core for a request
-    that computes alone (nothing queued behind it, no other forward running in any worker),
-    else the cores divided by the workers (at least 1)."""
+    """Each worker's share of the cores: the intra-op threads of its forwards (unset: the
+    cores divided by the workers, at least 1). A forward of one request with nothing queued
+    behind it, while no other forward runs in any worker, takes every worker's share."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest predict request body accepted, in bytes (413 beyond)."""
@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     access_log: bool = True
     """One log line per request (method, path, status, latency, client), health and metrics
     excluded."""
+
+    request_ids: bool = True
+    """Give each request an id (answered in ``X-Request-ID`` and shown in its log lines); off,
+    only an id the client sends is used (behind a proxy or mesh that makes them)."""
+
+    request_metrics: bool = True
+    """Count each request by endpoint and status with its latency (``modelport_requests_total``,
+    ``modelport_request_seconds``); off, ``/metrics`` keeps every other series."""
 
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight requests (queued ones included) may take to finish."""

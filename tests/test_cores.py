@@ -1,6 +1,6 @@
-"""The intra-op threads each forward runs with (app.serving.cores): every core for a request
-that computes alone, the worker's share while anything else computes; seen from inside the
-forward of a real module behind a real batcher."""
+"""The intra-op threads each forward runs with (app.serving.cores): every worker's share of the
+cores for a request that computes alone, its own worker's share while anything else computes;
+seen from inside the forward of a real module behind a real batcher."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ from tests.helpers import CPU
 pytestmark = pytest.mark.unit
 
 CORES = os.cpu_count() or 1
+SHARE = CORES // 2
+"""Each worker's share of the cores, with two workers."""
+EVERY = 2 * SHARE
+"""The threads of a forward that computes alone: both workers' shares."""
 WAIT_S = 5.0
 """Upper bound on anything that should happen at once; only reached when a test fails."""
 
@@ -82,7 +86,7 @@ def counter(tmp_path: Path) -> Iterator[tuple[ThreadCounter, Any]]:
     module.entered.clear()
     batchers: list[DynamicBatcher] = []
 
-    def batcher(torch_threads: int | None = None) -> DynamicBatcher:
+    def batcher(torch_threads: int = SHARE) -> DynamicBatcher:
         policy = BatchPolicy(max_batch_delay_s=WAIT_S)
         made = DynamicBatcher(
             "counter", lambda: runtime, policy, Metrics(list, ["counter"]), torch_threads
@@ -104,7 +108,7 @@ async def test_a_lone_request_computes_on_every_core(
 ) -> None:
     module, batcher = counter
     await batcher().submit(sample())
-    assert module.seen == [CORES]
+    assert module.seen == [EVERY]
     assert busy == [0, 0]
 
 
@@ -117,7 +121,7 @@ async def test_a_request_computes_on_its_share_while_another_worker_computes(
     await made.submit(sample())
     busy[1] = 0
     await made.submit(sample())
-    assert module.seen == [CORES // 2, CORES]
+    assert module.seen == [SHARE, EVERY]
 
 
 async def test_requests_queued_behind_a_forward_compute_on_the_share(
@@ -134,7 +138,7 @@ async def test_requests_queued_behind_a_forward_compute_on_the_share(
     module.gate.set()
     await asyncio.wait_for(asyncio.gather(first, *rest), WAIT_S)
     # the first came alone; the three queued behind it ran as one batch of several requests
-    assert module.seen == [CORES, CORES // 2]
+    assert module.seen == [EVERY, SHARE]
     assert busy == [0, 0]
 
 
@@ -147,13 +151,16 @@ async def test_a_failed_forward_is_counted_out(
         await made.submit(sample(-1.0))
     assert busy == [0, 0]
     await made.submit(sample())
-    assert module.seen[-1] == CORES
+    assert module.seen[-1] == EVERY
 
 
-async def test_a_thread_count_set_by_the_operator_is_kept_whatever_the_load(
+async def test_a_share_set_by_the_operator_is_a_forwards_threads_and_alone_every_workers(
     busy: list[int], counter: tuple[ThreadCounter, Any]
 ) -> None:
     module, batcher = counter
-    await batcher(torch_threads=1).submit(sample())
-    assert module.seen == [1]
-    assert busy == [0, 0]  # not counted: it takes no more than it was given
+    made = batcher(torch_threads=3)
+    await made.submit(sample())
+    busy[1] = 1
+    await made.submit(sample())
+    busy[1] = 0
+    assert module.seen == [6, 3]

@@ -290,3 +290,37 @@ def families(exposition: bytes, name: str) -> list[str]:
         if metric_name == name or metric_name.startswith(f"{name}_"):
             found.append(line)
     return [line for line in found if "_created" not in line]
+
+
+@pytest.mark.app
+async def test_with_request_ids_off_only_a_caller_id_is_answered_and_logged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(tmp_path, LINEAR, request_ids=False)
+    async with serve_in_process(settings) as client:
+        given = await client.post(
+            "/v1/models/linear/predict", json={"inputs": [SAMPLE]}, headers={"X-Request-ID": "ab-1"}
+        )
+        plain = await client.post("/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+        route = await client.get("/v1/models/linear")
+    assert given.headers["X-Request-ID"] == "ab-1"
+    assert "X-Request-ID" not in plain.headers
+    assert "X-Request-ID" not in route.headers
+    assert plain.status_code == route.status_code == 200
+    lines = [line for line in capsys.readouterr().err.splitlines() if "app.access" in line]
+    assert any("[ab-1] POST /v1/models/linear/predict 200" in line for line in lines)
+    assert any("[-] POST /v1/models/linear/predict 200" in line for line in lines)
+
+
+@pytest.mark.app
+async def test_with_request_metrics_off_requests_are_not_counted_but_batches_are(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, LINEAR, request_metrics=False)
+    async with serve_in_process(settings) as client:
+        for _ in range(3):
+            assert (await client.post("/predict", json={"inputs": [SAMPLE]})).status_code == 200
+        text = (await client.get("/metrics")).text
+    assert metric(text, "modelport_requests_total", missing=0) == 0
+    assert metric(text, "modelport_request_duration_seconds_count", missing=0) == 0
+    assert metric(text, "modelport_batch_size_sum", model="linear") == 3

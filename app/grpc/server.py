@@ -35,7 +35,7 @@ from app.grpc.service import HEALTH_SERVICE, SERVICE, InferenceServicer
 from app.http.auth import authorize_api
 from app.http.shutdown import draining
 from app.observability.logs import request_id
-from app.observability.requests import REQUEST_ID_HEADER, RequestRecorder, request_id_for
+from app.observability.requests import NO_ID, REQUEST_ID_HEADER, RequestRecorder
 from app.serving.inference import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -209,9 +209,9 @@ class GrpcServer:
         async def serve(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
             started = time.perf_counter()
             metadata = _metadata(context)
-            rid = request_id_for(metadata.get(REQUEST_ID_HEADER))
+            rid = self.recorder.request_id(metadata.get(REQUEST_ID_HEADER))
             token = request_id.set(rid)
-            trailer = ((REQUEST_ID_HEADER, rid),)
+            trailer = ((REQUEST_ID_HEADER, rid),) if rid != NO_ID else ()
             context.set_trailing_metadata(trailer)
             # a call the client cancels (or the grace period cuts off) ends neither way below
             status, code, response = "499", grpc.StatusCode.CANCELLED.name, None

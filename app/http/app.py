@@ -131,7 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(v2.router)
     app.state.access_log = AccessLog(settings.log_format) if settings.access_log else None
-    app.state.recorder = RequestRecorder(metrics, app.state.access_log)
+    app.state.recorder = RequestRecorder(
+        metrics,
+        app.state.access_log,
+        count=settings.request_metrics,
+        make_ids=settings.request_ids,
+    )
     app.put_in_front(registry, settings, app.state.recorder)
     _document(app, {m.name: m.spec.example(m.kwargs) for m in registry})
     return app

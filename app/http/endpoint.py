@@ -24,7 +24,7 @@ from app.http.auth import authorize_api
 from app.http.observer import client_of
 from app.http.shutdown import answered_cut_off, refuse_if_draining
 from app.observability.logs import request_id
-from app.observability.requests import REQUEST_ID_HEADER, RequestRecorder, request_id_for
+from app.observability.requests import NO_ID, REQUEST_ID_HEADER, RequestRecorder
 from app.serving.inference import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class InferenceEndpoint:
         started = time.perf_counter()
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = request_id_for(headers.get(REQUEST_ID_HEADER))
+        rid = self.recorder.request_id(headers.get(REQUEST_ID_HEADER))
         token = request_id.set(rid)
         params = {k: v for k, v in match.groupdict().items() if v is not None}
         call = HttpCall(
@@ -128,7 +128,8 @@ class InferenceEndpoint:
         try:
             status, body, answer_headers = await self._answer(scope["method"], call, door)
             version = answer_headers.get(VERSION_HEADER, "")
-            answer_headers[REQUEST_ID_HEADER] = rid
+            if rid != NO_ID:
+                answer_headers[REQUEST_ID_HEADER] = rid
             await send_answer(send, status, body, answer_headers)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over

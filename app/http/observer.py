@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http import PROBE_PATHS, VERSION_HEADER
 from app.observability.logs import request_id
-from app.observability.requests import REQUEST_ID_HEADER, RequestRecorder, request_id_for
+from app.observability.requests import NO_ID, REQUEST_ID_HEADER, RequestRecorder
 
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _VERSION = VERSION_HEADER.lower().encode()
@@ -38,7 +38,8 @@ class RequestObserver:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id_for(_incoming_id(scope["headers"]))
+        rid = self.recorder.request_id(_incoming_id(scope["headers"]))
+        echoed = [(_REQUEST_ID, rid.encode("latin-1"))] if rid != NO_ID else []
         token = request_id.set(rid)
         started = time.perf_counter()
         answer = {"status": 500, "version": ""}
@@ -50,7 +51,7 @@ class RequestObserver:
                 for name, value in headers:
                     if name.lower() == _VERSION:
                         answer["version"] = value.decode("latin-1")
-                message["headers"] = [*headers, (_REQUEST_ID, rid.encode("latin-1"))]
+                message["headers"] = [*headers, *echoed]
             await send(message)
 
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -91,8 +92,8 @@ class DynamicBatcher:
         depth = metrics.queue_depth.labels(name)
         metrics.sample(lambda: depth.set(len(self._queue)))
         self._active = active
-        self._torch_threads = torch_threads
-        """A fixed intra-op thread count; None: each forward's, from the process's share."""
+        self._torch_threads = torch_threads or os.cpu_count() or 1
+        """This worker's share of the cores: a forward's intra-op threads (more when alone)."""
         self._cores = process_share()
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
@@ -166,8 +167,6 @@ class DynamicBatcher:
     # --- the inference thread ------------------------------------------------------------
 
     def _work(self) -> None:
-        if self._torch_threads is not None:
-            torch.set_num_threads(self._torch_threads)  # per thread: must be set in this one
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -230,11 +229,8 @@ class DynamicBatcher:
     @contextlib.contextmanager
     def _threads(self, alone: bool) -> Iterator[None]:
         """Run the forward inside on the intra-op threads it may use, counted in the process's
-        share of the cores while it computes (a fixed count when the operator set one)."""
-        if self._torch_threads is not None:
-            yield
-            return
-        threads = self._cores.begin(alone)
+        share of the cores while it computes."""
+        threads = self._cores.begin(self._torch_threads, alone)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)  # per thread: this one's forwards only
         try:

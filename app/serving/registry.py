@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -68,6 +69,8 @@ class ModelRegistry:
         """
         discover_all(settings.model_packages)
         state = VersionState.open(settings)
+        # Default: share the cores between the worker processes, one model thread each.
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         models = []
         for config in configs:
             spec, device = _check_entry(config)
@@ -81,7 +84,7 @@ class ModelRegistry:
                     metrics,
                     kwargs=spec.constructor_kwargs(config.kwargs),
                     require_finite=settings.require_finite_weights,
-                    torch_threads=settings.torch_threads,
+                    torch_threads=threads,
                 )
             )
         default = settings.default_model
