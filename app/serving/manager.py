@@ -11,11 +11,12 @@ import asyncio
 import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from app.errors import DigestMismatch, VersionConflict
-from app.serving.model import CPU, ServedModel
+from app.serving.model import CPU, ServedModel, in_background
 from app.serving.runtime import ModelRuntime, check_acceptance, validation_report
 from app.state.database import Actor, Pointers
 from app.state.incoming import StagedUpload
@@ -80,7 +81,7 @@ class VersionManager:
             else:
                 pointers = await asyncio.to_thread(db.pointers, model.name)
             return UploadOutcome(existing, False, model.serves(version), pointers)
-        runtime, report = await asyncio.to_thread(self._validate, staged)
+        runtime, report = await in_background(partial(self._validate, staged))
         record = VersionRecord(
             version,
             staged.sha256,
@@ -91,7 +92,7 @@ class VersionManager:
             "upload",
             report,
         )
-        await asyncio.to_thread(self._store_blob, record, staged)
+        await in_background(partial(self._store_blob, record, staged))  # hashes the bytes
         created = await asyncio.to_thread(db.add_version, model.name, record, actor)
         # a delete of the same bytes on another replica may have removed the blob meanwhile
         await asyncio.to_thread(self._store_blob, record, staged)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +47,34 @@ CPU = torch.device("cpu")
 RETRY_FAILED_VERSION_S = 30.0
 """How long a replica waits before it tries again to load a version that failed to load."""
 _REGISTRAR = Actor(request_id=None, client="startup")
+BUILD_TORCH_THREADS = 1
+"""Intra-op threads of a runtime built while models serve (an upload's validation, an
+activation, a rollback, following the database)."""
+BUILD_NICENESS = 10
+"""How much lower than the serving threads' the OS priority of such a build is."""
+T = TypeVar("T")
+
+
+async def in_background(job: Callable[[], T]) -> T:
+    """``job()`` on a thread of its own, with BUILD_TORCH_THREADS torch threads at a lower OS
+    priority: reading, checking and smoke-testing large weights then takes what the inference
+    threads leave of the cores, instead of all of them beside those threads."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="build", initializer=_lower_this_thread)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, job)
+    finally:
+        executor.shutdown(wait=False)
+
+
+def _lower_this_thread() -> None:
+    torch.set_num_threads(BUILD_TORCH_THREADS)  # per thread: must be set in this one
+    thread = threading.get_native_id()
+    try:
+        # On Linux a thread id names that thread alone, not the whole process.
+        niceness = os.getpriority(os.PRIO_PROCESS, thread) + BUILD_NICENESS
+        os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
+    except OSError as exc:  # not permitted here: the build runs at the serving priority
+        logger.debug("cannot lower the priority of a build thread: %s", exc)
 
 
 @dataclass
@@ -128,7 +160,7 @@ class ServedModel:
         if loaded is not None:
             return loaded
         try:
-            return await asyncio.to_thread(self.build, record, load_device=load_device)
+            return await in_background(partial(self.build, record, load_device=load_device))
         except WeightsError:
             await asyncio.to_thread(self.record, record.id)  # VersionNotFound: it was deleted
             raise

@@ -115,8 +115,7 @@ def read_state_dict(
     if file.format == "safetensors":
         loaded: object = _load_safetensors(file.path, device)
     else:
-        _refuse_compressed_zip(file.path)
-        loaded = _load_torch(file.path, device)
+        loaded = _load_torch(file.path, device, mapped=_is_stored_zip(file.path))
     state_dict = _unwrap(loaded, checkpoint_key)
     return strip_wrapper_prefixes(state_dict, model_keys)
 
@@ -128,10 +127,12 @@ def _load_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tenso
         raise WeightsUnreadable(f"corrupt safetensors file: {exc}") from None
 
 
-def _refuse_compressed_zip(path: Path) -> None:
-    """torch.save writes stored (uncompressed) entries; compressed ones can only be a zip bomb."""
+def _is_stored_zip(path: Path) -> bool:
+    """Whether the file is a zip archive (torch's format since 1.6), refusing compressed
+    entries: torch.save writes stored (uncompressed) ones; compressed ones can only be a zip
+    bomb."""
     if not zipfile.is_zipfile(path):
-        return
+        return False
     try:
         with zipfile.ZipFile(path) as archive:
             compressed = [i.filename for i in archive.infolist() if i.compress_type]
@@ -142,12 +143,19 @@ def _refuse_compressed_zip(path: Path) -> None:
             f"the archive has compressed entries ({compressed[0]}, ...), which torch.save never "
             "writes; refusing a possible zip bomb"
         )
+    return True
 
 
-def _load_torch(path: Path, device: torch.device) -> object:
+def _load_torch(path: Path, device: torch.device, mapped: bool) -> object:
+    """Memory-mapped when it can be: the tensors then read the file's pages as they are used,
+    instead of a copy of the whole file held in memory beside the model being built."""
+    # Only a zip archive can be mapped, and only by its path; a stream otherwise, and for a
+    # *.safetensors name, for which torch picks its safetensors reader: only the content may
+    # decide the format.
+    mapped = mapped and not path.name.endswith(".safetensors")
     try:
-        # A stream, not the path: torch picks its safetensors reader for a *.safetensors name,
-        # and only the content may decide the format.
+        if mapped:
+            return torch.load(path, map_location=device, weights_only=True, mmap=True)
         with path.open("rb") as stream:
             return torch.load(stream, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
@@ -291,12 +299,26 @@ def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
     bad = [
         key
         for key, value in state_dict.items()
-        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all()
+        if (value.is_floating_point() or value.is_complex()) and not all_finite(value)
     ]
     if bad:
         raise NonFiniteWeights(
             f"{len(bad)} tensor(s) hold NaN or infinity: {', '.join(bad[:10])}", {"keys": bad}
         )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, from the smallest and largest (NaN propagates through
+    both): ``torch.isfinite`` of a whole tensor allocates temporaries several times its size,
+    this allocates nothing and reads the values once."""
+    if tensor.numel() == 0:
+        return True
+    values = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    try:
+        low, high = torch.aminmax(values)
+    except (RuntimeError, NotImplementedError):  # a dtype without min/max kernels (float8)
+        return bool(torch.isfinite(values).all())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _castable(found: torch.dtype, expected: torch.dtype) -> bool:
