@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastapi import FastAPI
+
+from app.config import Settings, load_service_config, load_settings
 from app.errors import ConfigError
-from app.http.app import create_app, load_settings
 from app.observability.logs import configure_logging
 from app.runner import supervisor as server
+from app.runner.memory import tune_allocator
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,15 +30,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Check the settings and config, then serve them."""
+    tune_allocator()  # before the models load (a process serving alone)
     flags = {name: value for name, value in vars(_parse_args(argv)).items() if value is not None}
     try:
         settings = load_settings(**flags)
-        app = create_app(settings)  # fail fast with one line, before uvicorn starts
-    except ConfigError as exc:
+        app = _checked_app(settings)  # fail fast with one line, before uvicorn starts
+        configure_logging(settings.log_level, settings.log_format)
+        return server.run(settings, app)
+    except ConfigError as exc:  # from here, or from a worker
         print(f"modelport: config error: {exc.message}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
-    return server.run(settings, app)
+
+
+def _checked_app(settings: Settings) -> FastAPI | None:
+    """The app, for a process that serves alone; with several workers, only the config file is
+    read here: each worker checks the rest (classes, weights) as it makes its own app, and the
+    supervisor keeps no torch (~230 MiB) for that check."""
+    if settings.workers > 1:
+        load_service_config(settings.config)
+        return None
+    from app.http.app import create_app  # imports torch
+
+    return create_app(settings)
 
 
 if __name__ == "__main__":

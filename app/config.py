@@ -277,3 +277,12 @@ def settings_error_line(exc: ValidationError) -> str:
     field = location(error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"MODELPORT_{field.upper()}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with ``overrides`` (the launcher's flags) over it;
+    ConfigError with one line on a bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(settings_error_line(exc)) from None

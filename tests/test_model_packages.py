@@ -17,9 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from app.config import Settings, load_service_config
+from app.config import Settings, load_service_config, load_settings
 from app.errors import ConfigError
-from app.http.app import load_settings
 from app.serving.catalog import get_spec
 from tests.helpers import (
     LINEAR,

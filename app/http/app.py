@@ -12,10 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.config import Settings, load_service_config, settings_error_line
+from app.config import Settings, load_service_config, load_settings
 from app.errors import ConfigError
 from app.http.answers import install_error_handlers
 from app.http.endpoint import InferenceEndpoint
@@ -160,15 +159,6 @@ def _document(app: FastAPI, examples: dict[str, Any]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with ``overrides`` (the launcher's flags) over it;
-    ConfigError with one line on a bad value."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(settings_error_line(exc)) from None
 
 
 def _create_app_or_exit() -> FastAPI:

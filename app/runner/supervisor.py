@@ -1,6 +1,9 @@
 """Running the service: one uvicorn process, or several, each accepting on its own
 ``SO_REUSEPORT`` socket so that the kernel spreads connections evenly between them (with one
-shared listening socket, one busy worker tends to accept nearly every connection)."""
+shared listening socket, one busy worker tends to accept nearly every connection).
+
+The supervisor of several workers imports neither torch nor the app (~230 MiB for as long as it
+runs): each worker imports them, makes its app, and reports a config error back to it."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -23,16 +26,17 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from app.config import Settings
 from app.errors import ConfigError
-from app.grpc.server import add_grpc_door
-from app.http.app import create_app
 from app.http.shutdown import draining
 from app.observability.logs import configure_logging
 from app.observability.metrics import MULTIPROC_ENV
+from app.runner.memory import tune_allocator
 from app.runner.protocol import head_limited
 
 logger = logging.getLogger(__name__)
 MAX_FAILED_STARTS = 3
 """Workers in a row that exit before they ever became ready; then the supervisor gives up."""
+REFUSAL_BYTES = 4096
+"""Room for the config error a worker reports to the supervisor (longer ones are cut)."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -77,6 +81,8 @@ class DrainingServer(uvicorn.Server):
 def _server(
     app: FastAPI, settings: Settings, on_ready: Callable[[], None] | None = None
 ) -> DrainingServer:
+    from app.grpc.server import add_grpc_door  # torch: not in the supervisor
+
     add_grpc_door(app, settings)  # the app's lifespan opens it (not an app in a test's process)
     config = uvicorn.Config(
         app,
@@ -91,10 +97,12 @@ def _server(
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
 
 
-def run(settings: Settings, app: FastAPI) -> int:
+def run(settings: Settings, app: FastAPI | None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status. One process serves ``app`` (made
-    from ``settings``); with several workers, each worker makes its own from ``settings``."""
-    if settings.workers == 1:
+    from ``settings``); with several workers (``app`` None), each worker makes its own from
+    ``settings``, and a config error one of them meets is raised here (ConfigError) once they
+    have all stopped."""
+    if app is not None:
         _server(app, settings).run()
         return 0
     with tempfile.TemporaryDirectory(prefix="modelport-metrics-") as metrics_dir:
@@ -105,14 +113,29 @@ def run(settings: Settings, app: FastAPI) -> int:
         return _Supervisor(settings).run()
 
 
-def _worker(settings: Settings, ready: ctypes.c_bool) -> None:
+def _worker(
+    settings: Settings,
+    ready: ctypes.c_bool,
+    refusal: ctypes.Array[ctypes.c_char],
+    busy: MutableSequence[int],
+    index: int,
+) -> None:
     """One worker process: the app made from ``settings``, its own socket on the shared port,
-    then uvicorn; ``ready`` turns true once it serves."""
+    then uvicorn; ``ready`` turns true once it serves; a config error goes to ``refusal``, for
+    the supervisor to report once; it counts its forwards in ``busy[index]``
+    (:mod:`app.serving.cores`)."""
+    tune_allocator()  # before the models load
     configure_logging(settings.log_level, settings.log_format)
+    # imported here, not by the module: the supervisor imports it too, to start this function
+    from app.http.app import create_app
+    from app.serving import cores
+
+    busy[index] = 0  # the slot of a worker that died mid-forward
+    cores.install(busy, index)
     try:
         app = create_app(settings)
-    except ConfigError as exc:  # the launcher checked it; the config file changed since
-        logger.error("config error: %s", exc.message)
+    except ConfigError as exc:  # the classes, kwargs and weights files were not checked before
+        refusal.value = exc.message.encode()[: REFUSAL_BYTES - 1]
         raise SystemExit(2) from None
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -132,6 +155,8 @@ class _Worker:
     ready: ctypes.c_bool
     """Shared memory the worker sets once it serves: a plain flag, not an Event, whose lock a
     worker killed while setting it would leave held, and the supervisor waiting on for ever."""
+    refusal: ctypes.Array[ctypes.c_char]
+    """The config error that stopped the worker (empty: none)."""
     seen_ready: bool = False
 
 
@@ -141,6 +166,8 @@ class _Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")
+        self._busy = self._context.RawArray(ctypes.c_int, settings.workers)
+        """Each worker's forwards in progress (:mod:`app.serving.cores`)."""
         self._stopping = False
         """Set by the signal handler: a plain flag, since a signal landing while a handler
         holds a lock (``threading.Event.set`` takes one) would wait on it forever."""
@@ -150,7 +177,7 @@ class _Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        workers = [self._start() for _ in range(self.settings.workers)]
+        workers = [self._start(index) for index in range(self.settings.workers)]
         while not self._stopping:
             for index, worker in enumerate(workers):
                 if worker.process.is_alive():
@@ -158,6 +185,9 @@ class _Supervisor:
                         worker.seen_ready = True
                         self._failed_starts = 0  # this one starts: what failed has passed
                     continue
+                if worker.refusal.value:  # a config error: another worker would meet it too
+                    self._shutdown(workers)
+                    raise ConfigError(worker.refusal.value.decode(errors="replace"))
                 if self._keeps_failing(worker):
                     self._shutdown(workers)
                     return 1
@@ -167,16 +197,18 @@ class _Supervisor:
                     worker.process.pid,
                     worker.process.exitcode,
                 )
-                workers[index] = self._start()
+                workers[index] = self._start(index)
             time.sleep(0.2)
         self._shutdown(workers)
         return 0
 
-    def _start(self) -> _Worker:
+    def _start(self, index: int) -> _Worker:
         ready = self._context.RawValue(ctypes.c_bool, False)
-        process = self._context.Process(target=_worker, args=(self.settings, ready))
+        refusal = self._context.RawArray(ctypes.c_char, REFUSAL_BYTES)
+        args = (self.settings, ready, refusal, self._busy, index)
+        process = self._context.Process(target=_worker, args=args)
         process.start()
-        return _Worker(process, ready)
+        return _Worker(process, ready, refusal)
 
     def _keeps_failing(self, worker: _Worker) -> bool:
         """Workers that keep dying before they serve will not get better by restarts; one that
