@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from app.errors import ConfigError, StateUnavailable, VersionConflict, VersionNotFound
 from app.state.dialects import (
-    POSTGRESQL,
     SQLITE,
     Connection,
     Cursor,
@@ -31,6 +30,7 @@ from app.state.dialects import (
     connect_postgresql,
     connect_sqlite,
     listen_postgresql,
+    postgresql,
 )
 from app.state.records import VersionRecord
 
@@ -111,7 +111,7 @@ class VersionDatabase:
             return cls(lambda: connect_sqlite(path), SQLITE, str(path))
         if url.startswith(("postgresql://", "postgres://")):
             where = url.split("@")[-1]  # host, port and database: never the password
-            return cls(lambda: connect_postgresql(url), POSTGRESQL, f"postgresql://{where}")
+            return cls(lambda: connect_postgresql(url), postgresql(), f"postgresql://{where}")
         raise ConfigError(
             "MODELPORT_DATABASE_URL must start with postgresql:// (or sqlite:///); "
             f"received {url.split(':', 1)[0]!r}"
