@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import Send
+from starlette.types import Scope, Send
 
 from app.errors import (
     FrameworkError,
@@ -41,8 +41,20 @@ def error_answer(exc: ModelportError, path: str) -> Answer:
     return status, orjson.dumps(body), {"content-type": JSON, **exc.headers}
 
 
-async def send_answer(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-    """Send a whole answer on the raw ASGI interface."""
+WHOLE_ANSWER = "modelport.whole_answer"
+"""The scope extension of a server that writes a whole answer in one call:
+``write(status, raw headers, body) -> bool`` (False: it wrote nothing, send the messages)."""
+
+
+async def send_answer(
+    scope: Scope, send: Send, status: int, body: bytes, headers: dict[str, str]
+) -> None:
+    """Send a whole answer: at once where the server offers that (WHOLE_ANSWER), else as the
+    raw ASGI interface's two messages."""
+    extensions = scope.get("extensions")
+    write = extensions.get(WHOLE_ANSWER) if extensions else None
+    if write is not None and write(status, raw_headers(headers), body):
+        return
     raw = [*raw_headers(headers), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,12 +52,17 @@ class HttpCall:
             raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
         parts: list[bytes] = []
         size = 0
-        async for chunk in _chunks(self.receive):
+        while True:
+            message: Message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
             parts.append(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 Paths = tuple[tuple[re.Pattern[str], str], ...]
@@ -130,10 +134,10 @@ class InferenceEndpoint:
             version = answer_headers.get(VERSION_HEADER, "")
             if rid != NO_ID:
                 answer_headers[REQUEST_ID_HEADER] = rid
-            await send_answer(send, status, body, answer_headers)
+            await send_answer(scope, send, status, body, answer_headers)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over
-            if not await answered_cut_off(path, send):
+            if not await answered_cut_off(scope, send):
                 raise
             status = 503
         finally:
@@ -164,13 +168,3 @@ class InferenceEndpoint:
             return error_answer(exc, call.path)
         except Exception as exc:  # in front of the framework: nothing else would answer
             return error_answer(unexpected(f"POST {call.path}", exc), call.path)
-
-
-async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("the client disconnected before sending the whole body")
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return

@@ -28,13 +28,13 @@ class ShutdownGate:
             await self.app(scope, receive, send)
             return
         if draining.is_set() and not scope["path"].startswith(PROBE_PATHS):
-            await _refuse(scope["path"], send)
+            await _refuse(scope, send)
             return
         try:
             await self.app(scope, receive, send)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over
-            if not await answered_cut_off(scope["path"], send):
+            if not await answered_cut_off(scope, send):
                 raise
 
 
@@ -48,18 +48,18 @@ def _draining() -> Draining:
     return Draining("the server is shutting down; retry on another replica")
 
 
-async def _refuse(path: str, send: Send) -> None:
-    await send_answer(send, *error_answer(_draining(), path))
+async def _refuse(scope: Scope, send: Send) -> None:
+    await send_answer(scope, send, *error_answer(_draining(), scope["path"]))
 
 
-async def answered_cut_off(path: str, send: Send) -> bool:
+async def answered_cut_off(scope: Scope, send: Send) -> bool:
     """Answer 503 to a request cancelled at the end of the grace period; False if the server
     is not draining (the cancellation is someone else's) or its answer had started already
     (the server refuses a second start)."""
     if not draining.is_set():
         return False
     try:
-        await _refuse(path, send)
+        await _refuse(scope, send)
     except RuntimeError:
         return False
     return True

@@ -3,7 +3,9 @@
 uvicorn writes a response's head as soon as the app sends ``http.response.start`` and its body
 with the next message: two writes, and on a small answer two TCP segments, each paying the whole
 loopback or network path and waking the client twice. Here the head waits for the first body
-message and goes out with it, which served a trivial app 20% faster on one worker.
+message and goes out with it, which served a trivial app 20% faster on one worker. An app with
+its whole answer ready (the lean inference path) can skip the two messages and their checks:
+the scope's ``extensions`` offer :meth:`OneWriteCycle.answer` under WHOLE_ANSWER.
 
 It also bounds a request's head (uvicorn and httptools buffer one whole, however long): a head
 over ``max_header_bytes`` or with more than ``max_header_count`` fields is answered 431 and the
@@ -23,7 +25,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from app.errors import HeadTooLarge
-from app.http.answers import error_answer, raw_headers
+from app.http.answers import WHOLE_ANSWER, error_answer, raw_headers
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,32 @@ class _HeadHolder:
 
 
 class OneWriteCycle(RequestResponseCycle):
-    """A request/response cycle whose head goes out with the first body chunk."""
+    """A request/response cycle whose head goes out with the first body chunk; and which can
+    write a whole answer at once (:meth:`answer`) for an app that has it ready."""
+
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write a whole answer (``headers`` lower-case and valid, with no content-length or
+        connection field) as one write, as ``send`` would in two messages; False, having
+        written nothing, where ``send`` must do it (a HEAD request, a paused transport, an
+        answer already started or a client gone)."""
+        paused = self.flow.write_paused or self.disconnected or self.response_started
+        if paused or self.scope["method"] == "HEAD":
+            return False
+        self.response_started = self.response_complete = True
+        self.waiting_for_100_continue = False
+        content = [STATUS_LINE[status]]
+        for name, value in (*self.default_headers, *headers):
+            content += (name, b": ", value, b"\r\n")
+        content.append(b"content-length: %d\r\n" % len(body))
+        if not self.keep_alive:
+            content.append(b"connection: close\r\n")
+        content.append(b"\r\n")
+        self.transport.writelines((b"".join(content), body))  # one writev, the body not copied
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+        return True
 
     async def send(self, message: Any) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
@@ -134,8 +161,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if type(self.cycle) is RequestResponseCycle:
             # uvicorn builds the cycle itself; its task has not run yet, so the subclass's
-            # send is the one the app gets
+            # send is the one the app gets, and the scope can still offer its whole answers
             self.cycle.__class__ = OneWriteCycle
+            extensions: dict[str, Any] = {WHOLE_ANSWER: cast(OneWriteCycle, self.cycle).answer}
+            self.scope["extensions"] = extensions
 
     def on_body(self, body: bytes) -> None:
         self._raw_head_bytes = 0

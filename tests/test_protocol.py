@@ -1,0 +1,143 @@
+"""The server's HTTP protocol (app.runner.protocol) on a real loopback socket: an app with its
+whole answer ready writes it at once through the scope's WHOLE_ANSWER extension, with the same
+keep-alive, pipelining, ``Connection: close`` and HEAD behaviour as uvicorn's two messages."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.http.answers import WHOLE_ANSWER, send_answer
+from app.runner.protocol import head_limited
+
+pytestmark = pytest.mark.process
+
+
+class Recorder:
+    """An ASGI app answering ``ok <path>`` through send_answer, recording whether each request
+    was offered the whole-answer extension and whether the server took the answer at once."""
+
+    def __init__(self) -> None:
+        self.offered: list[bool] = []
+        self.whole: list[bool] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        write = scope.get("extensions", {}).get(WHOLE_ANSWER)
+        self.offered.append(write is not None)
+
+        def recording(*args: Any) -> bool:
+            taken = bool(write(*args))
+            self.whole.append(taken)
+            return taken
+
+        if write is not None:
+            scope["extensions"] = {WHOLE_ANSWER: recording}
+        body = f"ok {scope['path']}".encode()
+        await send_answer(scope, send, 200, body, {"content-type": "text/plain"})
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Recorder, int]]:
+    """The recorder behind uvicorn with the project's protocol, on a free port of 127.0.0.1."""
+    app = Recorder()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, http=head_limited(65536, 100), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.01)
+        yield app, port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def exchange(port: int, request: bytes, answers: int) -> bytes:
+    """Send ``request`` on one connection and read until ``answers`` whole answers came (or
+    the server closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request)
+        received = b""
+        while not _complete(received, answers):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def _complete(received: bytes, answers: int) -> bool:
+    """Whether ``received`` holds ``answers`` answers, the last with its whole body."""
+    if received.count(b"HTTP/1.1 ") < answers or b"\r\n\r\n" not in received:
+        return False
+    head, _, body = received.rpartition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[-1].split(b"\r\n")[0])
+    return len(body) >= length
+
+
+def test_pipelined_requests_get_whole_answers_in_order_on_one_connection(
+    served: tuple[Recorder, int],
+) -> None:
+    app, port = served
+    request = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
+    request += b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\ny"
+    received = exchange(port, request, 2)
+    first, second = received.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 OK\r\n")
+    assert first.endswith(b"\r\n\r\nok /a")
+    assert second.startswith(b"200 OK\r\n")
+    assert second.endswith(b"\r\n\r\nok /b")
+    for answer in (first, second):
+        assert b"content-length: 5\r\n" in answer
+        assert b"connection" not in answer
+        assert b"transfer-encoding" not in answer
+        assert b"date: " in answer
+        assert b"server: uvicorn" in answer
+    assert app.offered == [True, True]
+    assert app.whole == [True, True]
+
+
+def test_connection_close_is_answered_with_close_and_the_connection_ends(
+    served: tuple[Recorder, int],
+) -> None:
+    app, port = served
+    request = b"POST /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request)
+        received = b""
+        while chunk := client.recv(65536):  # ends only when the server closes
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close\r\n" in received
+    assert received.endswith(b"\r\n\r\nok /c")
+    assert app.whole == [True]
+
+
+def test_a_head_request_goes_through_the_two_messages_and_gets_no_body(
+    served: tuple[Recorder, int],
+) -> None:
+    app, port = served
+    request = b"HEAD /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 5\r\n" in received
+    assert received.endswith(b"\r\n\r\n")  # the head only
+    assert app.whole == [False]
