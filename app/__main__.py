@@ -12,7 +12,6 @@ from app.config import Settings, load_service_config, load_settings
 from app.errors import ConfigError
 from app.observability.logs import configure_logging
 from app.runner import supervisor as server
-from app.runner.memory import tune_allocator
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,7 +29,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Check the settings and config, then serve them."""
-    tune_allocator()  # before the models load (a process serving alone)
     flags = {name: value for name, value in vars(_parse_args(argv)).items() if value is not None}
     try:
         settings = load_settings(**flags)

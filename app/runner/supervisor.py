@@ -29,7 +29,6 @@ from app.errors import ConfigError
 from app.http.shutdown import draining
 from app.observability.logs import configure_logging
 from app.observability.metrics import MULTIPROC_ENV
-from app.runner.memory import tune_allocator
 from app.runner.protocol import head_limited
 
 logger = logging.getLogger(__name__)
@@ -124,7 +123,6 @@ def _worker(
     then uvicorn; ``ready`` turns true once it serves; a config error goes to ``refusal``, for
     the supervisor to report once; it counts its forwards in ``busy[index]``
     (:mod:`app.serving.cores`)."""
-    tune_allocator()  # before the models load
     configure_logging(settings.log_level, settings.log_format)
     # imported here, not by the module: the supervisor imports it too, to start this function
     from app.http.app import create_app

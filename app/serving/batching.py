@@ -23,11 +23,15 @@ import torch
 
 from app.errors import InferenceFailed, InferenceTimeout, ModelportError, QueueFull
 from app.observability.metrics import Metrics
+from app.serving.allocator import release_free_memory
 from app.serving.cores import process_share
 from app.serving.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 
+IDLE_TRIM_S = 1.0
+"""How long an inference thread waits with nothing to do before it gives the memory its
+forwards freed back to the system (app.serving.allocator)."""
 Result = tuple[ModelRuntime, Any]
 Batch = dict[str, np.ndarray]
 """A checked input batch: one array per input name, all of one length (the batch dimension)."""
@@ -98,6 +102,8 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
         self._stopping = False
+        self._forwarded = False
+        """A forward ran since the memory was last given back."""
         self._wake_on: asyncio.AbstractEventLoop | None = None
         """The loop where a wake-up of the thread is pending."""
         self._thread = threading.Thread(target=self._work, name=f"infer-{name}", daemon=True)
@@ -180,7 +186,7 @@ class DynamicBatcher:
             batch = None
             while batch is None:
                 while not self._queue and not self._stopping:
-                    self._ready.wait()
+                    self._idle()
                 if self._stopping:
                     return None
                 batch = self._open(self._queue.popleft())
@@ -203,6 +209,19 @@ class DynamicBatcher:
             "queue", waited, len(batch.requests)
         )
         return batch
+
+    def _idle(self) -> None:
+        """Wait for a request (holding the lock); after forwards, once nothing has come for
+        IDLE_TRIM_S, give their freed memory back to the system (without the lock, so that
+        requests still queue meanwhile)."""
+        if self._ready.wait(IDLE_TRIM_S if self._forwarded else None) or not self._forwarded:
+            return
+        self._forwarded = False
+        self._ready.release()
+        try:
+            release_free_memory()
+        finally:
+            self._ready.acquire()
 
     def _open(self, first: _Request) -> _Batch | None:
         """A batch around its first request, on the version that serves it; None if the
@@ -262,6 +281,7 @@ class DynamicBatcher:
             _resolve(requests[0], error=InferenceFailed(_failure(exc)))
             return
         computed = time.perf_counter()
+        self._forwarded = True
         self._batch_size.observe(size)
         answers = _answers(runtime, output, requests, size)
         _resolve_all(requests[0].loop, answers)
