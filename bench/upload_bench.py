@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -193,6 +195,10 @@ class Upload:
     p99_ms: float
     max_ms: float
     requests: int
+    received_s: float
+    """Seconds until the server had the whole body (then validation, storing, activation)."""
+    p99_receiving_ms: float
+    p99_after_ms: float
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -251,22 +257,28 @@ def start_server(
     raise SystemExit("the server was not ready after 60 s")
 
 
-def upload(port: int, token: str, path: Path) -> tuple[int, float]:
-    """PUT the file as a raw body; its status and seconds. With curl when there is one: a
-    Python uploader in this process would take the GIL from the predict client measuring."""
+def upload(port: int, token: str, path: Path, incoming: Path) -> tuple[int, float, float]:
+    """PUT the file as a raw body; its status, seconds, and seconds until the server had
+    received the whole body (its staged file in ``incoming`` at full size; NaN if not seen).
+    With curl when there is one: a Python uploader in this process would take the GIL from the
+    predict client measuring."""
     url = f"http://127.0.0.1:{port}/v1/models/{LARGE}/weights"
+    size = path.stat().st_size
     started = time.monotonic()
+    received = float("nan")
     if shutil.which("curl"):
         command = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(path)]
         command += ["-H", f"Authorization: Bearer {token}", "--max-time", "120", url]
         command += ["-H", "Content-Type: application/octet-stream"]
-        status = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return int(status or 0), time.monotonic() - started
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        while process.poll() is None:
+            if math.isnan(received):
+                with contextlib.suppress(OSError):
+                    if any(p.stat().st_size >= size for p in incoming.glob("*.part")):
+                        received = time.monotonic() - started
+            time.sleep(0.01)
+        status = process.communicate()[0]
+        return int(status or 0), time.monotonic() - started, received
     with path.open("rb") as body:
         answer = httpx.put(
             url,
@@ -274,15 +286,20 @@ def upload(port: int, token: str, path: Path) -> tuple[int, float]:
             headers={
                 "Authorization": f"Bearer {token}",
                 "Content-Type": "application/octet-stream",
-                "Content-Length": str(path.stat().st_size),
+                "Content-Length": str(size),
             },
             timeout=120,
         )
-    return answer.status_code, time.monotonic() - started
+    return answer.status_code, time.monotonic() - started, received
 
 
 def measure(
-    port: int, token: str, sampler: MemorySampler, files: list[Path], idle_s: float
+    port: int,
+    token: str,
+    sampler: MemorySampler,
+    files: list[Path],
+    idle_s: float,
+    incoming: Path,
 ) -> tuple[list[float], int, list[Upload], float]:
     """The predict loop alone for ``idle_s``, then each upload with the loop running: the
     latencies alone (ms), the failed predicts, each upload, and the RSS with no upload."""
@@ -298,11 +315,13 @@ def measure(
         before = sampler.now()[0]
         sampler.reset()
         started = time.monotonic()
-        status, seconds = upload(port, token, path)
+        status, seconds, received = upload(port, token, path, incoming)
         ended = time.monotonic()
         rss, anon, file = sampler.peak()
         time.sleep(1.0)
         during = client.latencies.between(started, ended)
+        receiving = client.latencies.between(started, started + received)
+        after = client.latencies.between(started + received, ended)
         results.append(
             Upload(
                 status,
@@ -316,6 +335,9 @@ def measure(
                 _percentile(during, 0.99),
                 max(during, default=float("nan")),
                 len(during),
+                received,
+                _percentile(receiving, 0.99),
+                _percentile(after, 0.99),
             )
         )
     latencies = client.stop()
@@ -342,8 +364,8 @@ def render(
         f"units of the model's parameter size. Latency during an upload: the requests sent "
         f"while it was in flight.",
         "",
-        "| phase | status | upload s | RSS before MiB | peak MiB (anon + file) | growth "
-        "| after MiB | predict p50 ms | p99 ms | max ms | requests |",
+        "| phase | status | upload s (body received) | RSS before MiB | peak MiB (anon + file) "
+        "| growth | after MiB | predict p50 ms | p99 ms (receiving / after) | max ms | requests |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         f"| no upload | - | - | {rss:,.0f} | - | - | - | {statistics.median(idle):.2f} | "
         f"{_percentile(idle, 0.99):.2f} | {max(idle):.2f} | {len(idle)} |",
@@ -351,9 +373,10 @@ def render(
     for index, u in enumerate(uploads, 1):
         growth = (u.rss_peak - u.rss_before) / param_mib
         lines.append(
-            f"| upload {index} | {u.status} | {u.seconds:.2f} | {u.rss_before:,.0f} | "
-            f"{u.rss_peak:,.0f} ({u.anon_peak:,.0f} + {u.file_peak:,.0f}) | {growth:.2f}x | "
-            f"{u.rss_after:,.0f} | {u.p50_ms:.2f} | {u.p99_ms:.2f} | {u.max_ms:.2f} | "
+            f"| upload {index} | {u.status} | {u.seconds:.2f} ({u.received_s:.2f}) | "
+            f"{u.rss_before:,.0f} | {u.rss_peak:,.0f} ({u.anon_peak:,.0f} + {u.file_peak:,.0f}) "
+            f"| {growth:.2f}x | {u.rss_after:,.0f} | {u.p50_ms:.2f} | {u.p99_ms:.2f} "
+            f"({u.p99_receiving_ms:.2f} / {u.p99_after_ms:.2f}) | {u.max_ms:.2f} | "
             f"{u.requests} |"
         )
     if errors:
@@ -379,7 +402,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         try:
             sampler = MemorySampler(server.pid)
             try:
-                idle, errors, uploads, rss = measure(port, token, sampler, files, args.idle)
+                incoming = directory / "store" / LARGE / "incoming"
+                idle, errors, uploads, rss = measure(
+                    port, token, sampler, files, args.idle, incoming
+                )
             finally:
                 sampler.stop()
         finally:

@@ -92,7 +92,7 @@ class VersionManager:
             "upload",
             report,
         )
-        await in_background(partial(self._store_blob, record, staged))  # hashes the bytes
+        await in_background(partial(self._store_blob, record, staged))
         created = await asyncio.to_thread(db.add_version, model.name, record, actor)
         # a delete of the same bytes on another replica may have removed the blob meanwhile
         await asyncio.to_thread(self._store_blob, record, staged)
@@ -109,7 +109,7 @@ class VersionManager:
     def _validate(self, staged: StagedUpload) -> tuple[ModelRuntime, dict[str, Any]]:
         """Uploads are always checked strictly, whatever the startup config allows."""
         runtime = self.model.build_file(
-            staged.path, load_device=CPU, strict=True, expected_sha256=staged.sha256
+            staged.path, load_device=CPU, strict=True, expected_sha256=staged.sha256, hashed=True
         )
         acceptance = check_acceptance(runtime)
         return runtime, validation_report(runtime, acceptance)
@@ -171,4 +171,6 @@ class VersionManager:
             state.blobs.delete(record.sha256)
 
     def _store_blob(self, record: VersionRecord, staged: StagedUpload) -> None:
-        self.model.state.blobs.put(record.sha256, staged.path)  # kept as it is when it exists
+        # Kept as it is when it exists; else the staged file itself where it can be (it was
+        # hashed as it was received, and is ours until it is discarded).
+        self.model.state.blobs.put(record.sha256, staged.path, hashed=True)

@@ -210,10 +210,12 @@ class ServedModel:
         """A runtime of a version: its bytes fetched from the blob store (this deployment's
         bundled file for its own bundled version) and checked against the record's sha256."""
         if self.bundled is not None and record.id == self.bundled.id:
-            path = self.config.weights
+            path, hashed = self.config.weights, False
         else:
-            path = self.state.blobs.fetch(record.sha256)
-        return self.build_file(path, load_device=load_device, expected_sha256=record.sha256)
+            path, hashed = self.state.blobs.fetch(record.sha256), True  # fetch verified it
+        return self.build_file(
+            path, load_device=load_device, expected_sha256=record.sha256, hashed=hashed
+        )
 
     def build_file(
         self,
@@ -222,8 +224,10 @@ class ServedModel:
         load_device: torch.device | None = None,
         strict: bool | None = None,
         expected_sha256: str | None = None,
+        hashed: bool = False,
     ) -> ModelRuntime:
-        """A runtime of a weights file (upload validation builds its staged file strictly)."""
+        """A runtime of a weights file (upload validation builds its staged file strictly);
+        ``hashed``: the caller has just hashed the file to ``expected_sha256``."""
         return build_runtime(
             self.spec,
             self.kwargs,
@@ -234,6 +238,7 @@ class ServedModel:
             require_finite=self.require_finite,
             load_device=load_device,
             expected_sha256=expected_sha256,
+            hashed=hashed,
         )
 
     # --- startup -------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -18,6 +19,7 @@ from app.codecs.arrays import to_batch
 from app.codecs.dtypes import TensorSignature
 from app.errors import AcceptanceFailed, SmokeTestFailed, WeightsChanged
 from app.serving.catalog import INPUT_NAME, OUTPUT_NAME, Acceptance, ModelSpec
+from app.serving.loading import meta_attributes, on_meta, owned_copies, takes_everything_from
 from app.serving.weights import (
     LoadReport,
     WeightsFile,
@@ -27,6 +29,8 @@ from app.serving.weights import (
     match_state_dict,
     read_state_dict,
 )
+
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -170,30 +174,44 @@ def build_runtime(
     require_finite: bool = True,
     load_device: torch.device | None = None,
     expected_sha256: str | None = None,
+    hashed: bool = False,
 ) -> ModelRuntime:
     """Build the module, load the file into it, switch to eval() and smoke-test it.
 
-    The file is read onto ``load_device`` (default: ``device``; uploads read onto the CPU);
-    given ``expected_sha256`` (the version's record), bytes that differ are refused. Keys,
-    shapes and dtypes are matched first; only the tensors the model takes are then checked
-    (dense, on a real device, finite). Raises a WeightsError subclass when the file cannot
-    serve; nothing half-built escapes.
+    The file is read onto ``load_device`` (default: the CPU, memory-mapped where it can be);
+    given ``expected_sha256`` (the version's record), bytes that differ are refused, unless
+    ``hashed`` says the caller hashed these very bytes itself (they are not hashed again).
+    Keys, shapes and dtypes are matched first; only the tensors the model takes are then
+    checked (dense, on a real device, finite). The module is built on the meta device when its
+    constructor allows and every tensor of it comes from the file: it is then never randomly
+    initialised, and takes copies of the file's tensors made chunk by chunk (see
+    :mod:`app.serving.loading`). Raises a WeightsError subclass when the file cannot serve;
+    nothing half-built escapes.
     """
-    weights = inspect_file(weights_path)
+    weights = inspect_file(weights_path, sha256=expected_sha256 if hashed else None)
     if expected_sha256 is not None and weights.sha256 != expected_sha256:
         raise WeightsChanged(
             f"{weights_path.name} has sha256 {weights.sha256}, but its version was recorded "
             f"with {expected_sha256}: the file was changed on disk"
         )
-    with device:
-        module = spec.cls(**kwargs)
-    load_device = load_device or device
+    module = on_meta(spec.cls, kwargs)
+    if module is None:
+        module = _construct(spec, kwargs, device)
+    load_device = load_device or _CPU
     state_dict = read_state_dict(weights, load_device, checkpoint_key, module.state_dict().keys())
     fitting, report = match_state_dict(module, state_dict, strict)
+    del state_dict  # the file's mapping goes with the last of its tensors
     check_tensors(fitting, load_device)
-    if require_finite:
-        check_finite(fitting)
-    module.load_state_dict(fitting, strict=False)
+    if _is_meta(module) and takes_everything_from(module, fitting):
+        owned = owned_copies(module, fitting, device, weights_path, require_finite)
+        fitting.clear()
+        module = _assign(module, owned, lambda: _construct(spec, kwargs, device))
+    else:
+        # built as usual: what the file does not hold keeps the value its constructor gives
+        module = _construct(spec, kwargs, device) if _is_meta(module) else module
+        if require_finite:
+            check_finite(fitting)
+        module.load_state_dict(fitting, strict=False)
     module.eval()
     runtime = ModelRuntime(spec, kwargs, module, device, weights, report, datetime.now(UTC))
     outputs = smoke_test(runtime)
@@ -202,6 +220,28 @@ def build_runtime(
         for name, tensor in outputs.items()
     )
     return replace(runtime, outputs=signatures)
+
+
+def _construct(spec: ModelSpec, kwargs: Mapping[str, Any], device: torch.device) -> nn.Module:
+    with device:
+        return spec.cls(**kwargs)
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _assign(
+    module: nn.Module, owned: Mapping[str, torch.Tensor], construct: Callable[[], nn.Module]
+) -> nn.Module:
+    """The meta-built ``module`` holding ``owned`` (no copy); a module built as usual with
+    them copied in, should a custom load hook leave anything on meta."""
+    module.load_state_dict(owned, strict=False, assign=True)
+    if not meta_attributes(module):
+        return module
+    module = construct()
+    module.load_state_dict(owned, strict=False)
+    return module
 
 
 def check_acceptance(runtime: ModelRuntime) -> Acceptance | None:

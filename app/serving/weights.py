@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import zipfile
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -72,13 +73,20 @@ class LoadReport:
         return not (self.missing_keys or self.unexpected_keys or self.mismatched)
 
 
-def inspect_file(path: Path) -> WeightsFile:
-    """Hash the file and detect its format from its first bytes (never from its name)."""
+def inspect_file(path: Path, sha256: str | None = None) -> WeightsFile:
+    """Hash the file and detect its format from its first bytes (never from its name).
+
+    Given ``sha256``, the caller hashed these very bytes itself (a staged upload it wrote, a
+    blob the store verified as it was fetched): only the first bytes and the size are read.
+    """
     digest = hashlib.sha256()
     size = 0
     try:
         with path.open("rb") as stream:
             head = stream.read(16)
+            if sha256 is not None:
+                size = os.fstat(stream.fileno()).st_size
+                return WeightsFile(path, sha256, size, _detect_format(head, size))
             digest.update(head)
             size = len(head)
             while chunk := stream.read(_CHUNK):
@@ -302,9 +310,14 @@ def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
         if (value.is_floating_point() or value.is_complex()) and not all_finite(value)
     ]
     if bad:
-        raise NonFiniteWeights(
-            f"{len(bad)} tensor(s) hold NaN or infinity: {', '.join(bad[:10])}", {"keys": bad}
-        )
+        refuse_non_finite(bad)
+
+
+def refuse_non_finite(keys: list[str]) -> NoReturn:
+    """Raise NonFiniteWeights naming ``keys``, the entries found holding NaN or infinity."""
+    raise NonFiniteWeights(
+        f"{len(keys)} tensor(s) hold NaN or infinity: {', '.join(keys[:10])}", {"keys": keys}
+    )
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -4,6 +4,7 @@ verified against it on every fetch; in a local folder (the default) or in S3-com
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -46,6 +47,8 @@ _BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 # S3 answers a missing key with NoSuchKey (GET) or a bare 404 (HEAD); NoSuchBucket is a
 # misconfiguration, not a missing blob, so it is not one of these.
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
+"""Why a file system refuses a hard link that a copy would make."""
 
 
 def check_sha256(sha256: str) -> str:
@@ -64,10 +67,15 @@ class BlobStore(ABC):
     """
 
     @abstractmethod
-    def put(self, sha256: str, source: Path) -> None:
+    def put(self, sha256: str, source: Path, *, hashed: bool = False) -> None:
         """Store the bytes of the local file ``source`` as blob ``sha256``, hashing them on the
         way (BlobCorrupt, nothing kept, when they do not match). A blob already stored is kept
-        as it is and ``source`` is not read."""
+        as it is and ``source`` is not read.
+
+        ``hashed``: the caller hashed these very bytes itself and hands the file over (a staged
+        upload, written and locked by this process, removed once stored): they are not hashed
+        again, and a folder store takes the file itself (a hard link, made read-only) where
+        its file system allows, copying it otherwise."""
 
     @abstractmethod
     def exists(self, sha256: str) -> bool:
@@ -112,7 +120,7 @@ class FolderBlobStore(BlobStore):
     def _path(self, sha256: str) -> Path:
         return self.root / check_sha256(sha256)[:2] / sha256
 
-    def put(self, sha256: str, source: Path) -> None:
+    def put(self, sha256: str, source: Path, *, hashed: bool = False) -> None:
         path = self._path(sha256)
         if path.is_file():
             return
@@ -120,7 +128,10 @@ class FolderBlobStore(BlobStore):
             if not path.parent.is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.root)
-            stored = _store_verified(_read_chunks(stream), sha256, self.root, path)
+            if hashed and _link(source, path):
+                return
+            chunks = _read_chunks(stream)
+            stored = _store_verified(chunks, None if hashed else sha256, self.root, path)
         if not stored:
             raise BlobCorrupt(f"{source.name} does not hash to {sha256}; nothing was stored")
 
@@ -168,13 +179,13 @@ class S3BlobStore(BlobStore):
         check_sha256(sha256)
         return f"{self.prefix}/{sha256}" if self.prefix else sha256
 
-    def put(self, sha256: str, source: Path) -> None:
+    def put(self, sha256: str, source: Path, *, hashed: bool = False) -> None:
         key = self.key(sha256)
         with _storage_errors(InsufficientStorage, "store", sha256):
             if self._has(key):
                 return
         with source.open("rb") as stream, _storage_errors(InsufficientStorage, "store", sha256):
-            self._upload(key, sha256, stream)
+            self._upload(key, None if hashed else sha256, stream)
 
     def exists(self, sha256: str) -> bool:
         key = self.key(sha256)
@@ -215,9 +226,10 @@ class S3BlobStore(BlobStore):
             raise
         return True
 
-    def _upload(self, key: str, sha256: str, stream: BinaryIO) -> None:
+    def _upload(self, key: str, sha256: str | None, stream: BinaryIO) -> None:
         """Send ``stream`` as a multipart upload, one part in memory at a time; complete it only
-        when the bytes sent hash to ``sha256``, and abort it on any failure."""
+        when the bytes sent hash to ``sha256`` (None: hashed by the caller), and abort it on
+        any failure."""
         upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
         upload_id = upload["UploadId"]
         try:
@@ -225,13 +237,14 @@ class S3BlobStore(BlobStore):
             parts: list[CompletedPartTypeDef] = []
             # An upload needs at least one part, so an empty file goes as one empty part.
             while (chunk := stream.read(PART_SIZE)) or not parts:
-                digest.update(chunk)
+                if sha256 is not None:
+                    digest.update(chunk)
                 number = len(parts) + 1
                 sent = self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
                 )
                 parts.append({"PartNumber": number, "ETag": sent["ETag"]})
-            if digest.hexdigest() != sha256:
+            if sha256 is not None and digest.hexdigest() != sha256:
                 raise BlobCorrupt(f"the file does not hash to {sha256}; nothing was stored")
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
@@ -309,9 +322,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _store_verified(chunks: Iterable[bytes], sha256: str, temp_dir: Path, target: Path) -> bool:
-    """Write ``chunks`` to a temp file in ``temp_dir`` and fsync it; when they hash to ``sha256``,
-    rename it to ``target`` (read-only) and fsync that folder. False, and nothing kept, if not."""
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` (made read-only first: it is the blob from then on) as ``target``,
+    and fsync its folder; False where the file system cannot (another device, no hard links).
+    A ``target`` made meanwhile by another writer of the same bytes is kept."""
+    source.chmod(0o444)
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return True
+    except OSError as exc:
+        if exc.errno in _NO_LINK:
+            logger.debug("cannot link %s into the blob store, copying it: %s", source, exc)
+            return False
+        raise
+    _fsync_dir(target.parent)
+    return True
+
+
+def _store_verified(
+    chunks: Iterable[bytes], sha256: str | None, temp_dir: Path, target: Path
+) -> bool:
+    """Write ``chunks`` to a temp file in ``temp_dir`` and fsync it; when they hash to ``sha256``
+    (None: hashed by the caller, not again), rename it to ``target`` (read-only) and fsync that
+    folder. False, and nothing kept, if not."""
     fd, name = tempfile.mkstemp(dir=temp_dir, prefix=TEMP_PREFIX)
     temp = Path(name)
     lock = os.open(temp, os.O_RDONLY)  # held until it is renamed: see remove_abandoned
@@ -320,11 +354,12 @@ def _store_verified(chunks: Iterable[bytes], sha256: str, temp_dir: Path, target
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as stream:
             for chunk in chunks:
-                digest.update(chunk)
+                if sha256 is not None:
+                    digest.update(chunk)
                 stream.write(chunk)
             stream.flush()
             os.fsync(stream.fileno())
-        if digest.hexdigest() != sha256:
+        if sha256 is not None and digest.hexdigest() != sha256:
             return False
         temp.chmod(0o444)
         os.replace(temp, target)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,21 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(NAME_PATTERN)
 WRITE_BYTES = 1024 * 1024
 """Bytes of an upload gathered before they go to its writing thread in one batch."""
+
+
+UPLOAD_NICENESS = 10
+"""How much lower than the serving threads' the OS priority of an upload's writing (and
+hashing) thread is: the cores go to predictions first, the upload takes what they leave."""
+
+
+def _lower_this_thread() -> None:
+    thread = threading.get_native_id()
+    try:
+        # On Linux a thread id names that thread alone, not the whole process.
+        niceness = os.getpriority(os.PRIO_PROCESS, thread) + UPLOAD_NICENESS
+        os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
+    except OSError as exc:  # not permitted here: the upload runs at the serving priority
+        logger.debug("cannot lower the priority of an upload thread: %s", exc)
 
 
 @dataclass
@@ -153,7 +169,9 @@ class _IncomingFile:
         self.digest = hashlib.sha256()
         self.fd = -1
         """Written through, and locked (see :class:`StagedUpload`) until discarded."""
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="upload")
+        self._thread = ThreadPoolExecutor(
+            1, thread_name_prefix="upload", initializer=_lower_this_thread
+        )
 
     def run(self, job: Callable[..., None], *args: Any) -> asyncio.Future[None]:
         """``job(*args)`` on the file's thread, after every job given before it."""
