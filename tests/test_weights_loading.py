@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.errors import NonFiniteWeights, WeightsChanged
+from app.serving import runtime as runtime_module
 from app.serving.catalog import ModelSpec, register
 from app.serving.loading import CHUNK_BYTES, on_meta, owned_copies
 from app.serving.manager import VersionManager
@@ -110,6 +111,14 @@ def assert_holds_exactly(module: nn.Module, expected: dict[str, torch.Tensor]) -
 # --- the candidate module ----------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def meta_from_any_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files of these tests are small: build every candidate the way a large one is
+    (unless the test is about the size threshold itself)."""
+    if "threshold" not in request.node.name:
+        monkeypatch.setattr(runtime_module, "META_FROM_BYTES", 0)
+
+
 def test_the_candidate_is_built_on_meta_never_initialised_and_holds_exactly_the_file(
     tmp_path: Path,
 ) -> None:
@@ -121,6 +130,21 @@ def test_the_candidate_is_built_on_meta_never_initialised_and_holds_exactly_the_
     assert BUILT_ON == ["meta"]
     assert_holds_exactly(runtime.module, expected)
     assert all(p.requires_grad for p in runtime.module.parameters())
+
+
+def test_a_file_under_the_meta_threshold_is_loaded_into_a_module_built_as_usual(
+    tmp_path: Path,
+) -> None:
+    """A small model's second copy costs less than the meta build, whose first use imports
+    torch's reference operators (seconds of every worker's startup)."""
+    expected = saved(Recorder(), tmp_path / "recorder.pth")
+    assert (tmp_path / "recorder.pth").stat().st_size < runtime_module.META_FROM_BYTES
+    BUILT_ON.clear()
+
+    runtime = build(spec_named("test-loading-recorder"), tmp_path / "recorder.pth")
+
+    assert BUILT_ON == ["cpu"]
+    assert_holds_exactly(runtime.module, expected)
 
 
 def test_a_model_whose_constructor_reads_values_is_built_as_usual(tmp_path: Path) -> None:

@@ -31,6 +31,10 @@ from app.serving.weights import (
 )
 
 _CPU = torch.device("cpu")
+META_FROM_BYTES = 64 << 20
+"""Weights files from this size on are loaded into a module built on the meta device. Below,
+a second copy costs less than the meta build, whose first use in a process imports torch's
+reference operators (~2 s and tens of MiB: every worker's startup paid it)."""
 
 
 @dataclass(frozen=True)
@@ -182,11 +186,11 @@ def build_runtime(
     given ``expected_sha256`` (the version's record), bytes that differ are refused, unless
     ``hashed`` says the caller hashed these very bytes itself (they are not hashed again).
     Keys, shapes and dtypes are matched first; only the tensors the model takes are then
-    checked (dense, on a real device, finite). The module is built on the meta device when its
-    constructor allows and every tensor of it comes from the file: it is then never randomly
-    initialised, and takes copies of the file's tensors made chunk by chunk (see
-    :mod:`app.serving.loading`). Raises a WeightsError subclass when the file cannot serve;
-    nothing half-built escapes.
+    checked (dense, on a real device, finite). From META_FROM_BYTES on, the module is built on
+    the meta device when its constructor allows and every tensor of it comes from the file: it
+    is then never randomly initialised, and takes copies of the file's tensors made chunk by
+    chunk (see :mod:`app.serving.loading`). Raises a WeightsError subclass when the file
+    cannot serve; nothing half-built escapes.
     """
     weights = inspect_file(weights_path, sha256=expected_sha256 if hashed else None)
     if expected_sha256 is not None and weights.sha256 != expected_sha256:
@@ -194,7 +198,7 @@ def build_runtime(
             f"{weights_path.name} has sha256 {weights.sha256}, but its version was recorded "
             f"with {expected_sha256}: the file was changed on disk"
         )
-    module = on_meta(spec.cls, kwargs)
+    module = on_meta(spec.cls, kwargs) if weights.size >= META_FROM_BYTES else None
     if module is None:
         module = _construct(spec, kwargs, device)
     load_device = load_device or _CPU
