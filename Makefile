@@ -35,7 +35,7 @@ test-quick: setup
 grpc: setup
 	$(PY) scripts/generate_grpc.py
 
-# Needs wrk (Debian: apt-get install -y wrk). About 16 minutes (gRPC rows included); writes
-# bench/results.md.
+# Needs wrk (Debian: apt-get install -y wrk). About 25 minutes (gRPC rows, the cost of each
+# feature, startup and a large upload included); writes bench/results.md.
 bench: setup
 	$(PY) bench/run.py --duration 10

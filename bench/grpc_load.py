@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -56,8 +57,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def run(target: str, message: bytes, concurrency: int, seconds: float) -> dict[str, float]:
-    """Drive ``concurrency`` calls in flight for ``seconds``; the summary."""
+async def run(
+    target: str, message: bytes, concurrency: int, seconds: float, token: str | None = None
+) -> dict[str, float]:
+    """Drive ``concurrency`` calls in flight for ``seconds`` (with ``token`` as the bearer
+    token when given); the summary."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel, not shared
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     latencies: list[float] = []
@@ -75,7 +80,7 @@ async def run(target: str, message: bytes, concurrency: int, seconds: float) -> 
             while time.perf_counter() < deadline and len(latencies) + errors < MAX_REQUESTS:
                 sent = time.perf_counter()
                 try:
-                    await call(message, timeout=CALL_TIMEOUT_S)
+                    await call(message, timeout=CALL_TIMEOUT_S, metadata=metadata)
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
@@ -104,10 +109,12 @@ def main() -> None:
     parser.add_argument("--body", type=Path, required=True, help="the raw float32 input")
     parser.add_argument("--concurrency", type=int, default=1, help="calls in flight")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
+    parser.add_argument("--token", help="the API token, sent as the bearer token (default: $TOKEN)")
     args = parser.parse_args()
     shape = [int(d) for d in args.shape.split(",")]
     message = request_bytes(args.model, shape, args.body.read_bytes())
-    summary = asyncio.run(run(args.target, message, args.concurrency, args.duration))
+    token = args.token or os.environ.get("TOKEN")
+    summary = asyncio.run(run(args.target, message, args.concurrency, args.duration, token))
     print("GRPC " + json.dumps(summary), flush=True)
 
 

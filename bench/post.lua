@@ -1,11 +1,14 @@
 -- wrk script: POST the body in $BODY_FILE with $CONTENT_TYPE, and optional headers: $TENSOR_SHAPE
 -- and $TENSOR_DTYPE for raw tensor bodies, $ACCEPT, $HEADER_LENGTH for the Open Inference
--- Protocol's binary bodies. Prints one JSON summary line at the end.
+-- Protocol's binary bodies, $TOKEN for the API token. Prints one JSON summary line at the end.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
 if os.getenv("TENSOR_SHAPE") then
   wrk.headers["X-Tensor-Shape"] = os.getenv("TENSOR_SHAPE")
   wrk.headers["X-Tensor-Dtype"] = os.getenv("TENSOR_DTYPE")
+end
+if os.getenv("TOKEN") then
+  wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
 end
 if os.getenv("ACCEPT") then
   wrk.headers["Accept"] = os.getenv("ACCEPT")
