@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from app.errors import BlobCorrupt, BlobMissing, ConfigError, InsufficientStorage, StateUnavailable
-from app.state.blobs import PART_SIZE, BlobStore, FolderBlobStore, S3BlobStore, open_blob_store
+from app.state.blobs import BlobStore, FolderBlobStore, open_blob_store
+from app.state.s3 import PART_SIZE, S3BlobStore
 from tests.helpers import PeakRss, free_port
 from tests.services import S3Server
 

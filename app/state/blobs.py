@@ -14,11 +14,8 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 from urllib.parse import urlsplit
-
-from boto3.session import Session
-from botocore.exceptions import BotoCoreError, ClientError
 
 from app.errors import (
     BlobCorrupt,
@@ -30,10 +27,6 @@ from app.errors import (
 )
 from app.state.incoming import owned_by_a_live_process
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
-
 logger = logging.getLogger(__name__)
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 """A blob's name: a sha256 as 64 lowercase hex digits, safe in a path or an object key."""
@@ -41,12 +34,7 @@ CHUNK_SIZE = 1 << 20
 """Bytes read at a time when copying or hashing."""
 TEMP_PREFIX = ".incoming-"
 """The name of a blob being written, before it is verified and renamed into place."""
-PART_SIZE = 8 << 20
-"""Bytes per part of an S3 multipart upload (S3 needs 5 MiB or more in all parts but the last)."""
 _BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-# S3 answers a missing key with NoSuchKey (GET) or a bare 404 (HEAD); NoSuchBucket is a
-# misconfiguration, not a missing blob, so it is not one of these.
-_NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
 _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
 """Why a file system refuses a hard link that a copy would make."""
 
@@ -124,14 +112,14 @@ class FolderBlobStore(BlobStore):
         path = self._path(sha256)
         if path.is_file():
             return
-        with source.open("rb") as stream, _storage_errors(InsufficientStorage, "store", sha256):
+        with source.open("rb") as stream, storage_errors(InsufficientStorage, "store", sha256):
             if not path.parent.is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.root)
             if hashed and _link(source, path):
                 return
-            chunks = _read_chunks(stream)
-            stored = _store_verified(chunks, None if hashed else sha256, self.root, path)
+            chunks = read_chunks(stream)
+            stored = store_verified(chunks, None if hashed else sha256, self.root, path)
         if not stored:
             raise BlobCorrupt(f"{source.name} does not hash to {sha256}; nothing was stored")
 
@@ -140,9 +128,9 @@ class FolderBlobStore(BlobStore):
 
     def fetch(self, sha256: str) -> Path:
         path = self._path(sha256)
-        with _storage_errors(StateUnavailable, "read", sha256):
+        with storage_errors(StateUnavailable, "read", sha256):
             try:
-                actual = _hash_file(path)
+                actual = hash_file(path)
             except FileNotFoundError:
                 raise BlobMissing(f"no blob {sha256} in the blob store") from None
         if actual != sha256:
@@ -151,123 +139,10 @@ class FolderBlobStore(BlobStore):
 
     def delete(self, sha256: str) -> None:
         path = self._path(sha256)
-        with _storage_errors(StateUnavailable, "delete", sha256):
+        with storage_errors(StateUnavailable, "delete", sha256):
             path.unlink(missing_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 _fsync_dir(path.parent)
-
-
-class S3BlobStore(BlobStore):
-    """Blobs as objects ``<prefix>/<sha256>`` in an S3 bucket, fetched into a local cache folder
-    (``cache_dir/<sha256>``) that is verified again on every fetch."""
-
-    def __init__(self, bucket: str, prefix: str, client: S3Client, cache_dir: Path) -> None:
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.client = client
-        self.cache_dir = cache_dir
-
-    def __repr__(self) -> str:
-        return f"S3BlobStore('s3://{self.bucket}/{self.prefix}')"
-
-    @property
-    def local_dir(self) -> Path:
-        return self.cache_dir
-
-    def key(self, sha256: str) -> str:
-        """The object key of blob ``sha256``."""
-        check_sha256(sha256)
-        return f"{self.prefix}/{sha256}" if self.prefix else sha256
-
-    def put(self, sha256: str, source: Path, *, hashed: bool = False) -> None:
-        key = self.key(sha256)
-        with _storage_errors(InsufficientStorage, "store", sha256):
-            if self._has(key):
-                return
-        with source.open("rb") as stream, _storage_errors(InsufficientStorage, "store", sha256):
-            self._upload(key, None if hashed else sha256, stream)
-
-    def exists(self, sha256: str) -> bool:
-        key = self.key(sha256)
-        with _storage_errors(StateUnavailable, "look up", sha256):
-            return self._has(key)
-
-    def fetch(self, sha256: str) -> Path:
-        key = self.key(sha256)
-        cached = self.cache_dir / sha256
-        with _storage_errors(StateUnavailable, "read", sha256):
-            try:
-                actual = _hash_file(cached)
-            except FileNotFoundError:
-                self._download(key, sha256, cached)
-                return cached
-        if actual != sha256:
-            # Dropped so that the next fetch downloads a good copy; this one is refused, since
-            # a local copy that changes is worth an operator's look.
-            cached.unlink(missing_ok=True)
-            raise BlobCorrupt(
-                f"the cached copy of blob {sha256} has changed (its bytes hash to {actual}); "
-                "it was removed"
-            )
-        return cached
-
-    def delete(self, sha256: str) -> None:
-        key = self.key(sha256)
-        with _storage_errors(StateUnavailable, "delete", sha256):
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-            (self.cache_dir / sha256).unlink(missing_ok=True)
-
-    def _has(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
-                return False
-            raise
-        return True
-
-    def _upload(self, key: str, sha256: str | None, stream: BinaryIO) -> None:
-        """Send ``stream`` as a multipart upload, one part in memory at a time; complete it only
-        when the bytes sent hash to ``sha256`` (None: hashed by the caller), and abort it on
-        any failure."""
-        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
-        upload_id = upload["UploadId"]
-        try:
-            digest = hashlib.sha256()
-            parts: list[CompletedPartTypeDef] = []
-            # An upload needs at least one part, so an empty file goes as one empty part.
-            while (chunk := stream.read(PART_SIZE)) or not parts:
-                if sha256 is not None:
-                    digest.update(chunk)
-                number = len(parts) + 1
-                sent = self.client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
-                )
-                parts.append({"PartNumber": number, "ETag": sent["ETag"]})
-            if sha256 is not None and digest.hexdigest() != sha256:
-                raise BlobCorrupt(f"the file does not hash to {sha256}; nothing was stored")
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-        except BaseException:
-            # Parts of an upload that is neither completed nor aborted are kept (and billed).
-            with contextlib.suppress(BotoCoreError, ClientError):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            raise
-
-    def _download(self, key: str, sha256: str, cached: Path) -> None:
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
-                raise BlobMissing(f"no blob {sha256} in the blob store") from None
-            raise
-        with contextlib.closing(body):
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            stored = _store_verified(body.iter_chunks(CHUNK_SIZE), sha256, self.cache_dir, cached)
-        if not stored:
-            where = f"s3://{self.bucket}/{key}"
-            raise BlobCorrupt(f"blob {sha256} at {where} has changed: its bytes do not hash to it")
 
 
 def open_blob_store(url: str | None, store_dir: Path) -> BlobStore:
@@ -286,30 +161,33 @@ def open_blob_store(url: str | None, store_dir: Path) -> BlobStore:
         raise ConfigError(
             f"the blob store URL must be s3://bucket/prefix (or unset for a local folder): {url!r}"
         )
-    try:
-        # A session of its own: boto3's default session is module state shared by every caller.
-        client = Session().client("s3")
-    except (BotoCoreError, ValueError) as exc:
-        raise ConfigError(f"no S3 client for the blob store {url!r}: {exc}") from None
-    return S3BlobStore(parts.netloc, parts.path, client, store_dir / "blob-cache")
+    from app.state.s3 import open_s3_store  # boto3: ~9 MiB of every process that needs no S3
+
+    return open_s3_store(url, parts.netloc, parts.path, store_dir / "blob-cache")
 
 
 @contextlib.contextmanager
-def _storage_errors(error: type[ModelportError], action: str, sha256: str) -> Iterator[None]:
-    """A failure of the storage itself (disk, network, credentials, S3) as ``error``."""
+def storage_errors(
+    error: type[ModelportError],
+    action: str,
+    sha256: str,
+    failures: tuple[type[Exception], ...] = (OSError,),
+) -> Iterator[None]:
+    """A failure of the storage itself (``failures``: the disk's, or also the network's,
+    credentials', S3's) as ``error``."""
     try:
         yield
-    except (OSError, BotoCoreError, ClientError) as exc:
+    except failures as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise error(f"the blob store cannot {action} blob {sha256}: {reason}") from None
 
 
-def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
     while chunk := stream.read(CHUNK_SIZE):
         yield chunk
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
     with path.open("rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
@@ -340,7 +218,7 @@ def _link(source: Path, target: Path) -> bool:
     return True
 
 
-def _store_verified(
+def store_verified(
     chunks: Iterable[bytes], sha256: str | None, temp_dir: Path, target: Path
 ) -> bool:
     """Write ``chunks`` to a temp file in ``temp_dir`` and fsync it; when they hash to ``sha256``
