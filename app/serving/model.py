@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +36,7 @@ from app.serving.catalog import ModelSpec
 from app.serving.runtime import ModelRuntime, build_runtime
 from app.serving.weights import inspect_file
 from app.state.database import Actor, Pointers
+from app.state.incoming import lower_this_thread
 from app.state.legacy import import_legacy_store
 from app.state.records import VERSION_PATTERN, VersionRecord, version_id
 from app.state.versions import VersionState
@@ -68,13 +67,7 @@ async def in_background(job: Callable[[], T]) -> T:
 
 def _lower_this_thread() -> None:
     torch.set_num_threads(BUILD_TORCH_THREADS)  # per thread: must be set in this one
-    thread = threading.get_native_id()
-    try:
-        # On Linux a thread id names that thread alone, not the whole process.
-        niceness = os.getpriority(os.PRIO_PROCESS, thread) + BUILD_NICENESS
-        os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
-    except OSError as exc:  # not permitted here: the build runs at the serving priority
-        logger.debug("cannot lower the priority of a build thread: %s", exc)
+    lower_this_thread(BUILD_NICENESS)
 
 
 @dataclass

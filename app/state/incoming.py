@@ -38,14 +38,16 @@ UPLOAD_NICENESS = 10
 hashing) thread is: the cores go to predictions first, the upload takes what they leave."""
 
 
-def _lower_this_thread() -> None:
+def lower_this_thread(by: int) -> None:
+    """Lower the OS priority of the calling thread alone by ``by`` (at most to 19); where that
+    is not permitted, it keeps the serving priority."""
     thread = threading.get_native_id()
     try:
         # On Linux a thread id names that thread alone, not the whole process.
-        niceness = os.getpriority(os.PRIO_PROCESS, thread) + UPLOAD_NICENESS
+        niceness = os.getpriority(os.PRIO_PROCESS, thread) + by
         os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
-    except OSError as exc:  # not permitted here: the upload runs at the serving priority
-        logger.debug("cannot lower the priority of an upload thread: %s", exc)
+    except OSError as exc:
+        logger.debug("cannot lower the priority of thread %s: %s", thread, exc)
 
 
 @dataclass
@@ -170,7 +172,10 @@ class _IncomingFile:
         self.fd = -1
         """Written through, and locked (see :class:`StagedUpload`) until discarded."""
         self._thread = ThreadPoolExecutor(
-            1, thread_name_prefix="upload", initializer=_lower_this_thread
+            1,
+            thread_name_prefix="upload",
+            initializer=lower_this_thread,
+            initargs=(UPLOAD_NICENESS,),
         )
 
     def run(self, job: Callable[..., None], *args: Any) -> asyncio.Future[None]:
