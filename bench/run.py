@@ -228,6 +228,18 @@ def main() -> None:
             ours_env,
             f"http://127.0.0.1:{ours_port}/health/ready",
         )
+        # the tutorial server is measured at each point right beside modelport's native JSON
+        # door: this machine's speed drifts by tens of percent within minutes
+        tutorial = (
+            None
+            if args.only_doors
+            else Server(
+                "tutorial",
+                [python, "bench/tutorial_server.py", tmp, str(base_port)],
+                env,
+                f"http://127.0.0.1:{base_port}/openapi.json",
+            )
+        )
         try:
             for name in names:
                 for point, concurrency in enumerate(concurrencies):
@@ -247,9 +259,16 @@ def main() -> None:
                         run_grpc, ours, grpc_target, name, raw, concurrency, seconds, auth
                     )
                     runs.append((GRPC, grpc))
+                    if tutorial is not None:
+                        json_body, url = files[name]["json"], f"{base('tutorial')}/predict/{name}"
+                        baseline = partial(
+                            run_wrk, tutorial, url, json_body, concurrency, seconds, JSON_ENV
+                        )
+                        runs.insert(1, ("tutorial", baseline))
                     # the front doors one after another at each point, in turn first and last
                     for label, measure in runs[:: -1 if point % 2 else 1]:
-                        before = batch_totals(base("modelport"), name, token)
+                        ours_run = label != "tutorial"
+                        before = batch_totals(base("modelport"), name, token) if ours_run else None
                         row = measure()
                         row.model, row.server = name, label
                         row.mean_batch = _mean_batch(base("modelport"), name, before, token)
@@ -271,29 +290,14 @@ def main() -> None:
                         )
         finally:
             ours.stop()
+            if tutorial is not None:
+                tutorial.stop()
         if args.only_doors:
             report = render_doors(rows, args, threads)
             print(report)
             if args.out is not None:
                 args.out.write_text(report)
             return
-        tutorial = Server(
-            "tutorial",
-            [python, "bench/tutorial_server.py", tmp, str(base_port)],
-            env,
-            f"http://127.0.0.1:{base_port}/openapi.json",
-        )
-        try:
-            for name in names:
-                for concurrency in concurrencies:
-                    url = f"{base('tutorial')}/predict/{name}"
-                    json_body = files[name]["json"]
-                    row = run_wrk(tutorial, url, json_body, concurrency, args.duration, JSON_ENV)
-                    row.model = name
-                    rows.append(row)
-                    print(table([row]).splitlines()[-1], flush=True)
-        finally:
-            tutorial.stop()
         # batch 1, the batch sizes the batcher reached under load, and a few for reference
         limits = {
             name: {
