@@ -15,6 +15,7 @@ import uvicorn
 
 from app.http.answers import WHOLE_ANSWER, send_answer
 from app.runner.protocol import head_limited
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.process
 
@@ -66,6 +67,12 @@ def served() -> Iterator[tuple[Recorder, int]]:
         sock.close()
 
 
+def settled(app: Recorder, answers: int) -> None:
+    """Wait until the server thread has recorded ``answers`` answers: it records one after
+    writing it, so the client may read it first."""
+    wait_until(lambda: len(app.whole) >= answers, 5, f"{answers} answers recorded")
+
+
 def exchange(port: int, request: bytes, answers: int) -> bytes:
     """Send ``request`` on one connection and read until ``answers`` whole answers came (or
     the server closed)."""
@@ -108,6 +115,7 @@ def test_pipelined_requests_get_whole_answers_in_order_on_one_connection(
         assert b"date: " in answer
         assert b"server: uvicorn" in answer
     assert app.offered == [True, True]
+    settled(app, 2)
     assert app.whole == [True, True]
 
 
@@ -124,6 +132,7 @@ def test_connection_close_is_answered_with_close_and_the_connection_ends(
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"connection: close\r\n" in received
     assert received.endswith(b"\r\n\r\nok /c")
+    settled(app, 1)
     assert app.whole == [True]
 
 
