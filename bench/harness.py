@@ -115,11 +115,22 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _tree(pid: int) -> list[int]:
-    pids = [pid]
-    for child in _children(pid):
-        pids += _tree(child)
-    return pids
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (one pass over /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += parents.get(current, [])
+    return found
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -171,7 +182,7 @@ class Server:
         raise SystemExit(f"{name} not ready after 120 s")
 
     def pids(self) -> list[int]:
-        return _tree(self.process.pid)
+        return tree(self.process.pid)
 
     def workers(self) -> list[int]:
         """The processes that serve: the tree's leaves but multiprocessing's resource tracker

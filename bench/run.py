@@ -47,15 +47,23 @@ JSON_ENV = {"CONTENT_TYPE": "application/json"}
 # --- in-process limit -------------------------------------------------------------------------
 
 
-def _forward_loop(
-    name: str, weights: str, batch: int, seconds: float, threads: int, out: multiprocessing.Queue
-) -> None:  # type: ignore[type-arg]
+def _loaded(
+    name: str, weights: str, threads: int, batch: int
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The bench model ``name`` with ``weights``, in eval(), on ``threads`` threads (of this
+    thread), and a random input batch of ``batch`` samples."""
     torch.set_num_threads(threads)
     cls, shape = MODELS[name]
     model = cls()
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
-    x = torch.randn(batch, *shape)
+    return model, torch.randn(batch, *shape)
+
+
+def _forward_loop(
+    name: str, weights: str, batch: int, seconds: float, threads: int, out: multiprocessing.Queue
+) -> None:  # type: ignore[type-arg]
+    model, x = _loaded(name, weights, threads, batch)
     with torch.inference_mode():
         for _ in range(3):
             model(x)
@@ -77,12 +85,7 @@ def in_process(
 def _forward_latency(
     name: str, weights: str, threads: int, seconds: float, out: multiprocessing.Queue
 ) -> None:  # type: ignore[type-arg]
-    torch.set_num_threads(threads)
-    cls, shape = MODELS[name]
-    model = cls()
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
-    x = torch.randn(1, *shape)
+    model, x = _loaded(name, weights, threads, 1)
     times: list[float] = []
     with torch.inference_mode():
         for _ in range(5):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from harness import tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = "linear"
@@ -46,24 +47,6 @@ BODY = json.dumps({"inputs": [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 
 
 
 # --- the server's memory -------------------------------------------------------------------
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += parents.get(current, [])
-    return found
 
 
 def _memory_mib(pids: Sequence[int]) -> tuple[float, float, float]:
@@ -87,7 +70,7 @@ class MemorySampler:
 
     def __init__(self, pid: int) -> None:
         self._pid = pid
-        self._pids = _tree(pid)
+        self._pids = tree(pid)
         self._lock = threading.Lock()
         self._peak = (0.0, 0.0, 0.0)
         self._stop = threading.Event()
@@ -98,7 +81,7 @@ class MemorySampler:
         refreshed = time.monotonic()
         while not self._stop.wait(SAMPLE_S):
             if time.monotonic() - refreshed > 1.0:  # a worker replaced meanwhile
-                self._pids, refreshed = _tree(self._pid), time.monotonic()
+                self._pids, refreshed = tree(self._pid), time.monotonic()
             reading = _memory_mib(self._pids)
             with self._lock:
                 if reading[0] > self._peak[0]:
@@ -106,7 +89,7 @@ class MemorySampler:
 
     def now(self) -> tuple[float, float, float]:
         """The tree's memory at this moment."""
-        return _memory_mib(_tree(self._pid))
+        return _memory_mib(tree(self._pid))
 
     def reset(self) -> None:
         with self._lock:
