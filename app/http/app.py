@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app.config import Settings, load_service_config, load_settings
 from app.errors import ConfigError
@@ -79,7 +79,8 @@ class ModelportAPI(FastAPI):
     of Starlette's own middleware (error pages, body limits, telemetry hooks), which would
     otherwise cost every prediction as much as its own work on a small model."""
 
-    front: ASGIApp | None = None
+    front: InferenceEndpoint | None = None
+    """The lean inference path, in front of everything else once :meth:`put_in_front` ran."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.front is None:

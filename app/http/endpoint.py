@@ -6,9 +6,11 @@ adapter; everything else goes on to the app. Errors are rendered by :mod:`app.ht
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +81,24 @@ class FrontDoor(Protocol):
         ...
 
 
+def text_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """A request's headers (names lower-case, as the server gives them) as text."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+
+
+Write = Callable[[int, bytes, dict[str, str]], Awaitable[None]]
+"""Writes a whole answer (status, body, headers); RuntimeError once an answer has started."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """An inference path matched: its front door, route template and path parameters."""
+
+    door: FrontDoor
+    template: str
+    params: dict[str, str]
+
+
 @dataclass
 class InferenceEndpoint:
     """ASGI middleware answering the front doors' inference paths; the rest goes to ``app``.
@@ -86,7 +106,8 @@ class InferenceEndpoint:
     It does for its requests what the layers in front of the framework's routes do for theirs
     (the request id, the draining gate, the request metrics and access line, through the same
     functions), in one call and with no wrapped ``send``: on a small model those layers cost
-    as much as the inference."""
+    as much as the inference. The server's own protocol calls :meth:`route` and :meth:`serve`
+    directly for a request whose whole body it has read (:mod:`app.runner.lane`)."""
 
     app: ASGIApp
     service: InferenceService
@@ -100,58 +121,64 @@ class InferenceEndpoint:
             (pattern, route, door) for door in self.doors for pattern, route in door.paths
         ]
 
+    def route(self, path: str) -> Route | None:
+        """The inference path ``path`` is, if it is one."""
+        for pattern, template, door in self._routes:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                params = {k: v for k, v in match.groupdict().items() if v is not None}
+                return Route(door, template, params)
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path: str = scope["path"]
-            for pattern, route, door in self._routes:
-                match = pattern.fullmatch(path)
-                if match is not None:
-                    await self._serve(scope, receive, send, door, route, match)
-                    return
+            route = self.route(scope["path"])
+            if route is not None:
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                call = HttpCall(
+                    scope["path"],
+                    route.params,
+                    headers,
+                    scope["query_string"],
+                    receive,
+                    self.settings.max_body_bytes,
+                )
+                write = functools.partial(send_answer, scope, send)
+                await self.serve(scope["method"], call, route, client_of(scope), write)
+                return
         await self.app(scope, receive, send)
 
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        door: FrontDoor,
-        route: str,
-        match: re.Match[str],
+    async def serve(
+        self, method: str, call: HttpCall, route: Route, client: str, write: Write
     ) -> None:
+        """Answer one request to an inference path through ``write``, and record it."""
         started = time.perf_counter()
-        path: str = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = self.recorder.request_id(headers.get(REQUEST_ID_HEADER))
+        rid = self.recorder.request_id(call.headers.get(REQUEST_ID_HEADER))
         token = request_id.set(rid)
-        params = {k: v for k, v in match.groupdict().items() if v is not None}
-        call = HttpCall(
-            path, params, headers, scope["query_string"], receive, self.settings.max_body_bytes
-        )
         status, version = 500, ""
         try:
-            status, body, answer_headers = await self._answer(scope["method"], call, door)
+            status, body, answer_headers = await self._answer(method, call, route.door)
             version = answer_headers.get(VERSION_HEADER, "")
             if rid != NO_ID:
                 answer_headers[REQUEST_ID_HEADER] = rid
-            await send_answer(scope, send, status, body, answer_headers)
+            await write(status, body, answer_headers)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over
-            if not await answered_cut_off(scope, send):
+            if not await answered_cut_off(call.path, write):
                 raise
             status = 503
         finally:
             elapsed = time.perf_counter() - started
-            served = call.served or params.get("name", "")
+            served = call.served or route.params.get("name", "")
             self.recorder.record(
-                scope["method"],
-                path,
-                route,
+                method,
+                call.path,
+                route.template,
                 served,
                 version,
                 str(status),
                 elapsed,
-                client_of(scope),
+                client,
                 rid,
             )
             request_id.reset(token)

@@ -5,7 +5,9 @@ grace period ends get the same 503, not the server's 500."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,7 +36,8 @@ class ShutdownGate:
             await self.app(scope, receive, send)
         except asyncio.CancelledError:
             # the server cancels what is still open once the grace period is over
-            if not await answered_cut_off(scope, send):
+            write = functools.partial(send_answer, scope, send)
+            if not await answered_cut_off(scope["path"], write):
                 raise
 
 
@@ -52,14 +55,16 @@ async def _refuse(scope: Scope, send: Send) -> None:
     await send_answer(scope, send, *error_answer(_draining(), scope["path"]))
 
 
-async def answered_cut_off(scope: Scope, send: Send) -> bool:
-    """Answer 503 to a request cancelled at the end of the grace period; False if the server
-    is not draining (the cancellation is someone else's) or its answer had started already
-    (the server refuses a second start)."""
+async def answered_cut_off(
+    path: str, write: Callable[[int, bytes, dict[str, str]], Awaitable[None]]
+) -> bool:
+    """Answer 503 through ``write`` to a request to ``path`` cancelled at the end of the grace
+    period; False if the server is not draining (the cancellation is someone else's) or its
+    answer had started already (the server refuses a second start)."""
     if not draining.is_set():
         return False
     try:
-        await _refuse(scope, send)
+        await write(*error_answer(_draining(), path))
     except RuntimeError:
         return False
     return True

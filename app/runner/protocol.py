@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.errors import HeadTooLarge
 from app.http.answers import WHOLE_ANSWER, error_answer, raw_headers
+from app.http.endpoint import InferenceEndpoint
+from app.runner.lane import LaneCycle, answer_head
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,8 @@ class OneWriteCycle(RequestResponseCycle):
             return False
         self.response_started = self.response_complete = True
         self.waiting_for_100_continue = False
-        content = [STATUS_LINE[status]]
-        for name, value in (*self.default_headers, *headers):
-            content += (name, b": ", value, b"\r\n")
-        content.append(b"content-length: %d\r\n" % len(body))
-        if not self.keep_alive:
-            content.append(b"connection: close\r\n")
-        content.append(b"\r\n")
-        self.transport.writelines((b"".join(content), body))  # one writev, the body not copied
+        head = answer_head(status, [*self.default_headers, *headers], len(body), self.keep_alive)
+        self.transport.writelines((head, body))  # one writev, the body not copied
         self.message_event.set()
         if not self.keep_alive:
             self.transport.close()
@@ -114,6 +108,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     max_header_bytes: int = 64 * 1024
     max_header_count: int = 100
+    lane: InferenceEndpoint | None = None
+    """The endpoint of the requests taken on the lane, if any."""
 
     _raw_head_bytes = 0
     """Bytes fed since a head, body bytes or a message last ended: a head (or trailer) so far."""
@@ -158,6 +154,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._raw_head_bytes = 0
+        if self.lane is not None and self._on_lane(self.lane):
+            return
         super().on_headers_complete()
         if type(self.cycle) is RequestResponseCycle:
             # uvicorn builds the cycle itself; its task has not run yet, so the subclass's
@@ -168,11 +166,56 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._raw_head_bytes = 0
-        super().on_body(body)
+        cycle = self.cycle
+        if isinstance(cycle, LaneCycle):
+            cycle.feed(body)
+            self._start_when_ready(cycle)
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._raw_head_bytes = 0
-        super().on_message_complete()
+        cycle = self.cycle
+        if isinstance(cycle, LaneCycle):
+            cycle.end()
+            self._start_when_ready(cycle)
+        else:
+            super().on_message_complete()
+
+    def _on_lane(self, endpoint: InferenceEndpoint) -> bool:
+        """Take a POST to an inference path on the lane (:mod:`app.runner.lane`); False for
+        any other request, and for one the lane leaves to uvicorn: an upgrade, a client
+        waiting for ``100 Continue``, a server limiting its concurrency."""
+        parser = self.parser
+        if parser.get_method() != b"POST" or parser.should_upgrade():
+            return False
+        if self.expect_100_continue or self.limit_concurrency is not None:
+            return False
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        path = self.root_path + path
+        route = endpoint.route(path)
+        if route is None:
+            return False
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        cycle = LaneCycle(self, endpoint, route, path, url.query or b"", keep_alive)
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]
+        if existing is not None and not existing.response_complete:
+            # pipelined: it starts once the answers before it are out, as uvicorn's do
+            cycle.started = True
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]
+        else:
+            self._start_when_ready(cycle)
+        return True
+
+    def _start_when_ready(self, cycle: LaneCycle) -> None:
+        if not cycle.started and cycle.ready:
+            cycle.started = True
+            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
 
     def send_400_response(self, msg: str) -> None:
         if self._refused is None:
@@ -193,20 +236,21 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         reason = self._refused or ""
         logger.warning("%s from %s: answered 431 and closed", reason, self.client)
         status, body, headers = error_answer(HeadTooLarge(reason), "")  # the path is unread
-        content = [STATUS_LINE[status]]
-        for name, value in [*self.server_state.default_headers, *raw_headers(headers)]:
-            content += [name, b": ", value, b"\r\n"]
-        content += [b"content-length: %d\r\n\r\n" % len(body), body]
-        self.transport.write(b"".join(content))
+        all_headers = [*self.server_state.default_headers, *raw_headers(headers)]
+        self.transport.writelines((answer_head(status, all_headers, len(body), False), body))
         self.transport.close()
 
 
-def head_limited(max_header_bytes: int, max_header_count: int) -> type[OneWriteHttpToolsProtocol]:
-    """The protocol class with these head limits, for ``uvicorn.Config(http=...)``."""
+def head_limited(
+    max_header_bytes: int, max_header_count: int, lane: InferenceEndpoint | None = None
+) -> type[OneWriteHttpToolsProtocol]:
+    """The protocol class with these head limits, and the requests to ``lane``'s inference
+    paths taken on the lane, for ``uvicorn.Config(http=...)``."""
 
     class HeadLimitedProtocol(OneWriteHttpToolsProtocol):
         pass
 
     HeadLimitedProtocol.max_header_bytes = max_header_bytes
     HeadLimitedProtocol.max_header_count = max_header_count
+    HeadLimitedProtocol.lane = lane
     return HeadLimitedProtocol

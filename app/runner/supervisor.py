@@ -19,6 +19,7 @@ from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,7 +30,9 @@ from app.errors import ConfigError
 from app.http.shutdown import draining
 from app.observability.logs import configure_logging
 from app.observability.metrics import MULTIPROC_ENV
-from app.runner.protocol import head_limited
+
+if TYPE_CHECKING:
+    from app.http.endpoint import InferenceEndpoint
 
 logger = logging.getLogger(__name__)
 MAX_FAILED_STARTS = 3
@@ -81,11 +84,12 @@ def _server(
     app: FastAPI, settings: Settings, on_ready: Callable[[], None] | None = None
 ) -> DrainingServer:
     from app.grpc.server import add_grpc_door  # torch: not in the supervisor
+    from app.runner.protocol import head_limited
 
     add_grpc_door(app, settings)  # the app's lifespan opens it (not an app in a test's process)
     config = uvicorn.Config(
         app,
-        http=head_limited(settings.max_header_bytes, settings.max_header_count),
+        http=head_limited(settings.max_header_bytes, settings.max_header_count, _lane(app)),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -94,6 +98,13 @@ def _server(
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
+
+
+def _lane(app: FastAPI) -> InferenceEndpoint | None:
+    """The inference endpoint whose requests the protocol serves on its lane."""
+    from app.http.app import ModelportAPI
+
+    return app.front if isinstance(app, ModelportAPI) else None
 
 
 def run(settings: Settings, app: FastAPI | None) -> int:
