@@ -347,6 +347,22 @@ async def test_a_request_past_its_timeout_fails_and_is_dropped_unrun(harness: Ha
     assert module.batches == [[0.0], [2.0]], "the timed-out request's forward ran anyway"
 
 
+async def test_each_waiting_request_times_out_at_its_own_deadline(harness: Harness) -> None:
+    batcher, module, first = await harness.held(timeout_s=0.4)
+    (earlier,) = await enqueued(batcher.submit(samples(1)))
+    await asyncio.sleep(0.2)
+    (later,) = await enqueued(batcher.submit(samples(2)))
+    with pytest.raises(InferenceTimeout):
+        await asyncio.wait_for(earlier, WAIT_S)
+    assert not later.done(), "timed out with the request before it, not at its own deadline"
+    with pytest.raises(InferenceTimeout):
+        await asyncio.wait_for(later, WAIT_S)
+    module.gate.set()
+    await answered(first)
+    _, after = await asyncio.wait_for(batcher.submit(samples(3)), WAIT_S)
+    assert after == doubled(samples(3))
+
+
 async def test_a_request_whose_caller_left_is_dropped_before_its_forward(
     harness: Harness,
 ) -> None:
