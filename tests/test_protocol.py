@@ -1,12 +1,14 @@
 """The server's HTTP protocol (app.runner.protocol) on a real loopback socket: an app with its
 whole answer ready writes it at once through the scope's WHOLE_ANSWER extension, with the same
-keep-alive, pipelining, ``Connection: close`` and HEAD behaviour as uvicorn's two messages."""
+keep-alive, pipelining, ``Connection: close`` and HEAD behaviour as uvicorn's two messages; and a
+connection is closed once it has been idle for the keep-alive time, not while it is in use."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,14 +48,25 @@ class Recorder:
         await send_answer(scope, send, 200, body, {"content-type": "text/plain"})
 
 
+KEEP_ALIVE_S = 1.0
+
+
 @pytest.fixture
 def served() -> Iterator[tuple[Recorder, int]]:
-    """The recorder behind uvicorn with the project's protocol, on a free port of 127.0.0.1."""
+    """The recorder behind uvicorn with the project's protocol, on a free port of 127.0.0.1,
+    keeping an idle connection open for KEEP_ALIVE_S."""
     app = Recorder()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http=head_limited(65536, 100), log_level="warning", lifespan="off")
+    protocol = head_limited(65536, 100)
+    config = uvicorn.Config(
+        app,
+        http=protocol,
+        log_level="warning",
+        lifespan="off",
+        timeout_keep_alive=int(KEEP_ALIVE_S),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
     thread.start()
@@ -150,3 +163,18 @@ def test_a_head_request_goes_through_the_two_messages_and_gets_no_body(
     assert b"content-length: 5\r\n" in received
     assert received.endswith(b"\r\n\r\n")  # the head only
     assert app.whole == [False]
+
+
+def test_a_connection_in_use_stays_open_and_one_idle_for_the_keep_alive_time_is_closed(
+    served: tuple[Recorder, int],
+) -> None:
+    _, port = served
+    request = b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        for _ in range(9):  # across several keep-alive times
+            time.sleep(KEEP_ALIVE_S / 3)
+            client.sendall(request)
+            assert client.recv(65536).endswith(b"ok /e")
+        idle = time.monotonic()
+        assert client.recv(65536) == b""  # the server closed it
+        assert KEEP_ALIVE_S * 0.9 <= time.monotonic() - idle < KEEP_ALIVE_S * 4
