@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.codecs.arrays import to_batch
 from app.errors import InvalidInput, ModelNotFound, ModelUnavailable, VersionNotFound
 from app.serving.catalog import INPUT_NAME, OUTPUT_NAME
 from app.serving.inference import InferenceRequest, InferenceService
@@ -49,6 +50,48 @@ async def test_lists_arrays_and_named_inputs_give_the_same_outputs_as_the_model(
         assert (result.model, result.version) == ("linear", runtime.version)
         assert result.samples is None
         torch.testing.assert_close(result.outputs[OUTPUT_NAME], expected)
+
+
+ROW = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0]
+NUMBERS_ONLY = {
+    "floats": [ROW, ROW[::-1]],
+    "integers": [list(range(10))],
+    "integers and floats": [[1, 2.5] * 5],
+    "a null": [[None, *ROW[1:]]],
+    "an integer out of every range": [[10**40, *ROW[1:]]],
+    "a float too large for float32": [[1e39, *ROW[1:]]],
+    "ragged samples": [ROW, ROW[:9]],
+    "a sample of the wrong shape": [ROW[:9]],
+    "a sample nested deeper": [[ROW]],
+    "one sample unnested": ROW,
+    "too many samples": [ROW] * 5,
+    "no samples": [],
+    "a number": 3.0,
+}
+
+
+@pytest.mark.parametrize("inputs", NUMBERS_ONLY.values(), ids=NUMBERS_ONLY.keys())
+def test_lists_proven_to_hold_numbers_only_give_the_batch_typed_lists_give(inputs: object) -> None:
+    """Read straight into float32 (known numeric) or typed first: the same batch, or both
+    refused."""
+
+    def checked(known_numeric: bool) -> np.ndarray | None:
+        try:
+            return to_batch(
+                inputs, (10,), torch.float32, max_samples=4, known_numeric=known_numeric
+            )
+        except InvalidInput:
+            return None
+
+    direct, typed = checked(True), checked(False)
+    if typed is None:
+        assert direct is None
+    else:
+        assert direct is not None
+        assert direct.dtype == typed.dtype == np.float32
+        assert direct.flags.c_contiguous
+        assert direct.flags.writeable
+        np.testing.assert_array_equal(direct, typed)
 
 
 async def test_postprocessed_requests_answer_one_json_value_per_sample(

@@ -90,7 +90,7 @@ async def _json_request(
     request = InferenceRequest(
         parsed["inputs"],
         postprocess=postprocess,
-        numeric=_inputs_hold_no_string(body, parsed),
+        numeric=_inputs_hold_numbers_only(body, parsed),
     )
     return target, request
 
@@ -150,11 +150,12 @@ def _parse_body(body: bytes, fields: set[str]) -> dict[str, Any]:
     return parsed
 
 
-def _inputs_hold_no_string(body: bytes, parsed: dict[str, Any]) -> bool:
-    """Whether the body proves that ``inputs`` holds no string, at the cost of counting its
-    quote characters: every key, and a string ``model``, takes at least two, so when they
-    account for all of them no string is left for ``inputs``."""
+def _inputs_hold_numbers_only(body: bytes, parsed: dict[str, Any]) -> bool:
+    """Whether the body proves that ``inputs`` holds no string and no boolean, at the cost of
+    counting its quote characters and looking for ``true`` and ``false``: every key, and a
+    string ``model``, takes at least two quotes, so when they account for all of them no
+    string is left for ``inputs``."""
     inputs = parsed["inputs"]
     least = 2 * len(parsed) + (2 if isinstance(parsed.get("model"), str) else 0)
     least += 2 * len(inputs) if isinstance(inputs, dict) else 0  # the input names
-    return body.count(b'"') <= least
+    return body.count(b'"') <= least and b"true" not in body and b"false" not in body

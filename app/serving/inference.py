@@ -47,7 +47,8 @@ class InferenceRequest:
     postprocess: bool = False
     """Answer one JSON-ready output per sample (the model's postprocess) instead of tensors."""
     numeric: bool = False
-    """The caller has proven that JSON ``inputs`` hold no string (skips one typing pass)."""
+    """The caller has proven that JSON ``inputs`` hold numbers only, no strings and no booleans
+    (skips one typing pass; a floating-point model reads them straight into its dtype)."""
 
 
 @dataclass(slots=True)
