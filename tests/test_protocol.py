@@ -100,6 +100,16 @@ def exchange(port: int, request: bytes, answers: int) -> bytes:
         return received
 
 
+def until_closed(port: int, request: bytes) -> bytes:
+    """Send ``request`` on one connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+        return received
+
+
 def _complete(received: bytes, answers: int) -> bool:
     """Whether ``received`` holds ``answers`` answers, the last with its whole body."""
     if received.count(b"HTTP/1.1 ") < answers or b"\r\n\r\n" not in received:
@@ -137,11 +147,7 @@ def test_connection_close_is_answered_with_close_and_the_connection_ends(
 ) -> None:
     app, port = served
     request = b"POST /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-        client.sendall(request)
-        received = b""
-        while chunk := client.recv(65536):  # ends only when the server closes
-            received += chunk
+    received = until_closed(port, request)
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"connection: close\r\n" in received
     assert received.endswith(b"\r\n\r\nok /c")
@@ -153,12 +159,7 @@ def test_a_head_request_goes_through_the_two_messages_and_gets_no_body(
     served: tuple[Recorder, int],
 ) -> None:
     app, port = served
-    request = b"HEAD /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-        client.sendall(request)
-        received = b""
-        while chunk := client.recv(65536):
-            received += chunk
+    received = until_closed(port, b"HEAD /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"content-length: 5\r\n" in received
     assert received.endswith(b"\r\n\r\n")  # the head only
