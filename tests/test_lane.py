@@ -148,6 +148,16 @@ def test_requests_pipelined_in_one_write_are_answered_in_order(servers: tuple[in
     assert [answer.split(b" ")[1] for answer in answers] == [b"200", b"200", b"422", b"200", b"200"]
 
 
+def test_a_pipelined_request_whose_body_comes_later_is_answered_once_it_has_come(
+    servers: tuple[int, int],
+) -> None:
+    lane, plain = servers
+    pieces = (post() + post()[:-10], post()[-10:])
+    answers = exchange(lane, *pieces, answers=2)
+    assert answers == exchange(plain, *pieces, answers=2)
+    assert [answer.split(b" ")[1] for answer in answers] == [b"200", b"200"]
+
+
 def test_a_body_over_the_limit_is_refused_and_the_connection_serves_on(
     servers: tuple[int, int],
 ) -> None:
