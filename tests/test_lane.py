@@ -8,6 +8,7 @@ with ``Connection: close``; and a client gone mid-body costs nothing."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import threading
@@ -20,6 +21,8 @@ import uvicorn
 
 from app.http.answers import send_answer
 from app.http.app import ModelportAPI, create_app
+from app.http.endpoint import HttpCall, Route
+from app.runner.lane import LaneCycle
 from app.runner.protocol import head_limited
 from tests.helpers import (
     LINEAR,
@@ -259,3 +262,20 @@ def test_the_protocol_takes_posts_to_inference_paths_and_leaves_the_rest_to_the_
     for request in left:
         [answer] = exchange(port, request)
         assert answer.startswith(b"HTTP/1.1 418 "), answer
+
+
+def test_a_request_on_the_lane_leaves_nothing_for_the_garbage_collector(
+    lane_before_a_teapot: int,
+) -> None:
+    """Reference cycles made per request had the collector run every ~40 requests (7% of a
+    worker): what the lane makes is freed by reference counting alone."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        exchange(lane_before_a_teapot, post() * 20, answers=20)
+        gc.collect()
+        kinds = {type(thing) for thing in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not kinds & {LaneCycle, HttpCall, Route}
