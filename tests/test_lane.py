@@ -3,7 +3,8 @@ on the lane and leaves every other request to the ASGI app; and a request that `
 answers on the lane gets the answer the ASGI path gives (a server run by ``uvicorn --factory``,
 which has no lane), byte for byte but for the date and request id: over keep-alive, pipelined
 behind other requests, with its body in pieces or chunks, over the body limit, over HTTP/1.0 or
-with ``Connection: close``; and a client gone mid-body costs nothing."""
+with ``Connection: close``; a client gone mid-body costs nothing, and a request on the lane
+leaves nothing for the garbage collector."""
 
 from __future__ import annotations
 
