@@ -23,7 +23,7 @@ import uvicorn
 from app.http.answers import send_answer
 from app.http.app import ModelportAPI, create_app
 from app.http.endpoint import HttpCall, Route
-from app.runner.lane import LaneCycle
+from app.runner.lane import GATHERED_BYTES, LaneCycle
 from app.runner.protocol import head_limited
 from tests.helpers import (
     LINEAR,
@@ -186,6 +186,27 @@ def test_a_connection_the_client_ends_with_its_request_is_closed_after_the_answe
     assert (answer, closed) == closed_after(plain, request)
     assert closed
     assert b"\r\nconnection: close" in answer
+
+
+def test_a_request_without_the_token_is_refused_before_its_large_body_is_read(
+    tmp_path: Path,
+) -> None:
+    """The lane holds at most GATHERED_BYTES of a body the endpoint has not read: an
+    unauthenticated client cannot make it buffer megabytes (here it never sends them)."""
+    env = {"MODELPORT_API_TOKEN": "t" * 32}
+    with run_server(tmp_path, write_config(tmp_path, LINEAR), env=env) as server:
+        for head in (
+            PREDICT + b"content-length: %d\r\n\r\n" % (8 * 1024 * 1024),
+            PREDICT + b"transfer-encoding: chunked\r\n\r\n",
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                raw.sendall(head)
+                piece = b"x" * (2 * GATHERED_BYTES)
+                raw.sendall(
+                    piece if b"content-length" in head else b"%x\r\n%s\r\n" % (len(piece), piece)
+                )
+                answer = _read_answer(raw.makefile("rb"))  # the rest of the body never comes
+            assert answer.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 403 ")), answer
 
 
 def test_a_client_gone_mid_body_leaves_the_server_serving(servers: tuple[int, int]) -> None:

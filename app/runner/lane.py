@@ -5,10 +5,11 @@ the app's ``receive`` waits on, and answer messages checked on the way out. On a
 machinery cost more than the rest of the request: a bare app behind uvicorn's protocol took 44 µs
 of CPU per request, the same app on the HTTP parser alone 13 µs. The server's protocol
 (:mod:`app.runner.protocol`) hands a request to an inference path to a :class:`LaneCycle`
-instead: the body is gathered as it arrives, and once it is whole (or over the body limit) the
-inference endpoint serves it (:meth:`InferenceEndpoint.serve`, the same code as over ASGI) and
-writes its whole answer at once. The connection stays the protocol's: keep-alive, pipelining, flow
-control and shutdown treat a lane request as any cycle.
+instead: the body is gathered as it arrives, and once it is whole (or larger than
+GATHERED_BYTES: it then streams) the inference endpoint serves it
+(:meth:`InferenceEndpoint.serve`, the same code as over ASGI) and writes its whole answer at
+once. The connection stays the protocol's: keep-alive, pipelining, flow control and shutdown
+treat a lane request as any cycle.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+GATHERED_BYTES = 64 * 1024
+"""The most of a body the lane holds before the endpoint runs (or while it has not read it):
+a larger body streams to it, with reading paused in between, so that a request it refuses
+unread (no token, over the limit, no such model) costs the server no more than this, as over
+ASGI (uvicorn's own bound)."""
 _SERVER_ERROR = b"Internal Server Error"
 
 
@@ -79,7 +85,6 @@ class LaneCycle:
         self.route = route
         self.method = protocol.parser.get_method().decode("ascii")
         self.client = _client(protocol)
-        self.limit = endpoint.settings.max_body_bytes
         self.path = path
         self.query_string = query_string
         self.headers = text_headers(protocol.headers)
@@ -91,11 +96,12 @@ class LaneCycle:
         """The endpoint runs it (or will: it is the next of the connection's pipeline)."""
         self.more_body = True
         self._parts: list[bytes] = []
-        self._size = 0
+        self._gathered = 0
+        """Bytes of the body held, not yet read by the endpoint."""
         self._delivered = False
         self._waiter: asyncio.Future[None] | None = None
         declared = self.headers.get("content-length", "")
-        self._declared_over = declared.isdigit() and int(declared) > self.limit
+        self._large = declared.isdigit() and int(declared) > GATHERED_BYTES
 
     @property
     def message_event(self) -> LaneCycle:
@@ -108,16 +114,19 @@ class LaneCycle:
 
     @property
     def ready(self) -> bool:
-        """Whether the endpoint can run it: its body is whole, or over the limit (the endpoint
-        refuses it from what came)."""
-        return not self.more_body or self._declared_over or self._size > self.limit
+        """Whether the endpoint should run it now: its body is whole, or large (declared or
+        gathered over GATHERED_BYTES: it streams)."""
+        return not self.more_body or self._large or self._gathered > GATHERED_BYTES
 
     def feed(self, body: bytes) -> None:
-        """A piece of the body arrived (dropped once the answer is out)."""
+        """A piece of the body arrived (dropped once the answer is out); reading pauses while
+        more than GATHERED_BYTES wait for the endpoint."""
         if self.response_complete:
             return
         self._parts.append(body)
-        self._size += len(body)
+        self._gathered += len(body)
+        if self._gathered > GATHERED_BYTES:
+            self.flow.pause_reading()
         self._wake()
 
     def end(self) -> None:
@@ -127,7 +136,7 @@ class LaneCycle:
 
     async def receive(self) -> Message:
         """The ASGI ``receive`` of the endpoint's :class:`HttpCall`: the body gathered so far,
-        waiting only for a pipelined request started before its body came."""
+        waiting (reading resumed) when none has come since the last call."""
         while not (self.disconnected or self.response_complete) and (
             self._delivered or (not self._parts and self.more_body)
         ):
@@ -137,8 +146,10 @@ class LaneCycle:
         if self.disconnected or self.response_complete:
             return {"type": "http.disconnect"}
         body = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts = []
+        self._parts, self._gathered = [], 0
         self._delivered = not self.more_body
+        if self.more_body:
+            self.flow.resume_reading()
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     def _wake(self) -> None:
@@ -167,7 +178,8 @@ class LaneCycle:
         """Serve the request (``app`` is the protocol's, not needed here), as uvicorn runs an
         ASGI app: an error before the answer is a 500 and the connection closes."""
         route, query = self.route, self.query_string
-        call = HttpCall(self.path, route.params, self.headers, query, self.receive, self.limit)
+        limit = self.endpoint.settings.max_body_bytes
+        call = HttpCall(self.path, route.params, self.headers, query, self.receive, limit)
         try:
             await self.endpoint.serve(self.method, call, route, self.client, self.answer)
         except BaseException as exc:
