@@ -107,7 +107,7 @@ class InferenceEndpoint:
     (the request id, the draining gate, the request metrics and access line, through the same
     functions), in one call and with no wrapped ``send``: on a small model those layers cost
     as much as the inference. The server's own protocol calls :meth:`route` and :meth:`serve`
-    directly for a request whose whole body it has read (:mod:`app.runner.lane`)."""
+    directly for the requests it takes on its lane (:mod:`app.runner.lane`)."""
 
     app: ASGIApp
     service: InferenceService
@@ -134,11 +134,10 @@ class InferenceEndpoint:
         if scope["type"] == "http":
             route = self.route(scope["path"])
             if route is not None:
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 call = HttpCall(
                     scope["path"],
                     route.params,
-                    headers,
+                    text_headers(scope["headers"]),
                     scope["query_string"],
                     receive,
                     self.settings.max_body_bytes,
