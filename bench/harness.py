@@ -102,34 +102,28 @@ def _v2_bodies(directory: Path, name: str, sample: np.ndarray) -> dict[str, Path
 # --- processes --------------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from one pass over /proc."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    return children
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (one pass over /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+def tree(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """``pid`` and its descendants (``children`` from :func:`_children`, else read now)."""
+    children = _children() if children is None else children
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
         found.append(current)
-        todo += parents.get(current, [])
+        todo += children.get(current, [])
     return found
 
 
@@ -187,7 +181,12 @@ class Server:
     def workers(self) -> list[int]:
         """The processes that serve: the tree's leaves but multiprocessing's resource tracker
         (the process itself when it serves alone)."""
-        leaves = [pid for pid in self.pids() if not _children(pid) and not _is_tracker(pid)]
+        children = _children()
+        leaves = [
+            pid
+            for pid in tree(self.process.pid, children)
+            if not children.get(pid) and not _is_tracker(pid)
+        ]
         return leaves or [self.process.pid]
 
     def stop(self) -> None:
