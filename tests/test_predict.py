@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from app.codecs.binary import DTYPE_HEADER, RAW, SHAPE_HEADER
+from app.codecs.float_json import FROM_BYTES
 from app.serving.catalog import register
 from models.digits import EXAMPLE_ZERO
 from tests.helpers import BUNDLED, LINEAR, SAMPLE, make_settings, serve_in_process
@@ -27,6 +29,24 @@ async def test_linear_predict_equals_the_model_forward_in_input_order(
     assert body["model"] == "linear"
     assert np.allclose(body["outputs"], BUNDLED.outputs(samples), atol=1e-6)
     assert response.headers["X-Model-Version"] == body["version"]
+
+
+async def test_a_large_json_body_answers_as_its_samples_sent_raw(
+    client: httpx.AsyncClient,
+) -> None:
+    """A body of many floats is read straight into an array (app.codecs.float_json): the same
+    answer as the same float32 samples sent as raw bytes."""
+    samples = np.random.default_rng(3).normal(size=(32, 10))
+    body = json.dumps({"inputs": samples.tolist()}).encode()
+    assert len(body) >= FROM_BYTES
+    headers = {"Content-Type": "application/json"}
+    as_json = await client.post("/v1/models/linear/predict", content=body, headers=headers)
+    raw_headers = {"Content-Type": RAW, SHAPE_HEADER: "32,10", DTYPE_HEADER: "float32"}
+    raw = samples.astype(np.float32).tobytes()
+    as_raw = await client.post("/v1/models/linear/predict", content=raw, headers=raw_headers)
+    assert as_json.status_code == as_raw.status_code == 200
+    assert as_json.json()["outputs"] == as_raw.json()["outputs"]
+    assert np.allclose(as_json.json()["outputs"], BUNDLED.outputs(samples.tolist()), atol=1e-6)
 
 
 async def test_version_is_the_weights_sha256_prefix(client: httpx.AsyncClient) -> None:

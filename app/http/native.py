@@ -25,6 +25,7 @@ from app.codecs.binary import (
     encode_raw,
     parse_shape,
 )
+from app.codecs.float_json import read_float_inputs
 from app.codecs.text import parse_json
 from app.errors import BadRequest, InvalidInput, NotAcceptable, UnsupportedMediaType
 from app.http import VERSION_HEADER
@@ -34,6 +35,9 @@ from app.serving.inference import InferenceRequest, InferenceService, Target
 
 # Read as JSON too: no type, and what `curl -d` sends when not told otherwise.
 _JSON_ALIASES = ("", JSON, "application/x-www-form-urlencoded", "text/plain")
+_NAMED_FIELDS = frozenset({"inputs"})
+"""A JSON body's fields on a path that names its model."""
+_FIELDS = frozenset({"inputs", "model"})
 
 
 class NativePredict:
@@ -80,19 +84,20 @@ class NativePredict:
 async def _json_request(
     call: HttpCall, body: bytes, service: InferenceService, postprocess: bool
 ) -> tuple[Target, InferenceRequest]:
-    named = "name" in call.params
-    parsed = _parse_body(body, {"inputs"} if named else {"inputs", "model"})
+    fields = _NAMED_FIELDS if "name" in call.params else _FIELDS
+    fast = read_float_inputs(body, fields)
+    if fast is not None:
+        parsed, inputs = fast
+        numeric = True
+    else:
+        parsed = _parse_body(body, fields)
+        inputs, numeric = parsed["inputs"], _inputs_hold_numbers_only(body, parsed)
     name = call.params.get("name") or parsed.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a string; received {type(name).__name__}")
     target = await service.target(name)
     call.served = target.model.name
-    request = InferenceRequest(
-        parsed["inputs"],
-        postprocess=postprocess,
-        numeric=_inputs_hold_numbers_only(body, parsed),
-    )
-    return target, request
+    return target, InferenceRequest(inputs, postprocess=postprocess, numeric=numeric)
 
 
 def _check_one_output(service: InferenceService, target: Target, accept: str) -> None:
@@ -137,7 +142,7 @@ def _query_model(call: HttpCall) -> str | None:
     return values[0] if values else None
 
 
-def _parse_body(body: bytes, fields: set[str]) -> dict[str, Any]:
+def _parse_body(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
     """The body as a JSON object holding ``inputs`` and no keys outside ``fields``."""
     parsed = parse_json(body, "the body")
     if not isinstance(parsed, dict):
