@@ -287,6 +287,7 @@ class DynamicBatcher:
         of the cores while it computes. A lone request of a model whose lone forward took
         WIDE_FROM_S or more computes on every core nobody else computes on, on the process's
         wide thread (:mod:`app.serving.cores`)."""
+
         def timed() -> tuple[dict[str, torch.Tensor], float]:
             started = time.perf_counter()
             return runtime.run(inputs), time.perf_counter() - started
