@@ -31,7 +31,6 @@ from pathlib import Path
 
 import features
 import httpx
-import orjson
 import startup
 import torch
 import upload_bench
@@ -39,12 +38,10 @@ from harness import MODELS, ROOT, Row, Server, prepare, run_grpc, run_wrk
 from report import AB_ROUNDS, AB_SECONDS, GRPC, render, render_doors, table
 
 from app.codecs.arrays import to_batch
-from app.codecs.float_json import read_float_inputs
+from app.http.native import NAMED_FIELDS, decode_json_body
 from app.observability.metrics import FLUSH_S
 
 JSON_ENV = {"CONTENT_TYPE": "application/json"}
-NAMED_FIELDS = frozenset({"inputs"})
-"""The fields of a JSON body on a path naming its model."""
 
 
 # --- in-process limit -------------------------------------------------------------------------
@@ -122,17 +119,15 @@ def _spawned(target: Callable[..., None], args: tuple[object, ...], processes: i
 
 
 def decode_ms(name: str, body: Path, rounds: int = 200) -> float:
-    """Median milliseconds the server's JSON decode of one body takes (read straight into an
-    array where app.codecs.float_json takes it, else orjson's lists; then the checked numpy
-    batch), in this process."""
+    """Median milliseconds the server's JSON decode of one body takes (the native door's
+    decode, then the checked numpy batch), in this process."""
     sample_shape = MODELS[name][1]
     raw = body.read_bytes()
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
-        read = read_float_inputs(raw, NAMED_FIELDS)
-        inputs = orjson.loads(raw)["inputs"] if read is None else read[1]
-        to_batch(inputs, sample_shape, torch.float32, known_numeric=True)
+        _, inputs, numeric = decode_json_body(raw, NAMED_FIELDS)
+        to_batch(inputs, sample_shape, torch.float32, known_numeric=numeric)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 

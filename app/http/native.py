@@ -35,9 +35,10 @@ from app.serving.inference import InferenceRequest, InferenceService, Target
 
 # Read as JSON too: no type, and what `curl -d` sends when not told otherwise.
 _JSON_ALIASES = ("", JSON, "application/x-www-form-urlencoded", "text/plain")
-_NAMED_FIELDS = frozenset({"inputs"})
+NAMED_FIELDS = frozenset({"inputs"})
 """A JSON body's fields on a path that names its model."""
-_FIELDS = frozenset({"inputs", "model"})
+FIELDS = frozenset({"inputs", "model"})
+"""A JSON body's fields on ``/predict``."""
 
 
 class NativePredict:
@@ -84,20 +85,27 @@ class NativePredict:
 async def _json_request(
     call: HttpCall, body: bytes, service: InferenceService, postprocess: bool
 ) -> tuple[Target, InferenceRequest]:
-    fields = _NAMED_FIELDS if "name" in call.params else _FIELDS
-    fast = read_float_inputs(body, fields)
-    if fast is not None:
-        parsed, inputs = fast
-        numeric = True
-    else:
-        parsed = _parse_body(body, fields)
-        inputs, numeric = parsed["inputs"], _inputs_hold_numbers_only(body, parsed)
+    parsed, inputs, numeric = decode_json_body(
+        body, NAMED_FIELDS if "name" in call.params else FIELDS
+    )
     name = call.params.get("name") or parsed.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a string; received {type(name).__name__}")
     target = await service.target(name)
     call.served = target.model.name
     return target, InferenceRequest(inputs, postprocess=postprocess, numeric=numeric)
+
+
+def decode_json_body(body: bytes, fields: frozenset[str]) -> tuple[dict[str, Any], Any, bool]:
+    """A JSON body's fields (``model`` is what callers read; ``inputs`` may be among them), its
+    ``inputs`` (an array read straight from the body where :mod:`app.codecs.float_json` can,
+    else lists), and whether they are proven to hold numbers only."""
+    fast = read_float_inputs(body, fields)
+    if fast is not None:
+        others, array = fast
+        return others, array, True
+    parsed = _parse_body(body, fields)
+    return parsed, parsed["inputs"], _inputs_hold_numbers_only(body, parsed)
 
 
 def _check_one_output(service: InferenceService, target: Target, accept: str) -> None:
