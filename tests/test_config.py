@@ -393,9 +393,11 @@ def test_uvicorn_factory_with_a_bad_config_exits_with_one_line_and_no_traceback(
 def test_launcher_flags_reach_the_server_as_settings_and_leave_the_environment_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The workers get the checked Settings themselves: no flag travels through os.environ,
-    and the environment still sets what no flag does."""
+    """The workers get the checked Settings themselves: no flag travels through os.environ
+    (only libgomp's spin count does, for torch to read as it loads), and the environment still
+    sets what no flag does."""
     config = write_config(tmp_path, LINEAR)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv("MODELPORT_STORE_DIR", str(tmp_path / "store"))
     monkeypatch.setenv("MODELPORT_PORT", "8001")
     served: list[tuple[Settings, Any]] = []
@@ -407,6 +409,6 @@ def test_launcher_flags_reach_the_server_as_settings_and_leave_the_environment_a
 
     (settings, app), *_ = served
     assert app is None  # several workers: each makes its own, the launcher none
-    assert dict(os.environ) == environment
+    assert dict(os.environ) == environment | {"GOMP_SPINCOUNT": launcher.OPENMP_SPIN}
     assert (settings.port, settings.workers, settings.config) == (8123, 3, config)
     assert settings.store_dir == tmp_path / "store"

@@ -1,12 +1,14 @@
 """The intra-op threads each forward runs with (app.serving.cores): every worker's share of the
-cores for a request that computes alone, its own worker's share while anything else computes;
-seen from inside the forward of a real module behind a real batcher."""
+cores for a request that computes alone (on the process's one wide thread, for models whose lone
+forward is long enough), its own worker's share while anything else computes; seen from inside
+the forward of a real module behind a real batcher."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from app.observability.metrics import Metrics
-from app.serving import cores
+from app.serving import batching, cores
 from app.serving.batching import BatchPolicy, DynamicBatcher
 from app.serving.catalog import INPUT_NAME, ModelSpec
 from app.serving.runtime import ModelRuntime, build_runtime
@@ -35,7 +37,9 @@ WAIT_S = 5.0
 
 
 class ThreadCounter(nn.Module):
-    """Records the intra-op threads each forward runs with; a forward can be held at a gate."""
+    """Records the intra-op threads each forward runs with, and the thread it runs on; a
+    forward takes ``compute_s`` (long enough to be widened unless a test says otherwise) and
+    can be held at a gate."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,13 +47,17 @@ class ThreadCounter(nn.Module):
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
+        self.compute_s = 2 * cores.WIDE_FROM_S
         self.seen: list[int] = []
+        self.on: list[str] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.entered.set()
         if not self.gate.wait(WAIT_S):
             raise TimeoutError("the test never opened the gate")
+        time.sleep(self.compute_s)
         self.seen.append(torch.get_num_threads())
+        self.on.append(threading.current_thread().name)
         if (x < 0).any():
             raise ValueError("negative sample")
         return x * self.weight
@@ -63,15 +71,20 @@ def sample(value: float = 1.0) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def busy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def busy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """This process as worker 0 of two, counting in a plain list (the launcher's is shared
-    memory); the process's own share is put back afterwards."""
+    memory); the process's own share, and this thread's intra-op threads, are put back
+    afterwards."""
     if CORES < 2:
         pytest.skip("one core: every forward gets it")
     slots = [0, 0]
+    threads = torch.get_num_threads()
     monkeypatch.setattr(cores, "_installed", None)
     cores.install(slots, 0)
-    return slots
+    try:
+        yield slots
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -83,14 +96,13 @@ def counter(tmp_path: Path) -> Iterator[tuple[ThreadCounter, Any]]:
     module = runtime.module
     assert isinstance(module, ThreadCounter)
     module.seen.clear()  # the smoke test's forward
+    module.on.clear()
     module.entered.clear()
     batchers: list[DynamicBatcher] = []
 
-    def batcher(torch_threads: int = SHARE) -> DynamicBatcher:
+    def batcher(torch_threads: int = SHARE, name: str = "counter") -> DynamicBatcher:
         policy = BatchPolicy(max_batch_delay_s=WAIT_S)
-        made = DynamicBatcher(
-            "counter", lambda: runtime, policy, Metrics(list, ["counter"]), torch_threads
-        )
+        made = DynamicBatcher(name, lambda: runtime, policy, Metrics(list, [name]), torch_threads)
         made.start()
         batchers.append(made)
         return made
@@ -110,6 +122,43 @@ async def test_a_lone_request_computes_on_every_core(
     await batcher().submit(sample())
     assert module.seen == [EVERY]
     assert busy == [0, 0]
+
+
+async def test_every_models_widened_forwards_run_on_one_wide_thread(
+    busy: list[int], counter: tuple[ThreadCounter, Any]
+) -> None:
+    """One OpenMP team per process: a second thread running forwards on several intra-op
+    threads would make libgomp stop spinning between a forward's parallel regions."""
+    module, batcher = counter
+    first, second = batcher(name="first"), batcher(name="second")
+    await first.submit(sample())
+    await second.submit(sample())
+    busy[1] = 1
+    await second.submit(sample())
+    assert module.seen == [EVERY, EVERY, SHARE]
+    wide = module.on[0]
+    assert wide.startswith("wide")
+    assert module.on == [wide, wide, "infer-second"]
+    assert torch.get_num_threads() == 1  # the worker's main thread keeps no team either
+
+
+async def test_a_model_whose_lone_forward_is_short_computes_alone_on_its_share(
+    busy: list[int], counter: tuple[ThreadCounter, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing a short forward to the wide thread would cost more than a second core saves."""
+    module, batcher = counter
+    monkeypatch.setattr(batching, "WIDE_FROM_S", 0.05)  # far from a bare forward, on any machine
+    module.compute_s = 0.0
+    made = batcher()
+    for _ in range(3):
+        await made.submit(sample())
+    # the first is widened (its length unknown); it was short, so the others are not
+    assert module.seen == [EVERY, SHARE, SHARE]
+    assert module.on[1:] == ["infer-counter", "infer-counter"]
+    module.compute_s = 0.1  # a heavier input: measured on the share, then widened
+    await made.submit(sample())
+    await made.submit(sample())
+    assert module.seen[3:] == [SHARE, EVERY]
 
 
 async def test_a_request_computes_on_its_share_while_another_worker_computes(

@@ -87,6 +87,13 @@ def anon_mib(pids: list[int]) -> float:
     return sum(rss_kib(pid, "RssAnon") for pid in pids) / 1024
 
 
+def page_faults(pids: list[int]) -> int:
+    """The minor page faults of these processes so far."""
+    return sum(
+        int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7]) for pid in pids
+    )
+
+
 def predict_big_batch(server: ServerProcess) -> None:
     batch = np.random.default_rng(0).normal(size=(BIG_BATCH, 3, 64, 64)).astype(np.float32)
     answer = httpx.post(
@@ -105,9 +112,10 @@ def predict_big_batch(server: ServerProcess) -> None:
 def test_the_memory_of_large_batches_goes_back_to_the_system_once_the_model_is_idle(
     tmp_path: Path,
 ) -> None:
-    """glibc keeps the largest working set of the forwards in its heap; once an inference
-    thread has had nothing to do for IDLE_TRIM_S, it gives that back, and a worker's private
-    memory comes back near its level before the first batch."""
+    """A worker keeps the largest working set of the forwards in its heap, and reuses it for
+    the next batches; once an inference thread has had nothing to do for IDLE_TRIM_S, it gives
+    that back, and a worker's private memory comes back near its level before the first
+    batch."""
     weights = tmp_path / "cnn.pth"
     torch.manual_seed(0)
     torch.save(CNN().state_dict(), weights)
@@ -115,8 +123,14 @@ def test_the_memory_of_large_batches_goes_back_to_the_system_once_the_model_is_i
     with run_server(tmp_path, config, "--workers", "2") as server:
         workers = workers_of(server)
         before = anon_mib(workers)
-        for _ in range(6):
+        predict_big_batch(server)  # the first pages its buffers in
+        faults = page_faults(workers)
+        for _ in range(5):
             predict_big_batch(server)
+        # each reused the heap its forerunner freed (allocator.tune_heap); glibc's own policy
+        # trimmed most of it after each forward, and the next faulted it in again: ~18,000
+        # pages per batch against ~4,000
+        assert page_faults(workers) - faults < 5 * 8000
         # a batch of 64 needs ~40 MiB of activations at once; kept, the two workers held
         # ~180 MiB more after these six
         wait_until(
@@ -165,3 +179,68 @@ def test_freed_heap_memory_goes_back_to_the_system_when_released() -> None:
 
     assert kept_mib("kept") >= 48  # glibc's own policy: the 64 MiB stay resident
     assert kept_mib("released") < 8
+
+
+HEAP_PROBE = textwrap.dedent(
+    """
+    import resource, sys, threading, torch
+    from app.serving.allocator import release_free_memory, tune_heap
+    from models.bench import CNN
+
+    def rss_kib():
+        with open("/proc/self/status") as status:
+            return int(next(x for x in status if x.startswith("VmRSS:")).split()[1])
+
+    def page_faults():  # of the calling thread
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+    if sys.argv[1] == "tuned":
+        assert tune_heap()
+    torch.set_num_threads(1)
+    model = CNN().eval()
+    SIZES = (32, 8, 64, 16)  # cnn batches of ~2-16 MiB activations each
+    faults = []
+
+    def forwards():  # as an inference thread does: batches of every size, one after another
+        with torch.inference_mode():
+            for size in SIZES:  # the first of each size may grow the heap
+                model(torch.randn(size, 3, 64, 64))
+            before = page_faults()
+            for size in SIZES * 2:
+                model(torch.randn(size, 3, 64, 64))
+            faults.append(page_faults() - before)
+
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64))  # the code of its layers paged in
+    before = rss_kib()
+    for _ in range(2):  # threads other than the main one
+        thread = threading.Thread(target=forwards)
+        thread.start()
+        thread.join()
+    release_free_memory()
+    print(max(faults), (rss_kib() - before) // 1024)
+    """
+)
+
+
+def heap_probe(mode: str) -> tuple[int, int]:
+    """(page faults of an inference thread's repeated forwards, MiB kept after the trim) in a
+    process whose heap is ``mode`` ("tuned" by allocator.tune_heap, or glibc's "plain")."""
+    command = [sys.executable, "-c", HEAP_PROBE, mode]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    faults, kept_mib = out.stdout.split()
+    return int(faults), int(kept_mib)
+
+
+def test_a_tuned_heap_serves_repeated_forwards_from_memory_it_keeps_until_the_trim() -> None:
+    """A worker's heap (allocator.tune_heap): forwards of any batch size reuse the buffers of
+    the ones before without faulting pages in again, and the idle trim gives back what every
+    thread freed, not only the main thread."""
+    faults, kept_mib = heap_probe("tuned")
+    assert faults < 4096  # 16 MiB, of ~200 MiB of activations
+    assert kept_mib < 4
+    # glibc's own policy: most of them trimmed after each forward and faulted in by the next,
+    # and what the threads' own heaps keep at their top beyond the trim's reach
+    plain_faults, plain_kept_mib = heap_probe("plain")
+    assert plain_faults > 8 * faults
+    assert plain_kept_mib >= 6

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.__main__ import OPENMP_SPIN
 from models.digits import HELDOUT
 from tests.helpers import (
     ROOT,
@@ -95,7 +96,10 @@ def test_uvicorn_factory_serves_the_configured_models(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
+def test_two_workers_each_load_the_models_and_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     with run_server(tmp_path, BUNDLED_CONFIG, "--workers", "2") as server:
         for _ in range(10):
             response = httpx.post(
@@ -105,6 +109,37 @@ def test_two_workers_each_load_the_models_and_serve(tmp_path: Path) -> None:
         # readiness answered once the first worker was up; the second one loads too
         loaded = "model digits serving version"
         wait_until(lambda: server.output().count(loaded) >= 2, 60, "two workers", server=server)
+        # their OpenMP threads sleep soon after a forward (app.__main__.OPENMP_SPIN)
+        workers = _children(server.process.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            assert f"GOMP_SPINCOUNT={OPENMP_SPIN}" in _environment(pid)
+
+
+def test_an_operators_openmp_spin_is_kept(tmp_path: Path) -> None:
+    with run_server(
+        tmp_path, BUNDLED_CONFIG, "--workers", "2", env={"GOMP_SPINCOUNT": "7"}
+    ) as server:
+        wait_until(
+            lambda: len(_children(server.process.pid)) == 2, 60, "two workers", server=server
+        )
+        for pid in _children(server.process.pid):
+            assert "GOMP_SPINCOUNT=7" in _environment(pid)
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes the supervisor ``pid`` started (not the multiprocessing helpers)."""
+    tasks = Path(f"/proc/{pid}/task")
+    found = [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+    return [child for child in found if "spawn_main" in _command(child)]
+
+
+def _command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _environment(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
 
 
 def test_launcher_flags_and_environment_choose_host_and_port(tmp_path: Path) -> None:

@@ -134,10 +134,13 @@ def _worker(
     then uvicorn; ``ready`` turns true once it serves; a config error goes to ``refusal``, for
     the supervisor to report once; it counts its forwards in ``busy[index]``
     (:mod:`app.serving.cores`)."""
-    configure_logging(settings.log_level, settings.log_format)
     # imported here, not by the module: the supervisor imports it too, to start this function
     from app.http.app import create_app
     from app.serving import cores
+    from app.serving.allocator import tune_heap
+
+    tune_heap()  # before any other thread of this process allocates
+    configure_logging(settings.log_level, settings.log_format)
 
     busy[index] = 0  # the slot of a worker that died mid-forward
     cores.install(busy, index)

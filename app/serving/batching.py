@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from app.errors import InferenceFailed, InferenceTimeout, ModelportError, QueueFull
 from app.observability.metrics import Metrics
 from app.serving.allocator import release_free_memory
-from app.serving.cores import process_share
+from app.serving.cores import WIDE_FROM_S, on_threads, process_share
 from app.serving.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class DynamicBatcher:
         self._torch_threads = torch_threads or os.cpu_count() or 1
         """This worker's share of the cores: a forward's intra-op threads (more when alone)."""
         self._cores = process_share()
+        self._lone_s = float("inf")
+        """How long the model's last lone forward took on this worker's share (unknown at
+        first: the first one is widened)."""
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
         self._stopping = False
@@ -277,17 +280,30 @@ class DynamicBatcher:
             for request in batch.requests:
                 self._forward(batch.runtime, [request], alone=False)
 
-    @contextlib.contextmanager
-    def _threads(self, alone: bool) -> Iterator[None]:
-        """Run the forward inside on the intra-op threads it may use, counted in the process's
-        share of the cores while it computes."""
-        threads = self._cores.begin(self._torch_threads, alone)
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)  # per thread: this one's forwards only
+    def _compute(
+        self, runtime: ModelRuntime, inputs: Batch, alone: bool
+    ) -> dict[str, torch.Tensor]:
+        """Run the forward on the intra-op threads it may use, counted in the process's share
+        of the cores while it computes. A lone request of a model whose lone forward took
+        WIDE_FROM_S or more computes on every core nobody else computes on, on the process's
+        wide thread (:mod:`app.serving.cores`)."""
+
+        def timed() -> tuple[dict[str, torch.Tensor], float]:
+            started = time.perf_counter()
+            return runtime.run(inputs), time.perf_counter() - started
+
+        share = self._torch_threads
+        threads = self._cores.begin(share, alone and self._lone_s >= WIDE_FROM_S)
         try:
-            yield
+            if threads > share:
+                output, took = self._cores.widened(threads, timed)
+            else:
+                output, took = on_threads(threads, timed)
         finally:
             self._cores.end()
+        if alone:  # in share-thread time: about what a widened forward would take narrow
+            self._lone_s = took * threads / share
+        return output
 
     def _forward(self, runtime: ModelRuntime, requests: list[_Request], alone: bool) -> None:
         """Run the requests as one forward; a single request's failure is its answer, a
@@ -304,8 +320,7 @@ class DynamicBatcher:
         size = sum(request.size for request in requests)
         gathered = time.perf_counter()
         try:
-            with self._threads(alone):
-                output = runtime.run(inputs)
+            output = self._compute(runtime, inputs, alone)
         except Exception as exc:
             if len(requests) > 1:
                 raise
