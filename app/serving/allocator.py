@@ -7,10 +7,11 @@ to that, a worker kept what its largest batches had once needed (cnn at 64 conne
 MiB per worker), and its heaps were trimmed after most batches, which the next one paid in page
 faults again (~250 per cnn request at 64 connections: 1.2 million in 4 s). Fixing the mapping
 threshold low gave memory back at once, but cost every forward page faults on fresh mappings
-(a batch-1 cnn forward: 2.8 -> 3.6-4.1 ms). So a worker fixes both thresholds at glibc's
-maxima (:func:`tune_heap`): forwards reuse the heap (cnn at 64 connections: 30 times fewer page
-faults, +25% requests/s), and an inference thread that has been idle a while trims it
-(``malloc_trim``): the freed memory goes back, the next forward pays its page faults once.
+(a batch-1 cnn forward: 2.8 -> 3.6-4.1 ms). So a worker fixes the mapping threshold at glibc's
+maximum, and the trim threshold far above it (:func:`tune_heap`): forwards reuse the heap (cnn
+at 64 connections: 30 times fewer page faults, +25% requests/s; a batch of 64 cnn images needs
+~65 MiB of it), and an inference thread that has been idle a while trims it (``malloc_trim``):
+the freed memory goes back, the next forward pays its page faults once.
 
 ``malloc_trim`` returns the free top of the main heap only, not that of a thread's own heap
 (glibc makes one per thread that allocates while others do, up to 8 per core): widened forwards
@@ -41,13 +42,13 @@ _TRIM = _malloc_trim()
 _HEAP_SETTINGS = (  # mallopt's parameters (malloc.h) and the values a worker sets
     (-8, 1),  # M_ARENA_MAX: one heap for every thread
     (-3, 32 << 20),  # M_MMAP_THRESHOLD: buffers up to 32 MiB from the heap
-    (-1, 64 << 20),  # M_TRIM_THRESHOLD: a free trims the heap's top only beyond 64 MiB
+    (-1, 256 << 20),  # M_TRIM_THRESHOLD: a free trims the heap's top only beyond 256 MiB
 )
 
 
 def tune_heap() -> bool:
     """Serve every thread this process starts from now on from one heap, buffers up to 32 MiB
-    from it, and keep up to 64 MiB free at its top between idle trims; False where the C
+    from it, and keep up to 256 MiB free at its top between idle trims; False where the C
     library cannot (not glibc). Call it before other threads allocate: a thread that already
     has a heap of its own keeps it."""
     try:
