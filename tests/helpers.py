@@ -371,6 +371,19 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(f"/proc/{pid}/status has no {field}")
 
 
+def worker_pids(launcher: int) -> list[int]:
+    """The live worker processes that the launcher ``launcher`` started (not multiprocessing's
+    resource tracker)."""
+    workers = []
+    with contextlib.suppress(OSError):  # the launcher, or a thread of it, went away
+        for task in Path(f"/proc/{launcher}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        workers.append(int(child))
+    return workers
+
+
 class PeakRss:
     """How far a process's resident memory rose above its level at the start of the block,
     at its peak: the kernel's high-water mark (VmHWM), reset on entry through clear_refs."""

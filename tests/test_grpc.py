@@ -61,6 +61,7 @@ from tests.helpers import (
     seeded_state_dict,
     upload,
     wait_until,
+    worker_pids,
     write_config,
 )
 
@@ -448,15 +449,6 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
-    return children
-
-
 def _holding(pids: list[int], port: int, state: str) -> set[int]:
     """Those of ``pids`` that hold a socket on ``port`` in ``state``."""
     sockets = _sockets_on(port)
@@ -467,12 +459,12 @@ def test_two_workers_both_answer_on_the_one_grpc_port(tmp_path: Path) -> None:
     with serve(tmp_path, "--workers", "2") as served:
         port = int(served.target.rsplit(":", 1)[1])
         wait_until(
-            lambda: len(_holding(_children(served.process.process.pid), port, LISTEN)) == 2,
+            lambda: len(_holding(worker_pids(served.process.process.pid), port, LISTEN)) == 2,
             60,
             "both workers listen on the gRPC port",
             server=served.process,
         )
-        workers = sorted(_holding(_children(served.process.process.pid), port, LISTEN))
+        workers = sorted(_holding(worker_pids(served.process.process.pid), port, LISTEN))
         request = _raw("FP32", [1, 10], ONE.tobytes())
         expected = np.array(BUNDLED.outputs([SAMPLE]), np.float32)
         with contextlib.ExitStack() as channels:

@@ -24,6 +24,7 @@ from tests.helpers import (
     rss_kib,
     run_server,
     wait_until,
+    worker_pids,
     write_config,
 )
 
@@ -37,23 +38,9 @@ def mapped_files(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-def children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task").iterdir()
-    return [int(c) for t in tasks for c in (t / "children").read_text().split()]
-
-
-def workers_of(server: ServerProcess) -> list[int]:
-    """The serving processes: the launcher's children but multiprocessing's resource tracker."""
-    return [
-        pid
-        for pid in children(server.process.pid)
-        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-
-
 def test_the_supervisor_of_several_workers_loads_no_torch(tmp_path: Path) -> None:
     with run_server(tmp_path, write_config(tmp_path, LINEAR), "--workers", "2") as server:
-        workers = workers_of(server)
+        workers = worker_pids(server.process.pid)
         assert "libtorch_cpu" not in mapped_files(server.process.pid)
         assert len(workers) == 2
         assert all("libtorch_cpu" in mapped_files(pid) for pid in workers)
@@ -122,7 +109,7 @@ def test_the_memory_of_large_batches_goes_back_to_the_system_once_the_model_is_i
     torch.save(CNN().state_dict(), weights)
     config = write_config(tmp_path, {"name": "cnn", "class": "bench-cnn", "weights": str(weights)})
     with run_server(tmp_path, config, "--workers", str(count)) as server:
-        workers = workers_of(server) if count > 1 else [server.process.pid]
+        workers = worker_pids(server.process.pid) if count > 1 else [server.process.pid]
         before = anon_mib(workers)
         predict_big_batch(server)  # the first pages its buffers in
         faults = page_faults(workers)
@@ -133,8 +120,8 @@ def test_the_memory_of_large_batches_goes_back_to_the_system_once_the_model_is_i
             # pages for the five; glibc's own policy trimmed it after each forward, and the
             # next one faulted it in again: ~43,000
             assert page_faults(workers) - faults < 15_000
-        # a batch of 64 needs ~40 MiB of activations at once; kept, the two workers held
-        # ~180 MiB more after these six
+        # a batch of 64 needs ~40 MiB of activations at once; kept, two workers held ~180 MiB
+        # more after these six
         wait_until(
             lambda: anon_mib(workers) - before < 50,
             IDLE_TRIM_S + 10,

@@ -25,6 +25,7 @@ from tests.helpers import (
     run_server,
     uvicorn_factory,
     wait_until,
+    worker_pids,
 )
 
 pytestmark = pytest.mark.process
@@ -110,7 +111,7 @@ def test_two_workers_each_load_the_models_and_serve(
         loaded = "model digits serving version"
         wait_until(lambda: server.output().count(loaded) >= 2, 60, "two workers", server=server)
         # their OpenMP threads sleep soon after a forward (app.__main__.OPENMP_SPIN)
-        workers = _children(server.process.pid)
+        workers = worker_pids(server.process.pid)
         assert len(workers) == 2
         for pid in workers:
             assert f"GOMP_SPINCOUNT={OPENMP_SPIN}" in _environment(pid)
@@ -121,21 +122,10 @@ def test_an_operators_openmp_spin_is_kept(tmp_path: Path) -> None:
         tmp_path, BUNDLED_CONFIG, "--workers", "2", env={"GOMP_SPINCOUNT": "7"}
     ) as server:
         wait_until(
-            lambda: len(_children(server.process.pid)) == 2, 60, "two workers", server=server
+            lambda: len(worker_pids(server.process.pid)) == 2, 60, "two workers", server=server
         )
-        for pid in _children(server.process.pid):
+        for pid in worker_pids(server.process.pid):
             assert "GOMP_SPINCOUNT=7" in _environment(pid)
-
-
-def _children(pid: int) -> list[int]:
-    """The worker processes the supervisor ``pid`` started (not the multiprocessing helpers)."""
-    tasks = Path(f"/proc/{pid}/task")
-    found = [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
-    return [child for child in found if "spawn_main" in _command(child)]
-
-
-def _command(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def _environment(pid: int) -> list[str]:
