@@ -22,23 +22,23 @@ allocates from the main heap.
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Callable
 
-logger = logging.getLogger(__name__)
 
-
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """The C library's function ``name`` (returning an int), or None where the library this
+    process runs on has none (not glibc: musl has no malloc_trim, so freed memory stays)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim  # the C library this process runs on
-    except AttributeError:  # not glibc (musl has none): freed memory stays where it is
+        function = ctypes.CDLL(None)[name]
+    except AttributeError:
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
 
 
-_TRIM = _malloc_trim()
+_TRIM = _glibc_function("malloc_trim", ctypes.c_size_t)
+_MALLOPT = _glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
 _HEAP_SETTINGS = (  # mallopt's parameters (malloc.h) and the values a worker sets
     (-8, 1),  # M_ARENA_MAX: one heap for every thread
     (-3, 32 << 20),  # M_MMAP_THRESHOLD: buffers up to 32 MiB from the heap
@@ -51,13 +51,8 @@ def tune_heap() -> bool:
     from it, and keep up to 256 MiB free at its top between idle trims; False where the C
     library cannot (not glibc). Call it before other threads allocate: a thread that already
     has a heap of its own keeps it."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return all(mallopt(parameter, value) for parameter, value in _HEAP_SETTINGS)
+    mallopt = _MALLOPT
+    return mallopt is not None and all(mallopt(option, value) for option, value in _HEAP_SETTINGS)
 
 
 def release_free_memory() -> bool:
