@@ -194,7 +194,9 @@ def main() -> None:
         help="modelport's front doors alone: no A/B rounds, tutorial server or in-process limit",
     )
     parser.add_argument(
-        "--out", type=Path, help="where to write the report (bench/results.md for a full run)"
+        "--out",
+        type=Path,
+        help="where to write the report (default: bench/results.md, full runs only)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -327,7 +329,12 @@ def main() -> None:
         f"\n## {title}\n\n{text}\n" for title, text in sections.items()
     )
     print(report)
-    (args.out or ROOT / "bench" / "results.md").write_text(report)
+    full_run = not args.only_doors and all(
+        getattr(args, name) == parser.get_default(name)
+        for name in ("duration", "concurrency", "models", "workers")
+    )
+    if args.out or full_run:  # a partial run never overwrites the full run's record
+        (args.out or ROOT / "bench" / "results.md").write_text(report)
 
 
 def alternate(
