@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from app.errors import NonFiniteWeights
-from app.serving.model import BUILD_NICENESS, BUILD_TORCH_THREADS, in_background
+from app.serving.model import BUILD_TORCH_THREADS, in_background
 from app.serving.registry import ModelRegistry
 from app.serving.weights import all_finite, check_finite, inspect_file, read_state_dict
 from tests.helpers import CPU, registry_for, store_version
@@ -23,7 +23,7 @@ from tests.helpers import CPU, registry_for, store_version
 pytestmark = pytest.mark.unit
 
 SEEN: list[tuple[str, int, int]] = []
-"""(thread name, torch threads, OS niceness) of each forward of ThreadRecorder."""
+"""(thread name, torch threads, OS scheduling policy) of each forward of ThreadRecorder."""
 
 
 class ThreadRecorder(nn.Module):
@@ -36,8 +36,8 @@ class ThreadRecorder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         thread = threading.get_native_id()
-        niceness = os.getpriority(os.PRIO_PROCESS, thread)
-        SEEN.append((threading.current_thread().name, torch.get_num_threads(), niceness))
+        policy = os.sched_getscheduler(thread)
+        SEEN.append((threading.current_thread().name, torch.get_num_threads(), policy))
         return self.linear(x)
 
 
@@ -132,28 +132,28 @@ def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
         made.close()
 
 
-async def test_an_upload_is_validated_on_a_thread_with_one_torch_thread_at_lower_priority(
+async def test_an_upload_is_validated_on_a_thread_with_one_torch_thread_in_the_idle_class(
     registry: ModelRegistry, tmp_path: Path
 ) -> None:
     model = registry.get("recorder")
     new = tmp_path / "new.pth"
     torch.save(ThreadRecorder().state_dict(), new)
-    serving = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     SEEN.clear()
 
     await store_version(model, new, activate=True)
 
     assert SEEN, "the smoke test did not run"
-    name, threads, niceness = SEEN[-1]
+    name, threads, policy = SEEN[-1]
     assert name.startswith("build")
     assert threads == BUILD_TORCH_THREADS
-    assert niceness == min(serving + BUILD_NICENESS, 19)
+    assert policy == os.SCHED_IDLE
 
 
 async def test_a_build_thread_leaves_the_callers_threads_and_priority_as_they_were() -> None:
     threads = torch.get_num_threads()
     caller = threading.get_native_id()
     niceness = os.getpriority(os.PRIO_PROCESS, caller)
+    policy = os.sched_getscheduler(caller)
 
     seen = await in_background(lambda: (torch.get_num_threads(), threading.get_native_id()))
 
@@ -161,3 +161,4 @@ async def test_a_build_thread_leaves_the_callers_threads_and_priority_as_they_we
     assert seen[1] != caller
     assert torch.get_num_threads() == threads
     assert os.getpriority(os.PRIO_PROCESS, caller) == niceness
+    assert os.sched_getscheduler(caller) == policy == os.SCHED_OTHER

@@ -27,7 +27,7 @@ from app.serving.registry import ModelRegistry
 from app.serving.runtime import ModelRuntime, build_runtime
 from app.serving.weights import inspect_file, read_state_dict
 from app.state.blobs import FolderBlobStore
-from app.state.incoming import UPLOAD_NICENESS, IncomingFolder
+from app.state.incoming import IncomingFolder
 from tests.helpers import ACTOR, CPU, registry_for, spec_named
 
 pytestmark = pytest.mark.unit
@@ -351,8 +351,9 @@ async def test_an_uploads_bytes_are_hashed_as_received_and_never_read_back(
     assert model.serves(outcome.record.id)
 
 
-async def test_an_upload_is_written_on_a_thread_at_lower_priority(tmp_path: Path) -> None:
-    serving = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+async def test_an_upload_is_written_on_a_thread_in_the_idle_scheduling_class(
+    tmp_path: Path,
+) -> None:
     seen: list[int] = []
 
     async def body() -> AsyncIterator[bytes]:
@@ -363,7 +364,7 @@ async def test_an_upload_is_written_on_a_thread_at_lower_priority(tmp_path: Path
     original = os.write
 
     def noting_write(fd: int, data: bytes | memoryview) -> int:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen.append(os.sched_getscheduler(threading.get_native_id()))
         return original(fd, data)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -372,4 +373,5 @@ async def test_an_upload_is_written_on_a_thread_at_lower_priority(tmp_path: Path
     staged.discard()
 
     assert seen
-    assert all(niceness == min(serving + UPLOAD_NICENESS, 19) for niceness in seen)
+    assert set(seen) == {os.SCHED_IDLE}
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER

@@ -49,15 +49,13 @@ _REGISTRAR = Actor(request_id=None, client="startup")
 BUILD_TORCH_THREADS = 1
 """Intra-op threads of a runtime built while models serve (an upload's validation, an
 activation, a rollback, following the database)."""
-BUILD_NICENESS = 10
-"""How much lower than the serving threads' the OS priority of such a build is."""
 T = TypeVar("T")
 
 
 async def in_background(job: Callable[[], T]) -> T:
-    """``job()`` on a thread of its own, with BUILD_TORCH_THREADS torch threads at a lower OS
-    priority: reading, checking and smoke-testing large weights then takes what the inference
-    threads leave of the cores, instead of all of them beside those threads."""
+    """``job()`` on a thread of its own, with BUILD_TORCH_THREADS torch threads in the OS's idle
+    scheduling class: reading, checking and smoke-testing large weights then takes what the
+    inference threads leave of the cores, instead of all of them beside those threads."""
     executor = ThreadPoolExecutor(1, thread_name_prefix="build", initializer=_lower_this_thread)
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, job)
@@ -67,7 +65,7 @@ async def in_background(job: Callable[[], T]) -> T:
 
 def _lower_this_thread() -> None:
     torch.set_num_threads(BUILD_TORCH_THREADS)  # per thread: must be set in this one
-    lower_this_thread(BUILD_NICENESS)
+    lower_this_thread()
 
 
 @dataclass

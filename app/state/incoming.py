@@ -33,19 +33,14 @@ WRITE_BYTES = 1024 * 1024
 """Bytes of an upload gathered before they go to its writing thread in one batch."""
 
 
-UPLOAD_NICENESS = 10
-"""How much lower than the serving threads' the OS priority of an upload's writing (and
-hashing) thread is: the cores go to predictions first, the upload takes what they leave."""
-
-
-def lower_this_thread(by: int) -> None:
-    """Lower the OS priority of the calling thread alone by ``by`` (at most to 19); where that
-    is not permitted, it keeps the serving priority."""
+def lower_this_thread() -> None:
+    """Put the calling thread alone in the OS's idle scheduling class (``SCHED_IDLE``): it runs
+    on the CPU time no serving thread wants, and gives its core up at once to one that wakes.
+    Where that is not permitted, it keeps the serving priority."""
     thread = threading.get_native_id()
     try:
         # On Linux a thread id names that thread alone, not the whole process.
-        niceness = os.getpriority(os.PRIO_PROCESS, thread) + by
-        os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     except OSError as exc:
         logger.debug("cannot lower the priority of thread %s: %s", thread, exc)
 
@@ -175,7 +170,6 @@ class _IncomingFile:
             1,
             thread_name_prefix="upload",
             initializer=lower_this_thread,
-            initargs=(UPLOAD_NICENESS,),
         )
 
     def run(self, job: Callable[..., None], *args: Any) -> asyncio.Future[None]:
