@@ -1,6 +1,6 @@
 """JSON bodies read straight into arrays (app.codecs.float_json): for the bodies it takes, the
 same batch as the general path (orjson, then the checked lists), or the same refusal; every
-other body is left to the general path."""
+other body is left to the general path. The same for Open Inference Protocol requests."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from app.codecs.arrays import MAX_NESTING, to_batch
-from app.codecs.float_json import FROM_BYTES, read_float_inputs
-from app.errors import InvalidInput
+from app.codecs.float_json import FROM_BYTES, read_float_inputs, read_v2_request
+from app.codecs.v2 import DecodedRequest, decode_request
+from app.errors import InvalidInput, ModelportError
 
 pytestmark = pytest.mark.unit
 
@@ -118,3 +119,113 @@ def test_a_small_body_is_left_to_the_general_path() -> None:
     body = padded(f'{{"inputs": [[{ROW}]]}}')
     assert read_float_inputs(body, FIELDS) is not None
     assert read_float_inputs(body.strip(), FIELDS) is None
+
+
+# --- Open Inference Protocol requests (read_v2_request, through decode_request) ---------------
+
+
+def v2(*tensors: str, extra: str = "") -> str:
+    return f'{{{extra}"inputs": [{", ".join(tensors)}]}}'
+
+
+def fp(datatype: str = "FP32", data: str = ROW, shape: str = "[1, 10]", more: str = "") -> str:
+    return (
+        f'{{"name": "input{more}", "datatype": "{datatype}", "shape": {shape}, "data": [{data}]}}'
+    )
+
+
+V2_TAKEN = {
+    "one FP32 input": v2(fp()),
+    "FP64": v2(fp("FP64")),
+    "FP16": v2(fp("FP16")),
+    "BF16": v2(fp("BF16")),
+    "spaced out": f'{{ "inputs" :\n [ {fp()} ]\n }}',
+    "with an id, parameters and outputs": v2(
+        fp(),
+        extra='"id": "7", "parameters": {"binary_data_output": true}, "outputs": '
+        '[{"name": "output", "parameters": {"binary_data": false}}], ',
+    ),
+    "a float input beside an integer one": v2(fp(), fp("INT64", "1, 2, 3", "[1, 3]", "2")),
+    "two float inputs": v2(fp(), fp("FP64", more="2")),
+    "a shape that does not hold the data": v2(fp(shape="[1, 5]")),
+    "a negative dimension": v2(fp(shape="[-1, 10]")),
+    "a large integer after a float": v2(fp(data=f"0.5, 123456789012345678, {ROW[10:]}")),
+    "a float too large for float32": v2(fp(data=f"1e39, {ROW[5:]}")),
+    "a float too small for float64": v2(fp(data=f"1e-400, {ROW[5:]}")),
+    "the same input twice": v2(fp(), fp()),
+    "a shape of floats": v2(fp(shape="[1.0, 10]")),
+    "an id that is a number": v2(fp(), extra='"id": 7, '),
+    "many numbers": v2(fp(data=", ".join([ROW] * 100), shape="[100, 10]")),
+}
+
+V2_LEFT = {
+    "data led by an integer": v2(fp(data="1, 2.5, 3, 4, 5, 6, 7, 8, 9, 10")),
+    "nested data": v2(fp(data=f"[{ROW}]")),
+    "an array among the numbers": v2(fp(data="1.5, [2.5], 3.5")),
+    "a boolean among the numbers": v2(fp(data="1.5, true")),
+    "a null among the numbers": v2(fp(data="1.5, null")),
+    "a string among the numbers": v2(fp(data='1.5, "2.5"')),
+    "an integer beyond 64 bits": v2(fp(data="1.5, 123456789012345678901234567890")),
+    "NaN": v2(fp(data="1.5, NaN")),
+    "integer data only": v2(fp("INT64", "1, 2, 3", "[1, 3]")),
+    "an unknown datatype": v2(fp("FP8")),
+    "a datatype that is not a string": v2(fp().replace('"FP32"', "32")),
+    "a [ in the id": v2(fp(), extra='"id": "a[", '),
+    "a key twice in a tensor": v2(fp().replace('"name": "input"', '"name": "a", "name": "input"')),
+    "a key twice in the parameters": v2(
+        fp(), extra='"parameters": {"binary_data_output": true, "binary_data_output": false}, '
+    ),
+    "inputs twice": v2(fp(), extra=f'"inputs": [{fp()}], '),
+    "no inputs": '{"id": "7"}',
+    "inputs that are not a list": f'{{"inputs": {fp()}}}',
+    "a tensor that is not an object": v2(f"[{ROW}]"),
+    "many arrays": v2(*[fp(more=str(index)) for index in range(100)]),
+    "not an object": f"[{fp()}]",
+    "trailing bytes": v2(fp()) + " x",
+}
+
+
+def _decoded(body: bytes, header_length: str | None) -> DecodedRequest | tuple[str, str]:
+    try:
+        return decode_request(body, header_length)
+    except ModelportError as exc:
+        return type(exc).__name__, exc.message
+
+
+@pytest.mark.parametrize("body", [*V2_TAKEN.values(), *V2_LEFT.values()], ids=[*V2_TAKEN, *V2_LEFT])
+def test_a_v2_request_decodes_as_the_general_path_decodes_it(body: str) -> None:
+    """The general path reads the body when a header length is given: the whole body then."""
+    raw = padded(body)
+    fast, general = _decoded(raw, None), _decoded(raw, str(len(raw)))
+    if not isinstance(general, DecodedRequest):
+        assert fast == general
+        return
+    assert isinstance(fast, DecodedRequest)
+    assert (fast.id, fast.outputs, fast.binary_output) == (
+        general.id,
+        general.outputs,
+        general.binary_output,
+    )
+    assert fast.inputs.keys() == general.inputs.keys()
+    for name, array in general.inputs.items():
+        assert fast.inputs[name].dtype == array.dtype
+        assert fast.inputs[name].flags.writeable
+        np.testing.assert_array_equal(fast.inputs[name], array)
+
+
+@pytest.mark.parametrize("body", V2_TAKEN.values(), ids=V2_TAKEN.keys())
+def test_a_v2_request_of_flat_float_data_is_read_straight_into_arrays(body: str) -> None:
+    request = read_v2_request(padded(body))
+    assert request is not None
+    assert any(isinstance(tensor.get("data"), np.ndarray) for tensor in request["inputs"])
+
+
+@pytest.mark.parametrize("body", V2_LEFT.values(), ids=V2_LEFT.keys())
+def test_any_other_v2_request_is_left_to_the_general_path(body: str) -> None:
+    assert read_v2_request(padded(body)) is None
+
+
+def test_a_small_v2_request_is_left_to_the_general_path() -> None:
+    body = padded(v2(fp()))
+    assert read_v2_request(body) is not None
+    assert read_v2_request(body.strip()) is None

@@ -680,3 +680,19 @@ def test_statistics_add_up_every_worker(tmp_path: Path) -> None:
             return sum(entry["inference_stats"]["success"]["count"] for entry in stats)
 
         wait_until(lambda: success() == 20, 5.0, "both workers' successes counted")
+
+
+@pytest.mark.process
+def test_tritonclient_json_tensors_of_many_floats_answer_as_binary_ones(
+    triton_client: triton.InferenceServerClient,
+) -> None:
+    """A JSON request of many floats is read straight into arrays (app.codecs.float_json): the
+    same outputs as the same tensor sent binary."""
+    batch = np.random.default_rng(11).normal(size=(64, 10)).astype(np.float32)
+    outputs = []
+    for binary in (False, True):
+        tensor_in = triton.InferInput("input", list(batch.shape), "FP32")
+        tensor_in.set_data_from_numpy(batch, binary_data=binary)
+        outputs.append(triton_client.infer("linear", [tensor_in]).as_numpy("output"))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    assert np.allclose(outputs[0], BUNDLED.outputs(batch.tolist()), atol=1e-5)

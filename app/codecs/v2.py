@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from app.codecs.arrays import check_numeric
 from app.codecs.binary import MAX_DIMS
 from app.codecs.dtypes import BY_V2, DType, TensorSignature, from_wire, of_torch, to_wire
+from app.codecs.float_json import read_v2_request
 from app.codecs.text import decimal, parse_json
 from app.errors import BadRequest, InvalidInput, PayloadTooLarge, describe_problems
 
@@ -230,7 +231,8 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
     binary request) is the caller's to handle, since only the model knows its one input.
     """
     split = len(body) if header_length is None else _header_length(header_length, len(body))
-    request = _parse_header(body[:split])
+    request = _read_whole_json(body) if header_length is None else None
+    request = request or _parse_header(body[:split])
     binary = memoryview(body)[split:]
     offset = 0
     inputs: dict[str, np.ndarray] = {}
@@ -280,6 +282,14 @@ def _header_length(value: str, body_length: int) -> int:
             f"{HEADER_LENGTH} is {length} but the (decompressed) body has {body_length} bytes"
         )
     return length
+
+
+def _read_whole_json(body: bytes) -> dict[str, Any] | None:
+    """A request that is all JSON with its floating-point inputs read straight into arrays
+    (:func:`read_v2_request`), where it reads the body and the fields are as clients send them;
+    else None."""
+    request = read_v2_request(body)
+    return request if request is not None and _already_valid(request) else None
 
 
 def _parse_header(data: bytes) -> dict[str, Any]:
@@ -365,14 +375,11 @@ def from_bytes(raw: bytes | memoryview, datatype: str, shape: list[int], name: s
 
 
 def from_json(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    """Flat or nested JSON values -> an array of ``shape`` in ``datatype`` (BF16 as float32)."""
+    """Flat or nested JSON values (or the float64 array :func:`read_v2_request` read them into)
+    -> an array of ``shape`` in ``datatype`` (BF16 as float32)."""
     count = _check_shape(shape, name)
     held = _dtype(datatype, name).held
-    check_numeric(data, f"input {name!r}")
-    try:
-        array = np.asarray(data)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {name!r}: 'data' is ragged or malformed") from None
+    array = data if isinstance(data, np.ndarray) else _json_array(data, name)
     if array.size == 0:
         array = array.astype(held)
     allowed = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}[held.kind]
@@ -392,6 +399,14 @@ def from_json(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarr
             )
     with np.errstate(over="ignore", invalid="ignore"):
         return array.astype(held).reshape(shape)
+
+
+def _json_array(data: Any, name: str) -> np.ndarray:
+    check_numeric(data, f"input {name!r}")
+    try:
+        return np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: 'data' is ragged or malformed") from None
 
 
 def encode_response(
