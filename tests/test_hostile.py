@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from app.serving.inference import JSON_COUNTED_FROM
 from models.digits import EXAMPLE_ZERO
 from tests.helpers import (
     API_TOKEN,
@@ -108,11 +109,13 @@ def v2_request(data: object, shape: list[int]) -> bytes:
 # --- 1. memory amplification from small JSON bodies -------------------------------------------
 
 
-@pytest.mark.parametrize("size", [254_000, 790_000])
+@pytest.mark.parametrize("size", [60_000, 254_000, 790_000])
 @pytest.mark.parametrize("door", ["native", "v2"])
 def test_strings_in_a_json_body_are_refused_before_any_array_is_built(
     server: ServerProcess, door: str, size: int
 ) -> None:
+    """Below JSON_COUNTED_FROM the type pass refuses them; from it, already the count of the
+    body's commas (more than 256 samples of ``linear`` take)."""
     values = string_bomb(size)
     with PeakRss(server.process.pid) as rss:
         if door == "native":
@@ -123,7 +126,8 @@ def test_strings_in_a_json_body_are_refused_before_any_array_is_built(
             response = post(server, "/v2/models/linear/infer", body)
     assert len(body) >= size * 0.9
     assert response.status_code == (422 if door == "native" else 400)
-    assert "received strings" in response.json()["error"]
+    refusal = "received strings" if len(body) < JSON_COUNTED_FROM else "too many values"
+    assert refusal in response.json()["error"]
     assert rss.growth_mib < BODY_BOUND_MIB
     assert_ready(server)
 
@@ -145,18 +149,72 @@ def test_a_string_among_numbers_is_refused_however_it_is_quoted(server: ServerPr
 
 @pytest.mark.parametrize("path", ["/v1/models/linear/predict", "/v2/models/linear/infer"])
 @pytest.mark.parametrize("non_finite", [False, True])
-def test_json_nested_100000_deep_is_a_400(
+def test_json_nested_30000_deep_is_a_400(
     server: ServerProcess, path: str, non_finite: bool
 ) -> None:
-    """Too deep for orjson; with a NaN in it, also too deep for the json fallback."""
-    nested = b"[" * 100_000 + b"]" * 100_000
+    """Too deep for orjson; with a NaN in it, also too deep for the json fallback (a body
+    under JSON_COUNTED_FROM: the parsers meet it)."""
+    nested = b"[" * 30_000 + b"]" * 30_000
     body = b'{"inputs": [' + (b"NaN, " if non_finite else b"") + nested + b"]}"
+    assert len(body) < JSON_COUNTED_FROM
     with PeakRss(server.process.pid) as rss:
         response = post(server, path, body)
     assert response.status_code == 400
     assert "malformed JSON" in response.json()["error"]
     assert rss.growth_mib < BODY_BOUND_MIB
     assert_ready(server)
+
+
+HOSTILE_SHAPES = {
+    "one-number arrays": b",".join([b"[0.5]"] * 170_000),
+    "8-number arrays, one ragged": b",".join([b"[0.5,1,2,3,4,5,6,7]"] * 50_000) + b",[1]",
+    "one long array": b"[" + b",".join([b"0.5"] * 250_000) + b"]",
+    "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("values", HOSTILE_SHAPES.values(), ids=HOSTILE_SHAPES.keys())
+@pytest.mark.parametrize("door", ["native", "named", "v2"])
+def test_a_json_body_of_more_arrays_or_values_than_the_limit_takes_is_refused_unparsed(
+    server: ServerProcess, door: str, values: bytes
+) -> None:
+    """A 1 MB body of small arrays parsed into lists held a worker's event loop ~50 ms (1.5 s
+    at 16 MB): refused by counting its "[" and "," against what 256 samples of the model (of
+    the largest model served, on /predict) are written with, before anything parses it."""
+    if door == "v2":
+        path = "/v2/models/linear/infer"
+        body = v2_request("DATA", [1, 10]).replace(b'"DATA"', values)
+    else:
+        path = "/v1/models/linear/predict" if door == "named" else "/predict"
+        body = b'{"model": "linear", "inputs": [' + values + b"]}"
+        body = body.replace(b'"model": "linear", ', b"") if door == "named" else body
+    with PeakRss(server.process.pid) as rss:
+        response = post(server, path, body)
+    assert response.status_code == (400 if door == "v2" else 422)
+    error = response.json()["error"]
+    assert re.match(r"too many (samples|values): the body holds \d+ (arrays|commas)", error)
+    assert rss.growth_mib < BODY_BOUND_MIB
+    assert_ready(server)
+
+
+@pytest.mark.parametrize("door", ["native", "v2"])
+def test_a_json_body_of_as_many_samples_as_the_limit_takes_is_served(
+    server: ServerProcess, door: str
+) -> None:
+    """The counts refuse no body the model could take: 256 samples of ``linear``, written
+    wide (indented), serve."""
+    samples = np.tile(np.array(SAMPLE, np.float32), (256, 1))
+    if door == "native":
+        text = json.dumps({"inputs": samples.tolist()}, indent=12).encode()
+        response = post(server, "/v1/models/linear/predict", text)
+    else:
+        text = json.dumps(json.loads(v2_request(samples.tolist(), [256, 10])), indent=12).encode()
+        response = post(server, "/v2/models/linear/infer", text)
+    assert len(text) >= JSON_COUNTED_FROM
+    assert response.status_code == 200, response.text
+    outputs = response.json()["outputs"]
+    served = outputs if door == "native" else np.reshape(outputs[0]["data"], (256, 2))
+    assert np.allclose(served, BUNDLED.outputs(samples.tolist()), atol=1e-5)
 
 
 def test_nesting_deeper_than_the_cap_is_refused_by_the_type_pass(server: ServerProcess) -> None:

@@ -3,12 +3,14 @@ Python work on the happy path."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.codecs.dtypes import BY_TORCH, name_of
+from app.codecs.dtypes import BY_TORCH, TensorSignature, name_of
 from app.errors import InvalidInput
 
 MAX_NESTING = 32
@@ -24,6 +26,21 @@ _KIND_NAMES = {
     "S": "strings",
     "O": "mixed or non-numeric values (null, strings, objects or out-of-range integers)",
 }
+
+
+def arrays_in(shape: tuple[int, ...]) -> int:
+    """How many arrays a rectangular array of ``shape`` is written with in JSON."""
+    return sum(math.prod(shape[:depth]) for depth in range(len(shape)))
+
+
+def json_counts(inputs: Iterable[TensorSignature], samples: int) -> tuple[int, int]:
+    """The most arrays and values ``samples`` samples of ``inputs`` are written with in JSON
+    (each input's batch one array, each sample nested as its shape says)."""
+    arrays = values = 0
+    for signature in inputs:
+        arrays += arrays_in((samples, *signature.shape))
+        values += samples * math.prod(signature.shape)
+    return arrays, values
 
 
 def check_numeric(values: Any, where: str) -> None:

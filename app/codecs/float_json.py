@@ -15,13 +15,12 @@ Anything else, valid or not, gets None and takes the general path, which says wh
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import simdjson
 
-from app.codecs.arrays import MAX_NESTING
+from app.codecs.arrays import MAX_NESTING, arrays_in
 
 FROM_BYTES = 4096
 """Smaller bodies are left to the general path: below a few hundred numbers, orjson's lists cost
@@ -57,7 +56,7 @@ def read_float_inputs(
     if not isinstance(inputs, simdjson.Array):
         return None
     shape = _shape(inputs)
-    if shape is None or arrays != _arrays_in(shape):
+    if shape is None or arrays != arrays_in(shape):
         return None  # an array in place of a number, or a "[" in a string: the general path
     try:
         flat = np.frombuffer(inputs.as_buffer(of_type="d"), dtype=np.float64)
@@ -178,8 +177,3 @@ def _shape(inputs: simdjson.Array) -> tuple[int, ...] | None:
             return None
         level = inner
     return tuple(shape)
-
-
-def _arrays_in(shape: tuple[int, ...]) -> int:
-    """How many arrays a rectangular array of ``shape`` is written with."""
-    return sum(math.prod(shape[:depth]) for depth in range(len(shape)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,13 +224,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return data
 
 
-def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
-    """Split the body into the JSON header and the binary tensors, and decode every input.
+def decode_request(
+    body: bytes, header_length: str | None, check_json: Callable[[bytes], None] | None = None
+) -> DecodedRequest:
+    """Split the body into the JSON header and the binary tensors, and decode every input;
+    ``check_json``, if given, sees the JSON header before it is parsed.
 
     Without ``Inference-Header-Content-Length`` the whole body is JSON. A length of 0 (a raw
     binary request) is the caller's to handle, since only the model knows its one input.
     """
     split = len(body) if header_length is None else _header_length(header_length, len(body))
+    if check_json is not None:
+        check_json(body[:split])
     request = _read_whole_json(body) if header_length is None else None
     request = request or _parse_header(body[:split])
     binary = memoryview(body)[split:]

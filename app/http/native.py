@@ -85,13 +85,17 @@ class NativePredict:
 async def _json_request(
     call: HttpCall, body: bytes, service: InferenceService, postprocess: bool
 ) -> tuple[Target, InferenceRequest]:
-    parsed, inputs, numeric = decode_json_body(
-        body, NAMED_FIELDS if "name" in call.params else FIELDS
-    )
-    name = call.params.get("name") or parsed.get("model")
-    if name is not None and not isinstance(name, str):
-        raise InvalidInput(f"'model' must be a string; received {type(name).__name__}")
-    target = await service.target(name)
+    """The target (the path's model, resolved before the body is read, else the body's) and
+    the request of a JSON body."""
+    named = call.params.get("name")
+    target = None if named is None else await service.target(named)
+    service.check_json_counts(body, None if target is None else target.model)
+    parsed, inputs, numeric = decode_json_body(body, FIELDS if target is None else NAMED_FIELDS)
+    if target is None:
+        name = parsed.get("model")
+        if name is not None and not isinstance(name, str):
+            raise InvalidInput(f"'model' must be a string; received {type(name).__name__}")
+        target = await service.target(name)
     call.served = target.model.name
     return target, InferenceRequest(inputs, postprocess=postprocess, numeric=numeric)
 

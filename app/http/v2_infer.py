@@ -4,6 +4,7 @@ deflate), answering JSON or binary outputs per ``binary_data`` / ``binary_data_o
 
 from __future__ import annotations
 
+import functools
 import re
 
 from app.codecs.v2 import (
@@ -44,7 +45,8 @@ class V2Infer:
         if header_length is not None and header_length.strip() == "0":
             decoded = _raw_request(target, body)
         else:
-            decoded = decode_request(body, header_length)
+            check = functools.partial(service.check_json_counts, model=target.model)
+            decoded = decode_request(body, header_length, check)
         wanted = service.outputs(target, decoded.outputs)
         result = await service.infer(target, InferenceRequest(decoded.inputs))
         outputs = [(name, result.outputs[name], decoded.binary(name)) for name in wanted]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.codecs.arrays import to_batch
+from app.codecs.arrays import json_counts, to_batch
 from app.codecs.dtypes import TensorSignature
 from app.errors import InvalidInput, ModelportError
 from app.serving.batching import Batch
@@ -21,6 +21,13 @@ from app.serving.model import ServedModel
 from app.serving.registry import ModelRegistry
 from app.serving.runtime import ModelRuntime
 
+JSON_COUNTED_FROM = 64 * 1024
+"""JSON bodies of this size or more are counted before they are parsed
+(:meth:`InferenceService.check_json_counts`); a smaller one parses in a few ms, whatever it
+holds."""
+JSON_SPARE = 256
+"""The arrays and the commas a JSON body may hold beside its samples' (field names, a V2
+request's shapes, parameters and outputs asked for)."""
 MAX_NAMES_SHOWN = 8
 """The most received input names an error quotes, each cut at 64 characters (a body may hold
 thousands, or one of a megabyte)."""
@@ -78,6 +85,31 @@ class InferenceService:
             model.active()  # fail fast, before reading or queueing, when no version can serve
             return Target(model)
         return Target(model, await model.runtime_for(version))
+
+    def check_json_counts(self, body: bytes, model: ServedModel | None) -> None:
+        """InvalidInput, before a JSON ``body`` is parsed, when it holds more arrays (``[``) or
+        more commas than ``max_samples`` samples of ``model``'s inputs (of the largest model's,
+        when the body names its model) are written with, JSON_SPARE aside. Counting 16 MB takes
+        a few ms; parsed into lists, a body of many small arrays held the event loop 1.5 s."""
+        if len(body) < JSON_COUNTED_FROM:
+            return
+        models = list(self.registry) if model is None else [model]
+        counts = [json_counts(served.inputs, self.max_samples) for served in models]
+        arrays = max(arrays for arrays, _ in counts) + JSON_SPARE
+        commas = arrays + max(values for _, values in counts)
+        whose = "any model served" if model is None else f"model {model.name!r}"
+        found = body.count(b"[")
+        if found > arrays:
+            raise InvalidInput(
+                f"too many samples: the body holds {found} arrays; {self.max_samples} samples"
+                f" (the limit) of {whose} are written with at most {arrays}"
+            )
+        found = body.count(b",")
+        if found > commas:
+            raise InvalidInput(
+                f"too many values: the body holds {found} commas; {self.max_samples} samples"
+                f" (the limit) of {whose} are written with at most {commas}"
+            )
 
     def outputs(self, target: Target, wanted: Iterable[str]) -> list[str]:
         """The outputs to answer: those ``wanted`` (every one when none is named), checked
