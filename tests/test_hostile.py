@@ -186,8 +186,8 @@ def test_a_json_body_of_more_arrays_or_values_than_the_limit_takes_is_refused_un
         body = v2_request("DATA", [1, 10]).replace(b'"DATA"', values)
     else:
         path = "/v1/models/linear/predict" if door == "named" else "/predict"
-        body = b'{"model": "linear", "inputs": [' + values + b"]}"
-        body = body.replace(b'"model": "linear", ', b"") if door == "named" else body
+        model = b"" if door == "named" else b'"model": "linear", '
+        body = b"{" + model + b'"inputs": [' + values + b"]}"
     with PeakRss(server.process.pid) as rss:
         response = post(server, path, body)
     assert response.status_code == (400 if door == "v2" else 422)

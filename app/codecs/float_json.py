@@ -69,14 +69,17 @@ def read_v2_request(body: bytes) -> dict[str, Any] | None:
     """An Open Inference Protocol JSON request as plain values, with the flat ``data`` of each
     floating-point input (V2_FLOAT_DATATYPES) led by a float as a float64 array; None when the
     body is small, holds no such input, or is not one this reads (see the module)."""
-    if len(body) < FROM_BYTES or body.count(b"[") > FEW_ARRAYS:
+    if len(body) < FROM_BYTES:
+        return None
+    arrays = body.count(b"[")
+    if arrays > FEW_ARRAYS:
         return None
     reader = _V2Reader()
     try:
         request = reader.request(_parse(body))
     except _Unread:
         return None
-    if reader.arrays_read == 0 or body.count(b"[") != reader.arrays:
+    if reader.arrays_read == 0 or arrays != reader.arrays:
         return None  # an array among the numbers read, or a "[" in a string: the general path
     return request
 

@@ -98,18 +98,16 @@ class InferenceService:
         arrays = max(arrays for arrays, _ in counts) + JSON_SPARE
         commas = arrays + max(values for _, values in counts)
         whose = "any model served" if model is None else f"model {model.name!r}"
-        found = body.count(b"[")
-        if found > arrays:
-            raise InvalidInput(
-                f"too many samples: the body holds {found} arrays; {self.max_samples} samples"
-                f" (the limit) of {whose} are written with at most {arrays}"
-            )
-        found = body.count(b",")
-        if found > commas:
-            raise InvalidInput(
-                f"too many values: the body holds {found} commas; {self.max_samples} samples"
-                f" (the limit) of {whose} are written with at most {commas}"
-            )
+        for mark, most, what, marks in (
+            (b"[", arrays, "samples", "arrays"),
+            (b",", commas, "values", "commas"),
+        ):
+            found = body.count(mark)
+            if found > most:
+                raise InvalidInput(
+                    f"too many {what}: the body holds {found} {marks}; {self.max_samples}"
+                    f" samples (the limit) of {whose} are written with at most {most}"
+                )
 
     def outputs(self, target: Target, wanted: Iterable[str]) -> list[str]:
         """The outputs to answer: those ``wanted`` (every one when none is named), checked
