@@ -23,7 +23,7 @@ from app.serving import batching, cores
 from app.serving.batching import BatchPolicy, DynamicBatcher
 from app.serving.catalog import INPUT_NAME, ModelSpec
 from app.serving.runtime import ModelRuntime, build_runtime
-from tests.helpers import CPU
+from tests.helpers import CPU, wait_until_async
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +47,8 @@ class ThreadCounter(nn.Module):
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
-        self.compute_s = 2 * cores.WIDE_FROM_S
+        # long enough to stay off the event loop's thread too (batching.ON_LOOP_S)
+        self.compute_s = 2 * max(cores.WIDE_FROM_S, batching.ON_LOOP_S)
         self.seen: list[int] = []
         self.on: list[str] = []
 
@@ -148,6 +149,7 @@ async def test_a_model_whose_lone_forward_is_short_computes_alone_on_its_share(
     """Handing a short forward to the wide thread would cost more than a second core saves."""
     module, batcher = counter
     monkeypatch.setattr(batching, "WIDE_FROM_S", 0.05)  # far from a bare forward, on any machine
+    monkeypatch.setattr(batching, "ON_LOOP_S", 0.0)  # on the inference thread, as with a share of 2
     module.compute_s = 0.0
     made = batcher()
     for _ in range(3):
@@ -159,6 +161,104 @@ async def test_a_model_whose_lone_forward_is_short_computes_alone_on_its_share(
     await made.submit(sample())
     await made.submit(sample())
     assert module.seen[3:] == [SHARE, EVERY]
+
+
+async def test_a_short_forward_on_one_intra_op_thread_runs_on_the_event_loops_own_thread(
+    busy: list[int], counter: tuple[ThreadCounter, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing it to the inference thread and its answer back would cost more than the
+    forward; the loop's thread keeps one intra-op thread, so no second OpenMP team."""
+    module, batcher = counter
+    monkeypatch.setattr(batching, "WIDE_FROM_S", 0.05)  # far from a bare forward, on any machine
+    monkeypatch.setattr(batching, "ON_LOOP_S", 10.0)  # (a first forward's warm-up may be long)
+    module.compute_s = 0.0
+    loop_thread = threading.current_thread().name
+    one, two = batcher(torch_threads=1, name="one"), batcher(torch_threads=2, name="two")
+    for _ in range(3):
+        await one.submit(sample())
+    # the first is widened (its length unknown); it was short, so the others run here
+    wide = module.on[0]
+    assert wide.startswith("wide")
+    assert module.on == [wide, loop_thread, loop_thread]
+    assert module.seen == [EVERY, 1, 1]
+    assert torch.get_num_threads() == 1
+    busy[1] = 1  # not widened: a share of two computes on the inference thread
+    for _ in range(2):
+        await two.submit(sample())
+    assert module.on[3:] == ["infer-two", "infer-two"]
+    assert module.seen[3:] == [2, 2]
+
+
+async def test_a_batch_expected_to_take_over_on_loop_s_runs_on_the_inference_thread(
+    busy: list[int], counter: tuple[ThreadCounter, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expected to take as long as the model's last forward, and the least a sample has cost
+    lately for each sample more: a forward here takes ``compute_s`` whatever its size (a cost
+    per forward, as a small model's), so a batch of two costs a sample half of what one alone
+    does."""
+    module, batcher = counter
+    monkeypatch.setattr(batching, "ON_LOOP_S", 0.34)
+    module.compute_s = 0.2
+    busy[1] = 1  # another worker computes: nothing is widened
+    made = batcher(torch_threads=1)
+
+    async def two() -> None:
+        await asyncio.gather(made.submit(sample()), made.submit(sample()))
+
+    await made.submit(sample())  # unknown: on the thread
+    await made.submit(sample())  # 0.2 s expected: here
+    await two()  # 0.2 + 0.2 s: on the thread
+    await two()  # 0.2 s: here
+    await made.submit(sample())  # 0.2 s: here
+    await two()  # 0.2 + 0.125 s (a sample of the last two at 0.1 s, grown by a quarter): here
+    loop_thread = threading.current_thread().name
+    on_thread = "infer-counter"
+    assert module.on == [on_thread, loop_thread, on_thread, loop_thread, loop_thread, loop_thread]
+
+
+async def test_requests_arriving_while_the_thread_computes_wait_for_it_not_the_loop(
+    busy: list[int], counter: tuple[ThreadCounter, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One forward of a model at a time: a request that could run on the loop waits for the
+    thread's forward in progress, and the thread takes it next."""
+    module, batcher = counter
+    monkeypatch.setattr(batching, "ON_LOOP_S", 0.15)
+    module.compute_s = 0.1
+    busy[1] = 1
+    made = batcher(torch_threads=1)
+    await made.submit(sample())  # measured: one alone would run on the loop from now
+    module.entered.clear()
+    module.gate.clear()
+    held = asyncio.gather(made.submit(sample()), made.submit(sample()))  # two: on the thread
+    assert await asyncio.to_thread(module.entered.wait, WAIT_S)
+    behind = asyncio.ensure_future(made.submit(sample()))
+    await asyncio.sleep(0.05)  # (run on the loop, it would hold the loop at the gate)
+    module.gate.set()
+    await asyncio.wait_for(asyncio.gather(held, behind), WAIT_S)
+    assert module.on == ["infer-counter"] * 3
+
+
+async def test_forwards_on_the_loop_give_their_memory_back_once_idle(
+    busy: list[int], counter: tuple[ThreadCounter, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inference thread trims the heap once nothing has come for IDLE_TRIM_S, after the
+    forwards the loop ran too (it had nothing of its own to wake it for)."""
+    module, batcher = counter
+    monkeypatch.setattr(batching, "ON_LOOP_S", 10.0)  # (a first forward's warm-up may be long)
+    module.compute_s = 0.0
+    busy[1] = 1
+    made = batcher(torch_threads=1)
+
+    async def trimmed() -> None:
+        seconds = batching.IDLE_TRIM_S + WAIT_S
+        await wait_until_async(lambda: not made._forwarded, "the idle trim", seconds)
+
+    await made.submit(sample())  # the first, on the thread
+    await trimmed()
+    for _ in range(3):
+        await made.submit(sample())
+    assert module.on[1:] == [threading.current_thread().name] * 3
+    await trimmed()
 
 
 async def test_a_request_computes_on_its_share_while_another_worker_computes(

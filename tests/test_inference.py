@@ -3,6 +3,7 @@ and its checks, version selection and errors hold without any HTTP in front."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,10 @@ NUMBERS_ONLY = {
     "a null": [[None, *ROW[1:]]],
     "an integer out of every range": [[10**40, *ROW[1:]]],
     "a float too large for float32": [[1e39, *ROW[1:]]],
+    "float32's largest": [[3.4028234663852886e38, *ROW[1:]]],
+    "a float over float32's largest that rounds to it": [[3.4028235e38, *ROW[1:]]],
+    "a NaN": [[math.nan, *ROW[1:]]],
+    "an infinity": [[*ROW[1:], -math.inf]],
     "ragged samples": [ROW, ROW[:9]],
     "a sample of the wrong shape": [ROW[:9]],
     "a sample nested deeper": [[ROW]],

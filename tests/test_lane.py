@@ -22,7 +22,7 @@ import uvicorn
 
 from app.http.answers import send_answer
 from app.http.app import ModelportAPI, create_app
-from app.http.endpoint import HttpCall, Route
+from app.http.endpoint import ROUTE_HELD_CHARS, ROUTES_HELD, HttpCall, Route
 from app.runner.lane import GATHERED_BYTES, LaneCycle
 from app.runner.protocol import head_limited
 from tests.helpers import (
@@ -301,3 +301,25 @@ def test_a_request_on_the_lane_leaves_nothing_for_the_garbage_collector(
         gc.set_debug(0)
         gc.garbage.clear()
     assert not kinds & {LaneCycle, HttpCall, Route}
+
+
+def test_the_routes_the_endpoint_remembers_stay_few_whatever_paths_come(tmp_path: Path) -> None:
+    """Matching a path costs a small model's request ~3 µs, so routes are remembered; a stream
+    of new paths (any name matches a predict path) cannot grow what is held."""
+    endpoint = create_app(make_settings(tmp_path, LINEAR)).front
+    for i in range(3 * ROUTES_HELD):
+        route = endpoint.route(f"/v1/models/m{i}/predict")
+        assert route is not None
+        assert route.params == {"name": f"m{i}"}
+    long_name = "x" * ROUTE_HELD_CHARS
+    assert endpoint.route(f"/v1/models/{long_name}/predict") is not None
+    assert endpoint.route("/health/ready") is None
+    assert endpoint.route("/health/ready") is None  # remembered as no route
+    held = endpoint._known
+    assert 0 < len(held) <= ROUTES_HELD
+    assert all(len(path) <= ROUTE_HELD_CHARS for path in held)
+    versioned = endpoint.route("/v2/models/linear/versions/3/infer")
+    assert versioned is not None
+    assert versioned.template == "/v2/models/{name}/versions/{version}/infer"
+    assert versioned.params == {"name": "linear", "version": "3"}
+    assert endpoint.route("/v2/models/linear/versions/3/infer") is versioned

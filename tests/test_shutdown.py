@@ -268,7 +268,9 @@ def test_work_beyond_a_short_grace_period_does_not_hold_the_process_past_it(
     tmp_path: Path, cnn_config: Path, cnn_weights: Path
 ) -> None:
     grace_s = 3.0
-    inputs = batches(22, 128)  # about 10 s of forward: far more than the grace period allows
+    # 5,120 samples, 10-25 s of forward at 2-5 ms a sample: far more than the grace period
+    # allows (22 batches, ~5.6 s at the fastest, all fit in it once)
+    inputs = batches(40, 128)
     with run_server(tmp_path, cnn_config, env=server_env(grace_s)) as server:
         with InFlight(server.url, inputs).running() as load:
             wait_until_queued(server.url, load, workers=1)

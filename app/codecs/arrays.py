@@ -10,12 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.codecs.dtypes import BY_TORCH, TensorSignature, name_of
+from app.codecs.dtypes import BY_TORCH, DTYPES, TensorSignature, name_of
 from app.errors import InvalidInput
 
 MAX_NESTING = 32
 """Deepest nesting of lists a request's values may have (numpy itself stops at 64)."""
 _NUMBER_TYPES = frozenset({float, int, bool})
+_FLOATS_HELD = {
+    d.torch: (d.held, float(np.finfo(d.held).max)) for d in DTYPES if d.torch.is_floating_point
+}
+"""Each floating-point dtype's numpy dtype of held values, and the largest finite one."""
 
 _KIND_NAMES = {
     "b": "booleans",
@@ -100,21 +104,24 @@ def to_batch(
 def _read_floats(
     inputs: Any, sample_shape: tuple[int, ...], dtype: torch.dtype, max_samples: int | None
 ) -> np.ndarray | None:
-    """Lists of numbers read straight into a floating-point model's dtype, with no float64 copy
-    between (a third of an mlp body's decoding); None unless they are a batch the model takes,
-    finite, within the limit (the checks then say what is wrong)."""
+    """Lists of numbers read into a floating-point model's dtype; None unless they are a batch
+    the model takes, finite and within its dtype's range, within the limit (the checks then say
+    what is wrong). Read as float64 (what a Python float is: nothing overflows) and bounded
+    before the narrowing cast, so that no cast can overflow: numpy's error state, which would
+    have to be set around it, cost a small model's request more than the read."""
     if not isinstance(inputs, list) or not inputs:
         return None
     if max_samples is not None and len(inputs) > max_samples:
         return None
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # too large: infinite, refused
-            batch = np.array(inputs, dtype=BY_TORCH[dtype].held.type)
+        batch = np.array(inputs, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         return None
-    if batch.shape[1:] != sample_shape or not np.isfinite(batch).all():
+    held, largest = _FLOATS_HELD[dtype]
+    # NaN compares false: refused here with infinity
+    if batch.shape[1:] != sample_shape or not np.abs(batch).max(initial=0.0) <= largest:
         return None
-    return batch
+    return batch if held == batch.dtype else batch.astype(held)
 
 
 def _from_lists(

@@ -173,25 +173,36 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.timeout_keep_alive_task = self.loop.call_later(seconds, handler)
 
     def on_message_begin(self) -> None:
+        """As uvicorn's, less the ASGI scope: it is built once the head is whole, and only for
+        a request the lane does not take (:meth:`_open_scope`)."""
         self._head_bytes = self._header_count = 0
-        super().on_message_begin()
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
-        super().on_url(url)
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """Count the field, then keep it as uvicorn's does (name lower-case, the value's
+        trailing whitespace dropped), in one call."""
         self._header_count += 1
         if self._header_count > self.max_header_count:
             self._refuse(f"request head with over {self.max_header_count} header fields")
             raise _HeadTooLarge
         self._count(len(name) + len(value) + 4)  # ": " and CRLF
-        super().on_header(name, value)
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._raw_head_bytes = 0
         if self.lane is not None and self._on_lane(self.lane):
             return
+        self._open_scope()
         super().on_headers_complete()
         if type(self.cycle) is RequestResponseCycle:
             # uvicorn builds the cycle itself; its task has not run yet, so the subclass's
@@ -247,6 +258,13 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._start_when_ready(cycle)
         return True
+
+    def _open_scope(self) -> None:
+        """The ASGI scope uvicorn's ``on_message_begin`` builds, around the head read since."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect
+        self.headers.extend(headers)  # the scope's list
 
     def _start_when_ready(self, cycle: LaneCycle) -> None:
         if not cycle.started and cycle.ready:

@@ -1,8 +1,11 @@
 """DynamicBatcher: one inference thread per model gathering concurrent requests into one forward.
 
-The event loop only validates, enqueues and awaits, and wakes the thread once per pass; the
-thread takes the next batch the moment it is free (so the next batch is collected while the
-current one computes), runs it, and hands each request its own rows back through its future.
+The event loop validates, enqueues and awaits, and once per pass either runs what waits itself
+or wakes the thread. A model's batch expected to take under ON_LOOP_S runs on the loop's own
+thread: handing it to the inference thread and its answers back cost more than such a forward.
+A longer one goes to the thread, which takes the next batch the moment it is free (so the next
+batch is collected while the current one computes), runs it, and hands each request its own
+rows back through its future. One forward of a model runs at a time, wherever it runs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from app.serving.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 
+ON_LOOP_S = 0.001
+"""The longest a batch may be expected to take (:meth:`DynamicBatcher._expected_s`) to run on
+the event loop's thread, on one intra-op thread. Waking the inference
+thread cost the loop a tenth of its time on `tiny` at 64 connections (a futex wake with the
+interpreter lock held), and each answer came back through a second wake-up. Longer forwards
+stay on the thread, so that the loop goes on reading requests meanwhile."""
 IDLE_TRIM_S = 1.0
 """How long an inference thread waits with nothing to do before it gives the memory its
 forwards freed back to the system (app.serving.allocator)."""
@@ -112,6 +121,15 @@ class DynamicBatcher:
         self._lone_s = float("inf")
         """How long the model's last lone forward took on this worker's share (unknown at
         first: the first one is widened)."""
+        self._last_s = float("inf")
+        """How long the model's last forward took, from its batch's gathering to its answers
+        (unknown at first: the first runs on the inference thread)."""
+        self._last_size = 1
+        self._sample_s = float("inf")
+        """The least a sample has cost lately (per sample of a forward; it may grow by a
+        quarter a forward)."""
+        self._running = False
+        """A forward is in progress, on the inference thread or an event loop's."""
         self._queue: deque[_Request] = deque()
         self._ready = threading.Condition()
         self._stopping = False
@@ -169,13 +187,52 @@ class DynamicBatcher:
                 waiting.popleft()
 
     def _wake(self) -> None:
-        """Wake the inference thread once per pass of the event loop, after every request
-        that arrived in that pass has joined the queue: woken for each one, it would take
-        them in more, smaller batches, and each wake-up costs both threads a GIL hand-off
-        (measured: mlp served 15% more at 64 connections)."""
+        """Once per pass of the event loop, after every request that arrived in that pass has
+        joined the queue, run what waits here or wake the inference thread: woken for each
+        one, it would take them in more, smaller batches, and each wake-up costs both threads
+        a GIL hand-off (measured: mlp served 15% more at 64 connections)."""
         self._wake_on = None
-        with self._ready:
-            self._ready.notify()
+        if not self._run_here(asyncio.get_running_loop()):
+            with self._ready:
+                self._ready.notify()
+
+    def _run_here(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run the batches waiting, on the calling event loop's thread, while each is expected
+        to take under ON_LOOP_S; False where the inference thread is to take what waits (a
+        longer batch, a request of another loop first, or forwards on more than one intra-op
+        thread: the loop's thread computes on one, and a second thread computing on several
+        would hold a second OpenMP team, :mod:`app.serving.cores`). A forward in progress on
+        the thread takes what waits once it is done."""
+        if self._torch_threads > 1:
+            return False
+        while True:
+            with self._ready:
+                if self._running or self._stopping or not self._queue:
+                    return True
+                if self._queue[0].loop is not loop:
+                    return False
+                batch = self._gather()
+                if batch is None:
+                    continue
+                if self._expected_s(batch.size) > ON_LOOP_S:
+                    self._queue.extendleft(reversed(batch.requests))  # as they came
+                    return False
+                self._running = True
+            try:
+                self._count_waits(batch)
+                self._run(batch)
+            finally:
+                with self._ready:
+                    self._running = False
+
+    def _expected_s(self, size: int) -> float:
+        """How long a forward of ``size`` samples is expected to take: as long as the last one,
+        and the least a sample has cost lately for each sample more. A model's fixed cost per
+        forward is in the first, and the cost per sample of the larger batches it ran in the
+        second (the last forward's own would overstate it for a small model, whose batch of one
+        costs about what a batch of thirty does)."""
+        more = size - self._last_size
+        return self._last_s + (self._sample_s * more if more > 0 else 0.0)
 
     def _watch(self, request: _Request) -> deque[_Request]:
         """Time ``request`` out at its deadline. A loop's requests wait in the order they came,
@@ -212,30 +269,48 @@ class DynamicBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._count_waits(batch)
+                self._run(batch)
+            finally:
+                with self._ready:
+                    self._running = False
 
     def _next_batch(self) -> _Batch | None:
-        """Wait for a request, then take what is waiting: up to max_batch_size samples of one
-        version, closing early when nothing else waits or once the delay has passed."""
+        """Wait for a request and no forward in progress, then take the next batch."""
         with self._ready:
             batch = None
             while batch is None:
-                while not self._queue and not self._stopping:
+                while (not self._queue or self._running) and not self._stopping:
                     self._idle()
                 if self._stopping:
                     return None
-                batch = self._open(self._queue.popleft())
-            deadline = time.monotonic() + self.policy.max_batch_delay_s
-            while self._queue and time.monotonic() < deadline:
-                candidate = self._queue[0]
-                if candidate.cancelled:
-                    self._queue.popleft()  # timed out before its forward: dropped
-                    continue
-                if candidate.runtime is not batch.requests[0].runtime:
-                    break  # pinned to another version, or to none: it starts the next batch
-                if batch.size + candidate.size > self.policy.max_batch_size:
-                    break
-                batch.requests.append(self._queue.popleft())
+                batch = self._gather()
+            self._running = True
+        return batch
+
+    def _gather(self) -> _Batch | None:
+        """The next batch (holding the lock, with a request queued): up to max_batch_size
+        samples of one version, closing early when nothing else waits or once the delay has
+        passed; None where its first request cannot run (it is answered)."""
+        batch = self._open(self._queue.popleft())
+        if batch is None:
+            return None
+        deadline = time.monotonic() + self.policy.max_batch_delay_s
+        while self._queue and time.monotonic() < deadline:
+            candidate = self._queue[0]
+            if candidate.cancelled:
+                self._queue.popleft()  # timed out before its forward: dropped
+                continue
+            if candidate.runtime is not batch.requests[0].runtime:
+                break  # pinned to another version, or to none: it starts the next batch
+            if batch.size + candidate.size > self.policy.max_batch_size:
+                break
+            batch.requests.append(self._queue.popleft())
+        return batch
+
+    def _count_waits(self, batch: _Batch) -> None:
+        """The metrics of the batch's requests' time in the queue."""
         now = time.perf_counter()
         for request in batch.requests:
             self._waited.observe(now - request.enqueued)
@@ -243,13 +318,12 @@ class DynamicBatcher:
         self.metrics.tally(self.name, batch.runtime.version).requests(
             "queue", waited, len(batch.requests)
         )
-        return batch
 
     def _idle(self) -> None:
-        """Wait for a request (holding the lock); after forwards, once nothing has come for
-        IDLE_TRIM_S, give their freed memory back to the system (without the lock, so that
-        requests still queue meanwhile)."""
-        if self._ready.wait(IDLE_TRIM_S if self._forwarded else None) or not self._forwarded:
+        """Wait for a request (holding the lock); after forwards (wherever they ran), once
+        nothing has come for IDLE_TRIM_S, give their freed memory back to the system (without
+        the lock, so that requests still queue meanwhile)."""
+        if self._ready.wait(IDLE_TRIM_S) or not self._forwarded:
             return
         self._forwarded = False
         self._ready.release()
@@ -333,6 +407,9 @@ class DynamicBatcher:
         answers = _answers(runtime, output, requests, size)
         _resolve_all(requests[0].loop, answers)
         done = time.perf_counter()
+        took = done - started
+        self._last_s, self._last_size = took, size
+        self._sample_s = min(took / size, self._sample_s * 1.25)
         self.metrics.compute_seconds.labels(self.name, runtime.version).observe(done - started)
         phases = (gathered - started, computed - gathered, done - computed)
         self.metrics.tally(self.name, runtime.version).forward(size, len(requests), phases)
@@ -397,5 +474,8 @@ def _resolve_all(loop: asyncio.AbstractEventLoop, answers: list[Answer]) -> None
             else:
                 request.future.set_result(result)  # type: ignore[arg-type]
 
+    if asyncio._get_running_loop() is loop:  # run on the loop's own thread
+        complete()
+        return
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
         loop.call_soon_threadsafe(complete)
