@@ -10,8 +10,9 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,7 +37,7 @@ class HttpCall:
     """One request on the lean path, as its adapter sees it."""
 
     path: str
-    params: dict[str, str]
+    params: Mapping[str, str]
     """The path's parameters (``name``, ``version``)."""
     headers: dict[str, str]
     query_string: bytes
@@ -100,7 +101,8 @@ class Route:
 
     door: FrontDoor
     template: str
-    params: dict[str, str]
+    params: Mapping[str, str]
+    """Read only: a remembered route serves every request to its path."""
 
 
 @dataclass
@@ -147,7 +149,7 @@ class InferenceEndpoint:
             match = pattern.fullmatch(path)
             if match is not None:
                 params = {k: v for k, v in match.groupdict().items() if v is not None}
-                return Route(door, template, params)
+                return Route(door, template, MappingProxyType(params))
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
