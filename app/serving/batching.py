@@ -218,12 +218,7 @@ class DynamicBatcher:
                     self._queue.extendleft(reversed(batch.requests))  # as they came
                     return False
                 self._running = True
-            try:
-                self._count_waits(batch)
-                self._run(batch)
-            finally:
-                with self._ready:
-                    self._running = False
+            self._run_taken(batch)
 
     def _expected_s(self, size: int) -> float:
         """How long a forward of ``size`` samples is expected to take: as long as the last one,
@@ -269,12 +264,17 @@ class DynamicBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            try:
-                self._count_waits(batch)
-                self._run(batch)
-            finally:
-                with self._ready:
-                    self._running = False
+            self._run_taken(batch)
+
+    def _run_taken(self, batch: _Batch) -> None:
+        """Run a batch taken from the queue (as the forward in progress), wherever it was
+        taken; the next one can be taken once it is done."""
+        try:
+            self._count_waits(batch)
+            self._run(batch)
+        finally:
+            with self._ready:
+                self._running = False
 
     def _next_batch(self) -> _Batch | None:
         """Wait for a request and no forward in progress, then take the next batch."""
