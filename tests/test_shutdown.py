@@ -224,7 +224,10 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
     tmp_path: Path, cnn_config: Path, cnn_weights: Path
 ) -> None:
     grace_s = 20.0
-    inputs = batches(10, 160)  # a few seconds of forward on 2 workers: the checks run meanwhile
+    # 3,200 samples, 3-8 s of forward on 2 workers: the checks run meanwhile (with half as
+    # many, a fast spell of the machine once finished them all before the last check, and the
+    # workers, done, had closed: its predict found no server)
+    inputs = batches(20, 160)
     with run_server(tmp_path, cnn_config, "--workers", "2", env=server_env(grace_s)) as server:
         started = "Application startup complete"
         wait_until(lambda: server.output().count(started) >= 2, 60, "two workers", server=server)
