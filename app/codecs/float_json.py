@@ -43,16 +43,12 @@ def read_float_inputs(
     arrays = body.count(b"[")
     if arrays > max(FEW_ARRAYS, len(body) // ARRAY_BYTES):
         return None
-    document = _parse(body)
-    if not isinstance(document, simdjson.Object):
+    found = _unique_fields(_parse(body))
+    if found is None or "inputs" not in found or not fields.issuperset(found):
         return None
-    keys = list(document.keys())
-    if "inputs" not in keys or len(set(keys)) != len(keys) or not fields.issuperset(keys):
-        return None
-    others = {key: document[key] for key in keys if key != "inputs"}
-    if not all(isinstance(value, str) for value in others.values()):
+    inputs = found.pop("inputs")
+    if not all(isinstance(value, str) for value in found.values()):
         return None  # (the model's name) the general path says what is wrong
-    inputs = document["inputs"]
     if not isinstance(inputs, simdjson.Array):
         return None
     shape = _shape(inputs)
@@ -62,7 +58,7 @@ def read_float_inputs(
         flat = np.frombuffer(inputs.as_buffer(of_type="d"), dtype=np.float64)
     except Exception:  # TypeError: a boolean, null, string or object among the numbers
         return None
-    return others, flat.reshape(shape)
+    return found, flat.reshape(shape)
 
 
 def read_v2_request(body: bytes) -> dict[str, Any] | None:
@@ -122,9 +118,7 @@ class _V2Reader:
 
     def floats(self, node: Any) -> Any:
         """Flat numbers led by a float as a float64 array; anything else as plain values."""
-        if not isinstance(node, simdjson.Array) or len(node) == 0:
-            return self.plain(node)
-        if not isinstance(node[0], float):
+        if not (isinstance(node, simdjson.Array) and len(node) and isinstance(node[0], float)):
             return self.plain(node)
         try:
             values = np.frombuffer(node.as_buffer(of_type="d"), dtype=np.float64)
@@ -135,14 +129,11 @@ class _V2Reader:
         return values
 
     def fields(self, node: Any) -> dict[str, Any]:
-        """An object's fields, parsed values still; _Unread unless it is one with unique keys
-        (orjson keeps the last of a key given twice)."""
-        if not isinstance(node, simdjson.Object):
+        """An object's fields, parsed values still; _Unread unless it is one with unique keys."""
+        found = _unique_fields(node)
+        if found is None:
             raise _Unread
-        keys = list(node.keys())
-        if len(set(keys)) != len(keys):
-            raise _Unread
-        return {key: node[key] for key in keys}
+        return found
 
     def plain(self, node: Any) -> Any:
         if isinstance(node, simdjson.Object):
@@ -151,6 +142,17 @@ class _V2Reader:
             self.arrays += 1
             return [self.plain(item) for item in node]
         return node
+
+
+def _unique_fields(node: Any) -> dict[str, Any] | None:
+    """An object's fields, parsed values still; None unless it is one with unique keys
+    (orjson keeps the last of a key given twice)."""
+    if not isinstance(node, simdjson.Object):
+        return None
+    keys = list(node.keys())
+    if len(set(keys)) != len(keys):
+        return None
+    return {key: node[key] for key in keys}
 
 
 def _parse(body: bytes) -> Any:

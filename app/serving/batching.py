@@ -410,7 +410,7 @@ class DynamicBatcher:
         took = done - started
         self._last_s, self._last_size = took, size
         self._sample_s = min(took / size, self._sample_s * 1.25)
-        self.metrics.compute_seconds.labels(self.name, runtime.version).observe(done - started)
+        self.metrics.compute_seconds.labels(self.name, runtime.version).observe(took)
         phases = (gathered - started, computed - gathered, done - computed)
         self.metrics.tally(self.name, runtime.version).forward(size, len(requests), phases)
 
