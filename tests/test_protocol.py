@@ -6,6 +6,7 @@ connection is closed once it has been idle for the keep-alive time, not while it
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 import uvicorn
 
 from app.http.answers import WHOLE_ANSWER, send_answer
-from app.runner.protocol import head_limited
+from app.runner.protocol import OneWriteHttpToolsProtocol, head_limited
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.process
@@ -52,9 +53,10 @@ KEEP_ALIVE_S = 1.0
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[Recorder, int]]:
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[Recorder, int]]:
     """The recorder behind uvicorn with the project's protocol, on a free port of 127.0.0.1,
-    keeping an idle connection open for KEEP_ALIVE_S."""
+    keeping an idle connection open for KEEP_ALIVE_S (or the seconds the test passes)."""
+    keep_alive_s = getattr(request, "param", KEEP_ALIVE_S)
     app = Recorder()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -65,7 +67,7 @@ def served() -> Iterator[tuple[Recorder, int]]:
         http=protocol,
         log_level="warning",
         lifespan="off",
-        timeout_keep_alive=int(KEEP_ALIVE_S),
+        timeout_keep_alive=int(keep_alive_s),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
@@ -179,3 +181,21 @@ def test_a_connection_in_use_stays_open_and_one_idle_for_the_keep_alive_time_is_
         idle = time.monotonic()
         assert client.recv(65536) == b""  # the server closed it
         assert KEEP_ALIVE_S * 0.9 <= time.monotonic() - idle < KEEP_ALIVE_S * 4
+
+
+@pytest.mark.parametrize("served", [60.0], indirect=True)
+def test_a_connection_the_client_closed_is_let_go_before_its_keep_alive_time(
+    served: tuple[Recorder, int],
+) -> None:
+    """Its keep-alive timer, armed after its answer, held the protocol (and what it holds) for
+    the keep-alive time: a client opening and closing connections fast grew the server."""
+    app, port = served
+    for _ in range(20):
+        exchange(port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    settled(app, 20)
+
+    def protocols_alive() -> int:
+        gc.collect()
+        return sum(issubclass(type(thing), OneWriteHttpToolsProtocol) for thing in gc.get_objects())
+
+    wait_until(lambda: protocols_alive() == 0, 10, "the closed connections let go")

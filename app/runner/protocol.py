@@ -141,6 +141,16 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def _unset_keepalive_if_required(self) -> None:
         self._idle_since = None  # busy: the keep-alive timer, if armed, finds it so when it fires
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        """As uvicorn's, and the keep-alive timer cancelled, which uvicorn's does through
+        ``_unset_keepalive_if_required``: armed still, it held the closed connection's protocol
+        for the keep-alive time (a client opening and closing connections fast held thousands,
+        ~10 KiB each)."""
+        super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+
     def on_response_complete(self) -> None:
         """As uvicorn's, but the keep-alive timer is armed once per idle spell, not once per
         answer (armed and cancelled per request, it cost a small model's request 2 µs): it
