@@ -94,7 +94,8 @@ class VersionManager:
         )
         await in_background(partial(self._store_blob, record, staged))
         created = await asyncio.to_thread(db.add_version, model.name, record, actor)
-        # a delete of the same bytes on another replica may have removed the blob meanwhile
+        # a delete of the same bytes (another replica's, another model's) may have dropped the
+        # blob before the record was added: once it is, no drop can (VersionDatabase.delete)
         await asyncio.to_thread(self._store_blob, record, staged)
         if activate:
             # the staged file is gone once this returns; the blob is named by the sha256
@@ -151,24 +152,19 @@ class VersionManager:
         """Delete a stored version that the database says is neither active nor previous."""
         model = self.model
         async with model.lock:
-            record = await asyncio.to_thread(model.state.db.delete, model.name, version, actor)
-            await asyncio.to_thread(self._drop_blob, record)
+            state = model.state
+            await asyncio.to_thread(state.db.delete, model.name, version, actor, state.blobs.delete)
             model.forget(version)
 
     async def _prune(self, actor: Actor) -> None:
         """Keep the newest ``keep_versions`` uploads (never the active or previous one)."""
-        db = self.model.state.db
-        removed = await asyncio.to_thread(db.prune, self.model.name, self.keep_versions, actor)
+        model, state = self.model, self.model.state
+        removed = await asyncio.to_thread(
+            state.db.prune, model.name, self.keep_versions, actor, state.blobs.delete
+        )
         for record in removed:
-            logger.info("model %s: retention removes version %s", self.model.name, record.id)
-            await asyncio.to_thread(self._drop_blob, record)
-            self.model.forget(record.id)
-
-    def _drop_blob(self, record: VersionRecord) -> None:
-        """Delete a removed version's bytes unless another version (of any model) holds them."""
-        state = self.model.state
-        if not state.db.shares_blob(record.sha256):
-            state.blobs.delete(record.sha256)
+            logger.info("model %s: retention removes version %s", model.name, record.id)
+            model.forget(record.id)
 
     def _store_blob(self, record: VersionRecord, staged: StagedUpload) -> None:
         # Kept as it is when it exists; else the staged file itself where it can be (it was

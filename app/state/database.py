@@ -6,7 +6,9 @@ One implementation of the logic; what the two dialects write differently lives i
 :mod:`app.state.dialects`. Every mutation is one transaction that first takes the model's write lock
 (SQLite: ``BEGIN IMMEDIATE``, one writer at a time; PostgreSQL: a transaction-scoped advisory
 lock per model), then reads the state it decides on, so that two conflicting calls from two
-replicas end in one order and neither undoes the other.
+replicas end in one order and neither undoes the other. Versions of several models may hold the
+same bytes (one blob): adding such a version and dropping bytes no version holds any more also
+take that blob's lock (:meth:`VersionDatabase._drop_unheld`).
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class VersionDatabase:
             exists = "SELECT 1 FROM versions WHERE model = ? AND id = ?"
             if run(exists, model, record.id).fetchone():
                 return False
+            self._lock_blob(run, record.sha256)
             run(
                 f"INSERT INTO versions (model, {_VERSION_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -256,8 +259,11 @@ class VersionDatabase:
                 raise VersionConflict(f"version {target} of {model!r} is already active")
             return self._move(run, model, current, target, "rollback", actor)
 
-    def delete(self, model: str, version: str, actor: Actor) -> VersionRecord:
-        """Remove a stored version that is neither active nor previous (nor bundled)."""
+    def delete(
+        self, model: str, version: str, actor: Actor, drop_blob: Callable[[str], None]
+    ) -> VersionRecord:
+        """Remove a stored version that is neither active nor previous (nor bundled), and its
+        bytes unless another version holds them (see :meth:`_drop_unheld`)."""
         with self._write(model) as run:
             record = self._require(run, model, version)
             current = self._pointers(run, model, None)
@@ -270,11 +276,15 @@ class VersionDatabase:
                 raise VersionConflict("the bundled weights are part of the deployment; not deleted")
             run("DELETE FROM versions WHERE model = ? AND id = ?", model, version)
             _log(run, model, "delete", version, None, actor)
+            self._drop_unheld(run, [record.sha256], drop_blob)
         return record
 
-    def prune(self, model: str, keep: int, actor: Actor) -> list[VersionRecord]:
+    def prune(
+        self, model: str, keep: int, actor: Actor, drop_blob: Callable[[str], None]
+    ) -> list[VersionRecord]:
         """Remove the oldest uploaded versions beyond the newest ``keep`` (never the active or
-        the previous one); returns what was removed."""
+        the previous one), and their bytes that no other version holds; returns what was
+        removed."""
         with self._write(model) as run:
             current = self._pointers(run, model, None)
             uploads = [
@@ -294,6 +304,7 @@ class VersionDatabase:
             for record in removed:
                 run("DELETE FROM versions WHERE model = ? AND id = ?", model, record.id)
                 _log(run, model, "retention", record.id, None, actor)
+            self._drop_unheld(run, [record.sha256 for record in removed], drop_blob)
         return removed
 
     def listen(self, on_change: Callable[[str], None]) -> Callable[[], None]:
@@ -309,11 +320,22 @@ class VersionDatabase:
             ).start()
         return stop.set
 
-    def shares_blob(self, sha256: str) -> bool:
-        """Whether any version of any model still holds these bytes."""
-        return bool(self._read("SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", sha256))
-
     # --- transaction steps -------------------------------------------------------------------
+
+    def _lock_blob(self, run: _Run, sha256: str) -> None:
+        if self.dialect.lock_blob is not None:
+            run(self.dialect.lock_blob, sha256)
+
+    def _drop_unheld(self, run: _Run, removed: list[str], drop_blob: Callable[[str], None]) -> None:
+        """``drop_blob`` each of the ``removed`` versions' sha256 that no version (of any model)
+        holds any more, inside the transaction and under the blob's lock: a version of the same
+        bytes added meanwhile (by any replica, for any model) is either seen here, and its bytes
+        kept, or committed after this, and its uploader, storing the bytes again once it has
+        committed, finds them gone and puts them back. A failed drop undoes the removal."""
+        for sha256 in sorted(set(removed)):  # one order: two transactions never wait in a cycle
+            self._lock_blob(run, sha256)
+            if not run("SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", sha256).fetchone():
+                drop_blob(sha256)
 
     def _require(self, run: _Run, model: str, version: str) -> VersionRecord:
         row = run(_SELECT_VERSION, model, version).fetchone()

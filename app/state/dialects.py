@@ -50,6 +50,10 @@ class Dialect:
     """Opens a transaction that will write."""
     lock_model: str | None
     """Takes the model's write lock inside the transaction (None: the transaction holds it)."""
+    lock_blob: str | None
+    """Takes the lock of one blob (by its sha256) inside the transaction, after the model's:
+    adding a version that holds the bytes and dropping the bytes no version holds any more take
+    it, so that the two never interleave across models (None: the transaction holds it)."""
     lock_migrations: str | None
     notify: str | None
     """Tells the listening replicas, at commit, that a model's pointers moved (None: they poll)."""
@@ -67,6 +71,7 @@ SQLITE = Dialect(
     identity="INTEGER PRIMARY KEY AUTOINCREMENT",
     begin_write="BEGIN IMMEDIATE",
     lock_model=None,
+    lock_blob=None,
     lock_migrations=None,
     notify=None,
     errors=(sqlite3.Error,),
@@ -85,6 +90,8 @@ def postgresql() -> Dialect:
         identity="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         begin_write="BEGIN",
         lock_model="SELECT pg_advisory_xact_lock(hashtext(%s))",
+        # the two-key form: a key space apart from the models' and the migrations' locks
+        lock_blob="SELECT pg_advisory_xact_lock(1, hashtext(%s))",
         lock_migrations=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
         notify=f"SELECT pg_notify('{CHANNEL}', %s)",
         errors=(psycopg.Error,),

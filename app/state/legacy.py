@@ -37,6 +37,8 @@ def import_legacy_store(store_dir: Path, model: str, db: VersionDatabase, blobs:
             continue
         if db.add_version(model, record, IMPORTER, action="import"):
             imported += 1
+            # a delete of the same bytes meanwhile (another model's) may have dropped them
+            blobs.put(record.sha256, path.with_suffix(".weights"))
     if db.finish_import(model, _read_pointers(folder / "active.json"), IMPORTER):
         logger.info("model %s: imported %d version(s) from %s", model, imported, folder)
     return imported
