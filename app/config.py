@@ -129,7 +129,7 @@ class Settings(BaseSettings):
 
     access_log: bool = True
     """One log line per request (method, path, status, latency, client), health and metrics
-    excluded."""
+    excluded; an INFO line, left out at a ``log_level`` above ``info``."""
 
     request_ids: bool = True
     """Give each request an id (answered in ``X-Request-ID`` and shown in its log lines); off,

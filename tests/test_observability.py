@@ -5,7 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import select
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,15 +19,18 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from app.observability.logs import configure_logging, request_id
+from app.observability.logs import STDERR, StderrWriter, configure_logging, request_id
 from app.observability.metrics import FLUSH_S, LATENCY_BUCKETS, Metrics
 from tests.helpers import (
     API_TOKEN,
     AUTH,
     LINEAR,
     ONE_CHAR_OFF,
+    ROOT,
     SAMPLE,
     TOKEN,
+    clean_env,
+    free_port,
     linear_weights,
     make_settings,
     metric,
@@ -56,6 +64,7 @@ def json_logs(level: str) -> Iterator[None]:
     try:
         yield
     finally:
+        STDERR.drain()
         root.handlers.clear()
         root.setLevel(before)
 
@@ -77,6 +86,17 @@ async def test_the_access_line_has_the_request_id_status_and_latency_and_skips_p
         r'POST /v1/models/nope/predict 404 \d+\.\dms "127\.0\.0\.1"'
     )
     assert re.fullmatch(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.app
+@pytest.mark.parametrize("level", ["warning", "error"])
+async def test_a_log_level_above_info_leaves_the_access_lines_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    async with serve_in_process(make_settings(tmp_path, LINEAR, log_level=level)) as client:
+        answer = await client.post("/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+        assert answer.status_code == 200
+    assert " app.access " not in capsys.readouterr().err
 
 
 @pytest.mark.app
@@ -324,3 +344,67 @@ async def test_with_request_metrics_off_requests_are_not_counted_but_batches_are
     assert metric(text, "modelport_requests_total", missing=0) == 0
     assert metric(text, "modelport_request_duration_seconds_count", missing=0) == 0
     assert metric(text, "modelport_batch_size_sum", model="linear") == 3
+
+
+@pytest.mark.process
+def test_a_stderr_nobody_reads_never_holds_up_serving(tmp_path: Path) -> None:
+    """The server's stderr is a pipe nobody empties (a log collector stalled): once the pipe's
+    64 KiB are full, the access lines wait in the process, requests are still answered, and
+    every line arrives once the pipe is read again."""
+    port = free_port()
+    config = write_config(tmp_path, LINEAR)
+    args = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config)]
+    env = clean_env(MODELPORT_STORE_DIR=str(tmp_path / "store"))
+    server = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/health/ready", timeout=2).status_code == 200
+            return False
+
+        wait_until(ready, 60, "ready")
+        requests = 2_000  # ~190 KiB of access lines: three times what the pipe holds
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(requests):
+                answer = client.post("/v1/models/linear/predict", json={"inputs": [SAMPLE]})
+                assert answer.status_code == 200
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+    assert err.count(b" INFO app.access ") == requests
+
+
+def test_text_beyond_what_may_wait_is_dropped_and_counted_once_stderr_reads_again() -> None:
+    """Lines handed over while stderr blocks are held up to HELD_BYTES (those being written
+    included); the rest are dropped, and a line says how many once stderr takes text again."""
+    reading, writing = os.pipe()
+    stalled = os.fdopen(writing, "w")
+    writer = StderrWriter()
+    writer.HELD_BYTES = 80_000
+    line = "x" * 99 + "\n"
+    before = sys.stderr
+    sys.stderr = stalled
+    received = b""
+    try:
+        writer.write(line * 700)  # more than the pipe holds (64 KiB): the writing thread blocks
+        writer.write(line * 10)  # held: 71,000 bytes in all
+        writer.write(line * 100)  # dropped: 81,000 would be held
+        writer.write(line * 2)
+        deadline = time.monotonic() + 30
+        while received.count(b"\n") < 713 and time.monotonic() < deadline:
+            if select.select([reading], [], [], 1.0)[0]:
+                received += os.read(reading, 1 << 16)  # the collector reads again
+        assert writer.drain()
+    finally:
+        sys.stderr = before
+        stalled.close()
+        os.close(reading)
+    lines = received.decode().splitlines()
+    assert lines[:712] == ["x" * 99] * 712
+    assert lines[712:] == ["WARNING app.logs: 100 log line(s) dropped: stderr was not read"]

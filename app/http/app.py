@@ -130,7 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(v2.router)
-    app.state.access_log = AccessLog(settings.log_format) if settings.access_log else None
+    # access lines are INFO lines: a level above leaves them out, as it does uvicorn's
+    info = logging.getLevelName(settings.log_level.upper()) <= logging.INFO
+    app.state.access_log = AccessLog(settings.log_format) if settings.access_log and info else None
     app.state.recorder = RequestRecorder(
         metrics,
         app.state.access_log,

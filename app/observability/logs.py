@@ -4,11 +4,16 @@ being served (``-`` outside one)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import contextvars
 import json
 import logging
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -18,6 +23,8 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 LogFormat = Literal["text", "json"]
 ACCESS_LOGGER = "app.access"
+LOGS_LOGGER = "app.logs"
+"""The logger name of the line that says log lines were dropped."""
 PIPE_BUF = 4096
 """Writes up to this size reach a pipe whole (POSIX)."""
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
@@ -56,12 +63,109 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class StderrWriter:
+    """Writes the log's text to stderr on a thread of its own: a reader of stderr that is slow
+    or stalled (a log collector behind, a pipe nobody empties) never holds up the event loop,
+    which only hands the text over. Up to HELD_BYTES wait; beyond, new text is dropped, and
+    once stderr takes text again a line says how many lines were lost. The text goes out in
+    writes of at most PIPE_BUF bytes that end at a line's end, so that the lines of several
+    worker processes sharing a pipe never interleave mid-line."""
+
+    HELD_BYTES = 8 << 20
+
+    def __init__(self) -> None:
+        self._waiting: deque[str] = deque()
+        self._held = 0
+        self._dropped = 0
+        self._busy = False
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.notice: Callable[[int], str] = lambda lines: (
+            f"WARNING {LOGS_LOGGER}: {lines} log line(s) dropped: stderr was not read"
+        )
+        """The line that tells how many lines were dropped (the configured format's)."""
+
+    def write(self, text: str) -> None:
+        """Queue ``text`` (whole lines) for stderr, or drop it when too much waits already."""
+        with self._ready:
+            if self._held + len(text) > self.HELD_BYTES:
+                self._dropped += text.count("\n")
+                return
+            self._waiting.append(text)
+            self._held += len(text)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stderr", daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is written (or ``timeout`` passes); whether it
+        was."""
+        with self._ready:
+            return self._ready.wait_for(lambda: not self._waiting and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._waiting))
+                text, dropped = "".join(self._waiting), self._dropped
+                self._waiting.clear()
+                self._busy, self._dropped = True, 0
+            with contextlib.suppress(Exception):  # stderr closed: nothing else can tell it
+                _write(text + (self.notice(dropped) + "\n" if dropped else ""))
+            with self._ready:
+                self._held -= len(text)
+                self._busy = False
+                self._ready.notify_all()
+
+
+def _write(text: str) -> None:
+    """``text`` (whole lines) to stderr, in writes of at most PIPE_BUF bytes ending at a line's
+    end (a longer line alone)."""
+    stream = sys.stderr
+    start = 0
+    while start < len(text):
+        end = text.rfind("\n", start, start + PIPE_BUF) + 1 or text.find("\n", start) + 1
+        end = end or len(text)
+        stream.write(text[start:end])
+        stream.flush()
+        start = end
+
+
+STDERR = StderrWriter()
+"""This process's writer of log lines to stderr."""
+atexit.register(STDERR.drain, 2.0)
+
+
+class _StderrHandler(logging.Handler):
+    """A logging handler that hands each formatted line to :data:`STDERR`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            STDERR.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        STDERR.drain()
+
+
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Route the service's and uvicorn's loggers to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(RequestIdFilter())
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
+
+    def notice(lines: int) -> str:
+        message = f"{lines} log line(s) dropped: stderr was not read"
+        record = logging.makeLogRecord(
+            {"name": LOGS_LOGGER, "levelno": logging.WARNING, "levelname": "WARNING"}
+        )
+        record.msg, record.request_id = message, "-"
+        return formatter.format(record)
+
+    STDERR.notice = notice
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -71,11 +175,6 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     # app.http.observer writes the access lines (with latency and request id) instead.
     logging.getLogger("uvicorn.access").handlers.clear()
     logging.getLogger("uvicorn.access").propagate = False
-
-
-def _write(lines: list[str]) -> None:
-    sys.stderr.write("\n".join(lines) + "\n")
-    sys.stderr.flush()
 
 
 class AccessLog:
@@ -124,25 +223,18 @@ class AccessLog:
         return f"{self._stamp},{int((now - second) * 1000):03d}"
 
     def flush(self) -> None:
-        """Write the queued lines to stderr, in writes small enough for a pipe to keep whole
-        (so that the lines of several worker processes never interleave mid-line)."""
-        lines, self._lines = self._lines, []
-        chunk: list[str] = []
-        size = 0
-        for line in lines:
-            if chunk and size + len(line) >= PIPE_BUF:
-                _write(chunk)
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line) + 1
-        if chunk:
-            _write(chunk)
+        """Hand the queued lines to stderr's writer (:class:`StderrWriter`)."""
+        if self._lines:
+            lines, self._lines = self._lines, []
+            STDERR.write("\n".join(lines) + "\n")
 
     async def flush_periodically(self) -> None:
-        """Flush every ``FLUSH_S`` until cancelled, then once more."""
+        """Flush every ``FLUSH_S`` until cancelled, then once more, and wait (on a thread) for
+        the lines to be written."""
         try:
             while True:
                 await asyncio.sleep(self.FLUSH_S)
                 self.flush()
         finally:
             self.flush()
+            await asyncio.to_thread(STDERR.drain)

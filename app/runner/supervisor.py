@@ -28,7 +28,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from app.config import Settings
 from app.errors import ConfigError
 from app.http.shutdown import draining
-from app.observability.logs import configure_logging
+from app.observability.logs import STDERR, configure_logging
 from app.observability.metrics import MULTIPROC_ENV
 
 if TYPE_CHECKING:
@@ -158,7 +158,10 @@ def _worker(
     def on_ready() -> None:
         ready.value = True
 
-    _server(app, settings, on_ready).run(sockets=[sock])
+    try:
+        _server(app, settings, on_ready).run(sockets=[sock])
+    finally:
+        STDERR.drain()  # a worker process ends with os._exit: no atexit hook runs
 
 
 @dataclass
