@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -80,10 +81,17 @@ class StderrWriter:
         self._busy = False
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.notice: Callable[[int], str] = lambda lines: (
-            f"WARNING {LOGS_LOGGER}: {lines} log line(s) dropped: stderr was not read"
-        )
+        self.notice: Callable[[int], str] = lambda lines: f"WARNING {LOGS_LOGGER}: {_lost(lines)}"
         """The line that tells how many lines were dropped (the configured format's)."""
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """A forked child has none of its parent's threads: its first write starts its own."""
+        self._waiting.clear()
+        self._held = self._dropped = 0
+        self._busy = False
+        self._ready = threading.Condition()
+        self._thread = None
 
     def write(self, text: str) -> None:
         """Queue ``text`` (whole lines) for stderr, or drop it when too much waits already."""
@@ -117,6 +125,10 @@ class StderrWriter:
                 self._held -= len(text)
                 self._busy = False
                 self._ready.notify_all()
+
+
+def _lost(lines: int) -> str:
+    return f"{lines} log line(s) dropped: stderr was not read"
 
 
 def _write(text: str) -> None:
@@ -158,11 +170,10 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     handler.setFormatter(formatter)
 
     def notice(lines: int) -> str:
-        message = f"{lines} log line(s) dropped: stderr was not read"
         record = logging.makeLogRecord(
             {"name": LOGS_LOGGER, "levelno": logging.WARNING, "levelname": "WARNING"}
         )
-        record.msg, record.request_id = message, "-"
+        record.msg, record.request_id = _lost(lines), "-"
         return formatter.format(record)
 
     STDERR.notice = notice
