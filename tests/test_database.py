@@ -123,16 +123,14 @@ def test_the_active_previous_and_bundled_versions_cannot_be_deleted(db: VersionD
     assert db.add_version("m", record(V4, source="bundled"), ACTOR)
     db.activate("m", V1, ACTOR)
     db.activate("m", V2, ACTOR)
-    dropped: list[str] = []
     for version, reason in [(V2, "is active"), (V1, "rollback target"), (V4, "bundled")]:
         with pytest.raises(VersionConflict, match=reason):
-            db.delete("m", version, ACTOR, dropped.append)
-    assert db.delete("m", V3, ACTOR, dropped.append).id == V3
+            db.delete("m", version, ACTOR)
+    assert db.delete("m", V3, ACTOR).id == V3
     with pytest.raises(VersionNotFound):
-        db.delete("m", V3, ACTOR, dropped.append)
+        db.delete("m", V3, ACTOR)
     assert sorted(r.id for r in db.versions("m")) == [V1, V2, V4]
     assert (db.history("m")[0].action, db.history("m")[0].from_version) == ("delete", V3)
-    assert dropped == [record(V3).sha256]
 
 
 def test_retention_keeps_the_newest_and_never_the_active_previous_or_bundled(
@@ -142,53 +140,40 @@ def test_retention_keeps_the_newest_and_never_the_active_previous_or_bundled(
     db.add_version("m", record("555555555555", "2026-11-01T00:00:00", "bundled"), ACTOR)
     db.activate("m", V2, ACTOR)
     db.activate("m", V1, ACTOR)  # the oldest two are active and previous
-    dropped: list[str] = []
-    removed = db.prune("m", keep=1, actor=ACTOR, drop_blob=dropped.append)
+    removed = db.prune("m", keep=1, actor=ACTOR)
     assert [r.id for r in removed] == [V3]
     assert sorted(r.id for r in db.versions("m")) == sorted([V1, V2, V4, "555555555555"])
     assert db.history("m")[0].action == "retention"
-    assert dropped == [record(V3).sha256]
 
 
 def test_bytes_another_version_holds_are_kept_and_dropped_with_the_last(
     db: VersionDatabase,
 ) -> None:
-    """Two models' versions of the same bytes (one blob): removing one keeps the bytes, by
-    delete or by retention; removing the last drops them, once."""
+    """Two models' versions of the same bytes (one blob): removing one keeps the bytes,
+    removing the last drops them, once."""
     stored(db, V1, V2, V3)
     db.activate("m", V1, ACTOR)
     same = record(V3)
     assert db.add_version("n", same, ACTOR)
     dropped: list[str] = []
-    db.delete("m", V3, ACTOR, dropped.append)
-    assert dropped == []
+    removed = db.delete("m", V3, ACTOR)
+    assert db.drop_unheld([removed.sha256], dropped.append) == []
     assert db.add_version("n", record(V4), ACTOR)
     db.activate("n", V4, ACTOR)
-    assert [r.id for r in db.prune("n", keep=0, actor=ACTOR, drop_blob=dropped.append)] == [V3]
+    shas = [r.sha256 for r in db.prune("n", keep=0, actor=ACTOR)]
+    assert shas == [same.sha256]
+    assert db.drop_unheld(shas * 2 + [record(V2).sha256], dropped.append) == [same.sha256]
     assert dropped == [same.sha256]
 
 
-def test_a_drop_that_fails_undoes_the_removal(db: VersionDatabase) -> None:
-    stored(db, V1, V2)
-    db.activate("m", V1, ACTOR)
-
-    def unreachable(sha256: str) -> None:
-        raise StateUnavailable(f"the blob store cannot delete {sha256}")
-
-    with pytest.raises(StateUnavailable):
-        db.delete("m", V2, ACTOR, unreachable)
-    with pytest.raises(StateUnavailable):
-        db.prune("m", keep=0, actor=ACTOR, drop_blob=unreachable)
-    assert sorted(r.id for r in db.versions("m")) == [V1, V2]
-    assert [e.action for e in db.history("m")] == ["activate", "upload", "upload"]
-
-
-def test_a_version_of_bytes_being_dropped_is_added_after_the_drop(url: str, tmp_path: Path) -> None:
-    """Replica A deletes the last version holding some bytes while replica B adds a version of
-    the same bytes to another model (so another model's lock). B cannot commit between A's
-    finding the bytes unheld and A's dropping them: it waits for A's transaction, then commits,
-    and storing its bytes again after its commit (as an upload does) puts them back. Without
-    the wait, B's version would be recorded while A drops the bytes it holds."""
+def test_a_version_of_bytes_being_dropped_is_recorded_after_the_drop(
+    url: str, tmp_path: Path
+) -> None:
+    """Replica A drops the bytes of the last version that held them while replica B records a
+    version of the same bytes for another model (so under another model's lock). B cannot
+    commit between A's finding the bytes unheld and A's dropping them: it waits for A's
+    transaction, then commits; an uploader stores its bytes again once it has committed, and
+    puts them back. Without the wait, B's version would be recorded while A drops its bytes."""
     a, b = VersionDatabase.open(url, tmp_path), VersionDatabase.open(url, tmp_path)
     a.migrate()
     stored(a, V1, V2)
@@ -197,7 +182,7 @@ def test_a_version_of_bytes_being_dropped_is_added_after_the_drop(url: str, tmp_
     added: queue.Queue[bool] = queue.Queue()
     held_while_dropping: list[bool] = []
 
-    def drop_while_b_adds(sha256: str) -> None:
+    def drop_while_b_records(sha256: str) -> None:
         assert sha256 == same.sha256
         threading.Thread(target=lambda: added.put(b.add_version("n", same, ACTOR))).start()
         try:
@@ -207,7 +192,8 @@ def test_a_version_of_bytes_being_dropped_is_added_after_the_drop(url: str, tmp_
             held_while_dropping.append(True)
 
     try:
-        a.delete("m", V2, ACTOR, drop_while_b_adds)
+        a.delete("m", V2, ACTOR)
+        assert a.drop_unheld([same.sha256], drop_while_b_records) == [same.sha256]
         assert added.get(timeout=30) is True
         assert held_while_dropping == [True]
         assert [r.id for r in b.versions("n")] == [V2]
@@ -268,7 +254,8 @@ def test_concurrent_writers_on_separate_connections_end_in_one_order(
                         mine = [v for _, v in acknowledged["added"] if v.startswith(f"{seed:06d}")]
                     if mine:
                         victim = rng.choice(mine)
-                        database.delete("m", victim, ACTOR, dropped.append)
+                        database.delete("m", victim, ACTOR)
+                        database.drop_unheld([record(victim).sha256], dropped.append)
                         with lock:
                             acknowledged["deleted"].append(("delete", victim))
             except (VersionConflict, VersionNotFound):

@@ -70,7 +70,12 @@ class StderrWriter:
     which only hands the text over. Up to HELD_BYTES wait; beyond, new text is dropped, and
     once stderr takes text again a line says how many lines were lost. The text goes out in
     writes of at most PIPE_BUF bytes that end at a line's end, so that the lines of several
-    worker processes sharing a pipe never interleave mid-line."""
+    worker processes sharing a pipe never interleave mid-line.
+
+    A caller may wait a little for its text to be written (:meth:`write`'s ``wait_s``), as the
+    log records do: while stderr keeps up, a record is out before the call returns (uvicorn's
+    last lines before it re-raises SIGTERM, an audit line before its answer); once a wait times
+    out, none waits again until stderr has taken text."""
 
     HELD_BYTES = 8 << 20
 
@@ -79,6 +84,8 @@ class StderrWriter:
         self._held = 0
         self._dropped = 0
         self._busy = False
+        self._stalled = False
+        """A wait for stderr timed out, and it has taken nothing since."""
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         self.notice: Callable[[int], str] = lambda lines: f"WARNING {LOGS_LOGGER}: {_lost(lines)}"
@@ -89,12 +96,13 @@ class StderrWriter:
         """A forked child has none of its parent's threads: its first write starts its own."""
         self._waiting.clear()
         self._held = self._dropped = 0
-        self._busy = False
+        self._busy = self._stalled = False
         self._ready = threading.Condition()
         self._thread = None
 
-    def write(self, text: str) -> None:
-        """Queue ``text`` (whole lines) for stderr, or drop it when too much waits already."""
+    def write(self, text: str, wait_s: float = 0.0) -> None:
+        """Queue ``text`` (whole lines) for stderr, or drop it when too much waits already;
+        then wait up to ``wait_s`` for it to be written, unless stderr has stalled."""
         with self._ready:
             if self._held + len(text) > self.HELD_BYTES:
                 self._dropped += text.count("\n")
@@ -105,12 +113,17 @@ class StderrWriter:
                 self._thread = threading.Thread(target=self._run, name="stderr", daemon=True)
                 self._thread.start()
             self._ready.notify()
+            if wait_s and not self._stalled and not self._ready.wait_for(self._written, wait_s):
+                self._stalled = True
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is written (or ``timeout`` passes); whether it
         was."""
         with self._ready:
-            return self._ready.wait_for(lambda: not self._waiting and not self._busy, timeout)
+            return self._ready.wait_for(self._written, timeout)
+
+    def _written(self) -> bool:
+        return not self._waiting and not self._busy
 
     def _run(self) -> None:
         while True:
@@ -123,7 +136,7 @@ class StderrWriter:
                 _write(text + (self.notice(dropped) + "\n" if dropped else ""))
             with self._ready:
                 self._held -= len(text)
-                self._busy = False
+                self._busy = self._stalled = False
                 self._ready.notify_all()
 
 
@@ -149,12 +162,16 @@ STDERR = StderrWriter()
 atexit.register(STDERR.drain, 2.0)
 
 
+RECORD_WAIT_S = 0.05
+"""How long a log record waits to be written while stderr keeps up."""
+
+
 class _StderrHandler(logging.Handler):
     """A logging handler that hands each formatted line to :data:`STDERR`."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            STDERR.write(self.format(record) + "\n")
+            STDERR.write(self.format(record) + "\n", RECORD_WAIT_S)
         except Exception:
             self.handleError(record)
 

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from app.errors import DigestMismatch, VersionConflict
+from app.errors import DigestMismatch, StateUnavailable, VersionConflict
 from app.serving.model import CPU, ServedModel, in_background
 from app.serving.runtime import ModelRuntime, check_acceptance, validation_report
 from app.state.database import Actor, Pointers
@@ -95,7 +95,7 @@ class VersionManager:
         await in_background(partial(self._store_blob, record, staged))
         created = await asyncio.to_thread(db.add_version, model.name, record, actor)
         # a delete of the same bytes (another replica's, another model's) may have dropped the
-        # blob before the record was added: once it is, no drop can (VersionDatabase.delete)
+        # blob before the record was added: once it is, no drop can (VersionDatabase.drop_unheld)
         await asyncio.to_thread(self._store_blob, record, staged)
         if activate:
             # the staged file is gone once this returns; the blob is named by the sha256
@@ -152,19 +152,30 @@ class VersionManager:
         """Delete a stored version that the database says is neither active nor previous."""
         model = self.model
         async with model.lock:
-            state = model.state
-            await asyncio.to_thread(state.db.delete, model.name, version, actor, state.blobs.delete)
+            record = await asyncio.to_thread(model.state.db.delete, model.name, version, actor)
             model.forget(version)
+            await asyncio.to_thread(self._drop_unheld, [record])
 
     async def _prune(self, actor: Actor) -> None:
         """Keep the newest ``keep_versions`` uploads (never the active or previous one)."""
-        model, state = self.model, self.model.state
+        model = self.model
         removed = await asyncio.to_thread(
-            state.db.prune, model.name, self.keep_versions, actor, state.blobs.delete
+            model.state.db.prune, model.name, self.keep_versions, actor
         )
         for record in removed:
             logger.info("model %s: retention removes version %s", model.name, record.id)
             model.forget(record.id)
+        if removed:
+            await asyncio.to_thread(self._drop_unheld, removed)
+
+    def _drop_unheld(self, removed: list[VersionRecord]) -> None:
+        """Drop the removed versions' bytes that no other version holds. The removal stands
+        whatever happens here: bytes the store could not drop are left (and logged)."""
+        state = self.model.state
+        try:
+            state.db.drop_unheld([record.sha256 for record in removed], state.blobs.delete)
+        except StateUnavailable as exc:
+            logger.error("model %s: bytes of removed versions left: %s", self.model.name, exc)
 
     def _store_blob(self, record: VersionRecord, staged: StagedUpload) -> None:
         # Kept as it is when it exists; else the staged file itself where it can be (it was

@@ -7,8 +7,8 @@ One implementation of the logic; what the two dialects write differently lives i
 (SQLite: ``BEGIN IMMEDIATE``, one writer at a time; PostgreSQL: a transaction-scoped advisory
 lock per model), then reads the state it decides on, so that two conflicting calls from two
 replicas end in one order and neither undoes the other. Versions of several models may hold the
-same bytes (one blob): adding such a version and dropping bytes no version holds any more also
-take that blob's lock (:meth:`VersionDatabase._drop_unheld`).
+same bytes (one blob): recording such a version and dropping bytes no version holds any more
+also take that blob's lock (:meth:`VersionDatabase.drop_unheld`).
 """
 
 from __future__ import annotations
@@ -259,11 +259,9 @@ class VersionDatabase:
                 raise VersionConflict(f"version {target} of {model!r} is already active")
             return self._move(run, model, current, target, "rollback", actor)
 
-    def delete(
-        self, model: str, version: str, actor: Actor, drop_blob: Callable[[str], None]
-    ) -> VersionRecord:
-        """Remove a stored version that is neither active nor previous (nor bundled), and its
-        bytes unless another version holds them (see :meth:`_drop_unheld`)."""
+    def delete(self, model: str, version: str, actor: Actor) -> VersionRecord:
+        """Remove a stored version that is neither active nor previous (nor bundled); its
+        bytes go with :meth:`drop_unheld`, once this has committed."""
         with self._write(model) as run:
             record = self._require(run, model, version)
             current = self._pointers(run, model, None)
@@ -276,15 +274,11 @@ class VersionDatabase:
                 raise VersionConflict("the bundled weights are part of the deployment; not deleted")
             run("DELETE FROM versions WHERE model = ? AND id = ?", model, version)
             _log(run, model, "delete", version, None, actor)
-            self._drop_unheld(run, [record.sha256], drop_blob)
         return record
 
-    def prune(
-        self, model: str, keep: int, actor: Actor, drop_blob: Callable[[str], None]
-    ) -> list[VersionRecord]:
+    def prune(self, model: str, keep: int, actor: Actor) -> list[VersionRecord]:
         """Remove the oldest uploaded versions beyond the newest ``keep`` (never the active or
-        the previous one), and their bytes that no other version holds; returns what was
-        removed."""
+        the previous one); returns what was removed (their bytes: :meth:`drop_unheld`)."""
         with self._write(model) as run:
             current = self._pointers(run, model, None)
             uploads = [
@@ -304,8 +298,24 @@ class VersionDatabase:
             for record in removed:
                 run("DELETE FROM versions WHERE model = ? AND id = ?", model, record.id)
                 _log(run, model, "retention", record.id, None, actor)
-            self._drop_unheld(run, [record.sha256 for record in removed], drop_blob)
         return removed
+
+    def drop_unheld(self, shas: list[str], drop_blob: Callable[[str], None]) -> list[str]:
+        """``drop_blob`` each of ``shas`` (the bytes of removed versions) that no version of any
+        model holds, each under its blob's lock, which recording a version also takes: a
+        version of the same bytes recorded meanwhile (by any replica, for any model) is either
+        seen here, and its bytes kept, or committed after the drop, and its uploader, storing
+        the bytes again once it has committed, puts them back. Called once the removal has
+        committed, so that no reader finds a version whose bytes are gone. Returns the sha256
+        of the bytes dropped."""
+        dropped = []
+        with self._transaction(None) as run:
+            for sha256 in sorted(set(shas)):  # one order: two transactions never wait in a cycle
+                self._lock_blob(run, sha256)
+                if not run("SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", sha256).fetchone():
+                    drop_blob(sha256)
+                    dropped.append(sha256)
+        return dropped
 
     def listen(self, on_change: Callable[[str], None]) -> Callable[[], None]:
         """Call ``on_change(model)`` from a thread of its own as soon as any process commits a
@@ -325,17 +335,6 @@ class VersionDatabase:
     def _lock_blob(self, run: _Run, sha256: str) -> None:
         if self.dialect.lock_blob is not None:
             run(self.dialect.lock_blob, sha256)
-
-    def _drop_unheld(self, run: _Run, removed: list[str], drop_blob: Callable[[str], None]) -> None:
-        """``drop_blob`` each of the ``removed`` versions' sha256 that no version (of any model)
-        holds any more, inside the transaction and under the blob's lock: a version of the same
-        bytes added meanwhile (by any replica, for any model) is either seen here, and its bytes
-        kept, or committed after this, and its uploader, storing the bytes again once it has
-        committed, finds them gone and puts them back. A failed drop undoes the removal."""
-        for sha256 in sorted(set(removed)):  # one order: two transactions never wait in a cycle
-            self._lock_blob(run, sha256)
-            if not run("SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", sha256).fetchone():
-                drop_blob(sha256)
 
     def _require(self, run: _Run, model: str, version: str) -> VersionRecord:
         row = run(_SELECT_VERSION, model, version).fetchone()
