@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 
 ON_LOOP_S = 0.001
 """The longest a batch may be expected to take (:meth:`DynamicBatcher._expected_s`) to run on
-the event loop's thread, on one intra-op thread. Waking the inference
-thread cost the loop a tenth of its time on `tiny` at 64 connections (a futex wake with the
-interpreter lock held), and each answer came back through a second wake-up. Longer forwards
-stay on the thread, so that the loop goes on reading requests meanwhile."""
+the event loop's thread, on one intra-op thread. Waking the inference thread cost the loop a
+tenth of its time on `tiny` at 64 connections (a futex wake with the interpreter lock held),
+and each answer came back through a second wake-up. Longer forwards stay on the thread, so that
+the loop goes on reading requests meanwhile."""
 IDLE_TRIM_S = 1.0
 """How long an inference thread waits with nothing to do before it gives the memory its
 forwards freed back to the system (app.serving.allocator)."""

@@ -51,9 +51,10 @@ class Dialect:
     lock_model: str | None
     """Takes the model's write lock inside the transaction (None: the transaction holds it)."""
     lock_blob: str | None
-    """Takes the lock of one blob (by its sha256) inside the transaction, after the model's:
-    adding a version that holds the bytes and dropping the bytes no version holds any more take
-    it, so that the two never interleave across models (None: the transaction holds it)."""
+    """Takes the lock of one blob (by its sha256) inside the transaction (after the model's,
+    where it takes one): recording a version that holds the bytes and dropping the bytes no
+    version holds any more take it, so that the two never interleave across models (None: the
+    transaction holds it)."""
     lock_migrations: str | None
     notify: str | None
     """Tells the listening replicas, at commit, that a model's pointers moved (None: they poll)."""
