@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     max_header_count: int = Field(default=100, ge=1)
     """Most header fields one request may carry; beyond, 431 and the connection is closed."""
 
+    client_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds a client has to send a whole request head, and the longest it may leave a
+    request body it is sending without a byte; beyond, 408 and the connection is closed. (A
+    connection that sends nothing is closed after uvicorn's keep-alive time, 5 s.)"""
+
     max_samples_per_request: int = Field(default=256, ge=1)
     """Most samples one predict request may carry (422 beyond)."""
 

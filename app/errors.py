@@ -82,6 +82,15 @@ class HeadTooLarge(ModelportError):
     default_headers: ClassVar[dict[str, str]] = {"Connection": "close"}
 
 
+class ClientTimeout(ModelportError):
+    """A client that did not finish sending its request head, or let its body stall, within
+    the client timeout."""
+
+    status = 408
+    code = "request_timeout"
+    default_headers: ClassVar[dict[str, str]] = {"Connection": "close"}
+
+
 class Unauthorized(ModelportError):
     """A credential is required and none (or a malformed one) was sent."""
 

@@ -1,6 +1,7 @@
 """Hostile input against real server processes on 127.0.0.1: request heads without end are
-refused with 431 before they cost memory, and a worker killed while serving (the kernel's OOM
-killer, say) is replaced however often it happens."""
+refused with 431 before they cost memory, connections that never finish a request are let go,
+and a worker killed while serving (the kernel's OOM killer, say) is replaced however often it
+happens."""
 
 from __future__ import annotations
 
@@ -177,6 +178,52 @@ def test_a_configured_header_cap_is_honoured(tmp_path: Path) -> None:
                 assert_refused_with_431(read_to_close(raw))
         small = httpx.get(f"{custom.url}/health/ready", headers={"X-Padding": "a" * 7000})
     assert small.status_code == 200
+
+
+def open_sockets(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir() if fd.exists())
+
+
+def test_connections_that_never_finish_a_request_are_let_go(tmp_path: Path) -> None:
+    """Slowloris: silent connections, heads dripped a field at a time, bodies stalled. Each
+    would have held a socket (and a file descriptor: enough of them and no client gets in)
+    for as long as the attacker liked; the server lets every one go and keeps serving."""
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config, env={"MODELPORT_CLIENT_TIMEOUT_S": "1"}) as custom:
+        address = ("127.0.0.1", custom.port)
+        pid = custom.process.pid
+        before = open_sockets(pid)
+        attackers = []
+        for index in range(150):
+            raw = socket.create_connection(address, timeout=10)
+            if index % 3 == 1:
+                raw.sendall(READY)  # a head, never ended
+            elif index % 3 == 2:
+                raw.sendall(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+            attackers.append(raw)
+        try:
+            wait_until(lambda: open_sockets(pid) >= before + 150, 10, "all connected")
+            began = time.monotonic()
+            while open_sockets(pid) > before and time.monotonic() - began < 30:
+                for raw in attackers[1::3]:  # the dripping heads keep sending
+                    with contextlib.suppress(OSError):
+                        raw.sendall(b"X-Drip: 1\r\n")
+                time.sleep(0.2)
+            assert open_sockets(pid) <= before, "connections still held after 30 s"
+            let_go = time.monotonic() - began
+            answers = [read_to_close(raw) for raw in attackers]
+        finally:
+            for raw in attackers:
+                raw.close()
+        body = {"inputs": [[0.0] * 10]}
+        predict = httpx.post(f"{custom.url}/v1/models/linear/predict", json=body)
+    assert predict.status_code == 200
+    assert let_go < 15  # the keep-alive time (5 s) of the silent ones, and the checks' lag
+    assert all(answer == b"" for answer in answers[0::3])  # silent: closed
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers[1::3])
+    assert all(b"HTTP/1.1 200" not in answer for answer in answers[2::3])
 
 
 def launcher_workers(pid: int) -> dict[int, int]:

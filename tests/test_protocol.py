@@ -1,7 +1,9 @@
 """The server's HTTP protocol (app.runner.protocol) on a real loopback socket: an app with its
 whole answer ready writes it at once through the scope's WHOLE_ANSWER extension, with the same
-keep-alive, pipelining, ``Connection: close`` and HEAD behaviour as uvicorn's two messages; and a
-connection is closed once it has been idle for the keep-alive time, not while it is in use."""
+keep-alive, pipelining, ``Connection: close`` and HEAD behaviour as uvicorn's two messages; a
+connection is closed once it has been idle for the keep-alive time, not while it is in use; and
+a client that does not finish its request head within the client timeout, or lets its body
+stall that long, is answered 408 and let go."""
 
 from __future__ import annotations
 
@@ -34,7 +36,11 @@ class Recorder:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await receive()
+        if scope["path"] == "/slow":
+            await asyncio.sleep(CLIENT_TIMEOUT_S * 2.5)  # the server's turn, however long
+        if scope["path"] != "/early":  # answered before its body is read
+            while (await receive()).get("more_body"):
+                pass
         write = scope.get("extensions", {}).get(WHOLE_ANSWER)
         self.offered.append(write is not None)
 
@@ -50,6 +56,7 @@ class Recorder:
 
 
 KEEP_ALIVE_S = 1.0
+CLIENT_TIMEOUT_S = 1.0
 
 
 @pytest.fixture
@@ -61,7 +68,7 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[Recorder, int]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    protocol = head_limited(65536, 100)
+    protocol = head_limited(65536, 100, client_timeout_s=CLIENT_TIMEOUT_S)
     config = uvicorn.Config(
         app,
         http=protocol,
@@ -199,3 +206,110 @@ def test_a_connection_the_client_closed_is_let_go_before_its_keep_alive_time(
         return sum(issubclass(type(thing), OneWriteHttpToolsProtocol) for thing in gc.get_objects())
 
     wait_until(lambda: protocols_alive() == 0, 10, "the closed connections let go")
+
+
+def read_until_closed(client: socket.socket, dripping: bytes = b"") -> tuple[bytes, float]:
+    """What the server sends until it closes ``client``, and when it closed (monotonic); while
+    the server says nothing, ``dripping`` (if any) is sent every tenth of a second."""
+    client.settimeout(0.1)
+    received = b""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            chunk = client.recv(65536)
+        except TimeoutError:
+            if dripping:
+                client.sendall(dripping)
+            continue
+        if not chunk:
+            return received, time.monotonic()
+        received += chunk
+    raise AssertionError(f"still open after 20 s, having sent {received[:200]!r}")
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time(
+    served: tuple[Recorder, int],
+) -> None:
+    _, port = served
+    opened = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        received, closed = read_until_closed(client)
+    assert received == b""
+    assert KEEP_ALIVE_S * 0.9 <= closed - opened < KEEP_ALIVE_S * 4
+
+
+def test_a_head_dripped_a_field_at_a_time_is_answered_408_once_the_client_timeout_passes(
+    served: tuple[Recorder, int],
+) -> None:
+    """Bytes keep coming, so the connection is not idle; the head's own clock runs out."""
+    app, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        began = time.monotonic()
+        client.sendall(b"POST /h HTTP/1.1\r\nHost: x\r\n")
+        received, closed = read_until_closed(client, dripping=b"X-Drip: 1\r\n")
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received[:300]
+    assert b"connection: close\r\n" in received.lower()
+    assert b'"code":"request_timeout"' in received.replace(b" ", b"")
+    assert CLIENT_TIMEOUT_S * 0.9 <= closed - began < (CLIENT_TIMEOUT_S + KEEP_ALIVE_S) * 3
+    assert app.offered == []  # the app never saw it
+
+
+def test_a_body_left_without_a_byte_for_the_client_timeout_is_let_go(
+    served: tuple[Recorder, int],
+) -> None:
+    app, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        stalled = time.monotonic()
+        received, closed = read_until_closed(client)
+    assert b"200 OK" not in received
+    assert CLIENT_TIMEOUT_S * 0.9 <= closed - stalled < CLIENT_TIMEOUT_S * 4
+    assert True not in app.whole  # the app was told the client left; its answer went nowhere
+
+
+def test_a_body_that_trickles_for_longer_than_the_client_timeout_is_read_and_answered(
+    served: tuple[Recorder, int],
+) -> None:
+    _, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"POST /t HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
+        for byte in b"trickled":  # 2.4 s in all, a byte every 0.3 s
+            time.sleep(CLIENT_TIMEOUT_S * 0.3)
+            client.sendall(bytes([byte]))
+        assert client.recv(65536).endswith(b"\r\n\r\nok /t")
+
+
+def test_an_answer_the_server_takes_longer_than_the_client_timeout_to_make_is_not_cut(
+    served: tuple[Recorder, int],
+) -> None:
+    _, port = served
+    received = exchange(port, b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 1)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert received.endswith(b"ok /slow")
+
+
+def test_a_connection_answered_before_its_body_ended_is_idle_once_the_body_ends(
+    served: tuple[Recorder, int],
+) -> None:
+    """The rest of the body is read (and dropped) as it comes; then the keep-alive time runs."""
+    _, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")
+        assert client.recv(65536).endswith(b"ok /early")
+        time.sleep(KEEP_ALIVE_S * 0.5)
+        client.sendall(b"cdef")  # the rest of the body
+        ended = time.monotonic()
+        received, closed = read_until_closed(client)
+    assert received == b""
+    assert KEEP_ALIVE_S * 0.9 <= closed - ended < KEEP_ALIVE_S * 4
+
+
+def test_empty_lines_dripped_before_any_request_do_not_hold_the_connection(
+    served: tuple[Recorder, int],
+) -> None:
+    """HTTP lets a client send empty lines before a request: they begin none, but its clock."""
+    _, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        began = time.monotonic()
+        _, closed = read_until_closed(client, dripping=b"\r\n")
+    assert CLIENT_TIMEOUT_S * 0.9 <= closed - began < (CLIENT_TIMEOUT_S + KEEP_ALIVE_S) * 3

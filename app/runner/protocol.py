@@ -9,7 +9,11 @@ the scope's ``extensions`` offer :meth:`OneWriteCycle.answer` under WHOLE_ANSWER
 
 It also bounds a request's head (uvicorn and httptools buffer one whole, however long): a head
 over ``max_header_bytes`` or with more than ``max_header_count`` fields is answered 431 and the
-connection closed, without reading the rest. Everything else is uvicorn's own code.
+connection closed, without reading the rest. And it bounds the time a client holds a
+connection without finishing a request (uvicorn waits for one forever): a connection that
+sends nothing is closed after the keep-alive time, a head not whole within
+``client_timeout_s`` or a body left that long without a byte is answered 408 and closed.
+Everything else is uvicorn's own code.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, cast
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from app.errors import HeadTooLarge
+from app.errors import ClientTimeout, HeadTooLarge
 from app.http.answers import WHOLE_ANSWER, error_answer, raw_headers
 from app.http.endpoint import InferenceEndpoint
 from app.runner.lane import LaneCycle, answer_head
@@ -117,8 +121,22 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _header_count = 0
     _refused: str | None = None
     """Why the head was refused, once it is."""
+    client_timeout_s: float = 30.0
     _idle_since: float | None = None
-    """When the connection last fell idle after an answer (None: a request is in progress)."""
+    """When the connection was opened or last fell idle after an answer (None: busy)."""
+    _heard = 0.0
+    """When bytes last came."""
+    _head_since: float | None = None
+    """When the head being received began (None: no head in progress)."""
+    _body_open = False
+    """Whether a request's head is whole and its body not yet."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """As uvicorn's, and the connection's timer armed: it sees to the client's turns (see
+        :meth:`timeout_keep_alive_handler`) until the connection is lost."""
+        super().connection_made(transport)
+        self._idle_since = self.loop.time()
+        self._keep_alive_for(self.timeout_keep_alive)
 
     def data_received(self, data: bytes) -> None:
         rest = memoryview(data)
@@ -139,7 +157,14 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._send_431()
 
     def _unset_keepalive_if_required(self) -> None:
-        self._idle_since = None  # busy: the keep-alive timer, if armed, finds it so when it fires
+        """Bytes came (uvicorn calls this first): the connection is busy, the timer finds it so
+        when it fires, and a head begins with the first bytes after an idle spell (unless they
+        are the rest of a body answered before it ended)."""
+        self._heard = self.loop.time()
+        if self._idle_since is not None:
+            self._idle_since = None
+            if not self._body_open:
+                self._head_since = self._heard
 
     def connection_lost(self, exc: Exception | None) -> None:
         """As uvicorn's, and the keep-alive timer cancelled, which uvicorn's does through
@@ -169,14 +194,42 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._keep_alive_for(self.timeout_keep_alive)
 
     def timeout_keep_alive_handler(self) -> None:
+        """The connection's one timer. It closes the connection idle for the keep-alive time,
+        and times out a head not whole within ``client_timeout_s`` of its first byte or a body
+        the server is reading that got no byte for as long; otherwise it fires again when the
+        next of those could be due (while the server computes an answer, a timeout later)."""
         self.timeout_keep_alive_task = None
-        if self._idle_since is None:
-            return  # busy: armed again once its answer is out
-        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
-        if left > 0:
-            self._keep_alive_for(left)
-        elif not self.transport.is_closing():
-            self.transport.close()
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._idle_since is not None:
+            left = self._idle_since + self.timeout_keep_alive - now
+            if left <= 0:
+                self.transport.close()
+                return
+        elif self._head_since is not None:
+            left = self._head_since + self.client_timeout_s - now
+            if left <= 0:
+                self._time_out("request head not whole")
+                return
+        elif self._body_open and not self.flow.read_paused:
+            left = self._heard + self.client_timeout_s - now
+            if left <= 0:
+                self._time_out("request body stalled, not a byte")
+                return
+        else:
+            left = self.client_timeout_s
+        self._keep_alive_for(left)
+
+    def _time_out(self, what: str) -> None:
+        """Answer 408 (unless an answer on the connection is under way) and close."""
+        reason = f"{what} within {self.client_timeout_s:g} s"
+        logger.warning("%s from %s: closed", reason, self.client)
+        if self.cycle is None or self.cycle.response_complete:
+            status, body, headers = error_answer(ClientTimeout(reason), "")
+            all_headers = [*self.server_state.default_headers, *raw_headers(headers)]
+            self.transport.writelines((answer_head(status, all_headers, len(body), False), body))
+        self.transport.close()
 
     def _keep_alive_for(self, seconds: float) -> None:
         handler = self.timeout_keep_alive_handler
@@ -189,6 +242,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        if self._head_since is None:  # a request after one in the same read: its head begins
+            self._head_since = self._heard
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -210,6 +265,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._raw_head_bytes = 0
+        self._head_since = None
+        self._body_open = True
         if self.lane is not None and self._on_lane(self.lane):
             return
         self._open_scope()
@@ -232,6 +289,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._raw_head_bytes = 0
+        self._body_open = False
+        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            self._idle_since = self._heard  # answered before its body ended: idle from here
         cycle = self.cycle
         if isinstance(cycle, LaneCycle):
             cycle.end()
@@ -306,10 +366,13 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
 
 def head_limited(
-    max_header_bytes: int, max_header_count: int, lane: InferenceEndpoint | None = None
+    max_header_bytes: int,
+    max_header_count: int,
+    lane: InferenceEndpoint | None = None,
+    client_timeout_s: float = OneWriteHttpToolsProtocol.client_timeout_s,
 ) -> type[OneWriteHttpToolsProtocol]:
-    """The protocol class with these head limits, and the requests to ``lane``'s inference
-    paths taken on the lane, for ``uvicorn.Config(http=...)``."""
+    """The protocol class with these head limits and client timeout, and the requests to
+    ``lane``'s inference paths taken on the lane, for ``uvicorn.Config(http=...)``."""
 
     class HeadLimitedProtocol(OneWriteHttpToolsProtocol):
         pass
@@ -317,4 +380,5 @@ def head_limited(
     HeadLimitedProtocol.max_header_bytes = max_header_bytes
     HeadLimitedProtocol.max_header_count = max_header_count
     HeadLimitedProtocol.lane = lane
+    HeadLimitedProtocol.client_timeout_s = client_timeout_s
     return HeadLimitedProtocol

@@ -89,7 +89,12 @@ def _server(
     add_grpc_door(app, settings)  # the app's lifespan opens it (not an app in a test's process)
     config = uvicorn.Config(
         app,
-        http=head_limited(settings.max_header_bytes, settings.max_header_count, _lane(app)),
+        http=head_limited(
+            settings.max_header_bytes,
+            settings.max_header_count,
+            _lane(app),
+            settings.client_timeout_s,
+        ),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
