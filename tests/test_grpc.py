@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -453,6 +454,31 @@ def _holding(pids: list[int], port: int, state: str) -> set[int]:
     """Those of ``pids`` that hold a socket on ``port`` in ``state``."""
     sockets = _sockets_on(port)
     return {pid for pid in pids if any(sockets.get(i) == state for i in _socket_inodes(pid))}
+
+
+def _established(pid: int, port: int) -> int:
+    """How many connections ``pid`` holds open on ``port``."""
+    sockets = _sockets_on(port)
+    return sum(sockets.get(inode) == ESTABLISHED for inode in _socket_inodes(pid))
+
+
+def test_connections_that_never_handshake_or_stay_idle_are_let_go(tmp_path: Path) -> None:
+    """A socket that never speaks HTTP/2 was held a minute, a channel with no call for ever:
+    each a socket and a file descriptor the client chose to keep. Both go after the client
+    timeout, and the channel's next call connects again."""
+    with serve(tmp_path, MODELPORT_CLIENT_TIMEOUT_S="1") as served:
+        port, pid = int(served.target.rsplit(":", 1)[1]), served.process.process.pid
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=20) as silent,
+            grpc.insecure_channel(served.target) as channel,
+        ):
+            grpc.channel_ready_future(channel).result(timeout=10)
+            wait_until(lambda: _established(pid, port) == 2, 10, "both connected")
+            wait_until(lambda: _established(pid, port) == 0, 15, "both let go")
+            while silent.recv(65536):  # the server's settings and goodbye, then the end
+                pass
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
 
 
 def test_two_workers_both_answer_on_the_one_grpc_port(tmp_path: Path) -> None:

@@ -149,6 +149,11 @@ class GrpcServer:
                 # the REST door's bounds: a larger message is RESOURCE_EXHAUSTED before it is read
                 ("grpc.max_receive_message_length", self.settings.max_body_bytes),
                 ("grpc.max_metadata_size", self.settings.max_header_bytes),
+                # the REST door's client timeout: a connection that has not finished its HTTP/2
+                # handshake by then is dropped, and one with no call for as long is sent GOAWAY
+                # (clients reconnect for their next call): neither holds a socket for ever
+                ("grpc.server_handshake_timeout_ms", round(self.settings.client_timeout_s * 1000)),
+                ("grpc.max_connection_idle_ms", round(self.settings.client_timeout_s * 1000)),
                 # the workers of one launcher bind the same port, as their REST sockets do, and the
                 # kernel spreads the connections; one process alone fails on a port in use, as
                 # uvicorn does, rather than silently share it with another server
