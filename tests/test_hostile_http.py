@@ -180,6 +180,31 @@ def test_a_configured_header_cap_is_honoured(tmp_path: Path) -> None:
     assert small.status_code == 200
 
 
+def test_requests_pipelined_and_never_read_cost_no_memory(server: ServerProcess) -> None:
+    """Clients that write requests back to back and never read an answer: the server reads
+    no further than a bounded few per connection, whatever they send (uvicorn's took every
+    request of each read: 20 such clients grew it by ~590 MiB)."""
+    requests = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 100_000  # 3.8 MB
+    clients = []
+    with PeakRss(server.process.pid) as peak:
+        try:
+            for _ in range(20):
+                raw = socket.socket()
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers pile up
+                raw.connect(("127.0.0.1", server.port))
+                raw.setblocking(False)
+                with contextlib.suppress(BlockingIOError):  # until the server reads no more
+                    raw.sendall(requests)
+                clients.append(raw)
+            time.sleep(1)  # the server answers what it took, then nothing
+        finally:
+            for raw in clients:
+                raw.close()
+    print(f"peak RSS growth {peak.growth_mib:.1f} MiB")
+    assert peak.growth_mib < MAX_GROWTH_MIB
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
 def open_sockets(pid: int) -> int:
     """How many sockets process ``pid`` holds open."""
     fds = Path(f"/proc/{pid}/fd")

@@ -313,3 +313,21 @@ def test_empty_lines_dripped_before_any_request_do_not_hold_the_connection(
         began = time.monotonic()
         _, closed = read_until_closed(client, dripping=b"\r\n")
     assert CLIENT_TIMEOUT_S * 0.9 <= closed - began < (CLIENT_TIMEOUT_S + KEEP_ALIVE_S) * 3
+
+
+def test_requests_pipelined_past_the_bound_are_not_read_and_the_waiting_ones_are_answered(
+    served: tuple[Recorder, int],
+) -> None:
+    """uvicorn took every request of a read at once, each holding its head and cycle until
+    its turn; a client that never reads its answers made the server hold ~30 MB for 4 MB."""
+    _, port = served
+    waiting = OneWriteHttpToolsProtocol.MAX_PIPELINED
+    requests = b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(waiting + 50))
+    received = until_closed(port, requests)
+    answers = received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 + waiting  # the one being answered and those waiting behind it
+    for index, answer in enumerate(answers):
+        assert answer.startswith(b"200 OK\r\n")
+        assert answer.endswith(b"ok /p%d" % index)
+    assert b"connection: close\r\n" in answers[-1]
+    assert all(b"connection: close" not in answer for answer in answers[:-1])

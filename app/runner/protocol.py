@@ -7,6 +7,10 @@ message and goes out with it, which served a trivial app 20% faster on one worke
 its whole answer ready (the lean inference path) can skip the two messages and their checks:
 the scope's ``extensions`` offer :meth:`OneWriteCycle.answer` under WHOLE_ANSWER.
 
+It bounds the requests a client may pipeline: past ``MAX_PIPELINED`` waiting behind the one
+being answered, nothing more of the connection is read, the waiting ones are answered and the
+connection closed (each held its head and cycle; uvicorn took every request of a 256 KiB
+read at once, ~30 MB of server memory for 4 MB of requests whose answers were never read).
 It also bounds a request's head (uvicorn and httptools buffer one whole, however long): a head
 over ``max_header_bytes`` or with more than ``max_header_count`` fields is answered 431 and the
 connection closed, without reading the rest. And it bounds the time a client holds a
@@ -94,8 +98,9 @@ class OneWriteCycle(RequestResponseCycle):
             self.transport = self.transport.release()
 
 
-class _HeadTooLarge(Exception):
-    """Raised from a parser callback to stop parsing a head over the limits."""
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing: a head over the limits, or one request
+    more than the pipeline holds."""
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
@@ -111,6 +116,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """
 
     max_header_bytes: int = 64 * 1024
+    MAX_PIPELINED = 32
+    """Requests that may wait behind the one being answered on a connection."""
     max_header_count: int = 100
     lane: InferenceEndpoint | None = None
     """The endpoint of the requests taken on the lane, if any."""
@@ -120,6 +127,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _header_count = 0
     _refused: str | None = None
+    _pipeline_full = False
+    """Whether a request came past MAX_PIPELINED: nothing more is read, the connection closes
+    once the waiting requests are answered."""
     """Why the head was refused, once it is."""
     client_timeout_s: float = 30.0
     _idle_since: float | None = None
@@ -139,8 +149,12 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._keep_alive_for(self.timeout_keep_alive)
 
     def data_received(self, data: bytes) -> None:
+        if self._pipeline_full:
+            return  # requests past the ones waiting are not read (an app's receive resumes)
         rest = memoryview(data)
-        while rest and self._refused is None and not self.transport.is_closing():
+        while rest and self._refused is None and not self._pipeline_full:
+            if self.transport.is_closing():
+                return
             protocol = self.transport.get_protocol()
             if protocol is not self:  # upgraded to a WebSocket: the rest is its
                 cast(asyncio.Protocol, protocol).data_received(bytes(rest))
@@ -153,7 +167,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             super().data_received(piece)  # type: ignore[arg-type]
             if self._raw_head_bytes >= self.max_header_bytes:
                 self._refuse(f"request head over {self.max_header_bytes} bytes")
-        if self._refused is not None and not self.transport.is_closing():
+        if self._pipeline_full:  # the rest is dropped; the last request waiting ends it
+            self.flow.pause_reading()
+            self.pipeline[0][0].keep_alive = False
+        elif self._refused is not None and not self.transport.is_closing():
             self._send_431()
 
     def _unset_keepalive_if_required(self) -> None:
@@ -255,7 +272,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._header_count += 1
         if self._header_count > self.max_header_count:
             self._refuse(f"request head with over {self.max_header_count} header fields")
-            raise _HeadTooLarge
+            raise _StopParsing
         self._count(len(name) + len(value) + 4)  # ": " and CRLF
         name = name.lower()
         value = value.rstrip(b" \t")
@@ -266,6 +283,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._raw_head_bytes = 0
         self._head_since = None
+        if len(self.pipeline) >= self.MAX_PIPELINED:
+            self._pipeline_full = True
+            raise _StopParsing
         self._body_open = True
         if self.lane is not None and self._on_lane(self.lane):
             return
@@ -342,15 +362,15 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
 
     def send_400_response(self, msg: str) -> None:
-        if self._refused is None:
+        if self._refused is None and not self._pipeline_full:
             super().send_400_response(msg)
-        # else: a callback stopped the parser on purpose; data_received answers 431
+        # else: a callback stopped the parser on purpose; data_received takes it from there
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
             self._refuse(f"request head over {self.max_header_bytes} bytes")
-            raise _HeadTooLarge  # stops the parser: nothing more of this connection is read
+            raise _StopParsing  # stops the parser: nothing more of this connection is read
 
     def _refuse(self, reason: str) -> None:
         if self._refused is None:
