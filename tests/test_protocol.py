@@ -8,6 +8,7 @@ stall that long, is answered 408 and let go."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import threading
@@ -51,12 +52,14 @@ class Recorder:
 
         if write is not None:
             scope["extensions"] = {WHOLE_ANSWER: recording}
-        body = f"ok {scope['path']}".encode()
+        body = BIG if scope["path"] == "/big" else f"ok {scope['path']}".encode()
         await send_answer(scope, send, 200, body, {"content-type": "text/plain"})
 
 
 KEEP_ALIVE_S = 1.0
 CLIENT_TIMEOUT_S = 1.0
+BIG = b"x" * (16 * 1024 * 1024)
+"""An answer larger than the kernel's buffers of a loopback connection hold."""
 
 
 @pytest.fixture
@@ -331,3 +334,25 @@ def test_requests_pipelined_past_the_bound_are_not_read_and_the_waiting_ones_are
         assert answer.endswith(b"ok /p%d" % index)
     assert b"connection: close\r\n" in answers[-1]
     assert all(b"connection: close" not in answer for answer in answers[:-1])
+
+
+@pytest.mark.parametrize("closing", [b"", b"Connection: close\r\n"], ids=["open", "closing"])
+def test_a_client_that_does_not_take_its_answer_is_dropped_with_what_was_buffered_for_it(
+    served: tuple[Recorder, int], closing: bytes
+) -> None:
+    """An answer the client does not read stays in the server's buffer: kept for as long as
+    the client liked (also once the server had closed its side), a few such clients held any
+    amount of the server's memory."""
+    _, port = served
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with client:
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n" + closing + b"\r\n")
+        time.sleep(CLIENT_TIMEOUT_S * 4)  # not reading: the server's clock runs meanwhile
+        client.settimeout(5)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := client.recv(1024 * 1024):
+                received += len(chunk)
+    assert 0 < received < len(BIG)

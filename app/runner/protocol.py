@@ -14,9 +14,10 @@ read at once, ~30 MB of server memory for 4 MB of requests whose answers were ne
 It also bounds a request's head (uvicorn and httptools buffer one whole, however long): a head
 over ``max_header_bytes`` or with more than ``max_header_count`` fields is answered 431 and the
 connection closed, without reading the rest. And it bounds the time a client holds a
-connection without finishing a request (uvicorn waits for one forever): a connection that
-sends nothing is closed after the keep-alive time, a head not whole within
-``client_timeout_s`` or a body left that long without a byte is answered 408 and closed.
+connection without finishing a request, or without taking its answers (uvicorn waits for
+either forever): a connection that sends nothing is closed after the keep-alive time, a head
+not whole within ``client_timeout_s`` is answered 408 and closed, a body left that long without
+a byte is closed, and answers left that long unread are dropped with the connection.
 Everything else is uvicorn's own code.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import urllib.parse
 from typing import Any, cast
 
@@ -140,6 +142,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """When the head being received began (None: no head in progress)."""
     _body_open = False
     """Whether a request's head is whole and its body not yet."""
+    _write_paused_since: float | None = None
+    """Since when the client has taken its answers slower than they come (None: it keeps up)."""
+    _closing_since: float | None = None
+    """When the timer first found the connection closing but not yet lost (answers buffered)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """As uvicorn's, and the connection's timer armed: it sees to the client's turns (see
@@ -210,15 +216,38 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive_task is None:
             self._keep_alive_for(self.timeout_keep_alive)
 
+    def pause_writing(self) -> None:
+        """As uvicorn's: the client takes answers slower than they come; and its clock runs."""
+        super().pause_writing()
+        self._write_paused_since = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_paused_since = None
+
     def timeout_keep_alive_handler(self) -> None:
-        """The connection's one timer. It closes the connection idle for the keep-alive time,
-        and times out a head not whole within ``client_timeout_s`` of its first byte or a body
-        the server is reading that got no byte for as long; otherwise it fires again when the
-        next of those could be due (while the server computes an answer, a timeout later)."""
+        """The connection's one timer, until the connection is lost. It closes the connection
+        idle for the keep-alive time; times out a head not whole within ``client_timeout_s``
+        of its first byte, or a body the server is reading that got no byte for as long; and
+        drops, answers buffered and all, a connection whose client took none of its answers
+        for as long (the transport's buffer past its high-water mark, or a close waiting for a
+        buffer to be read). Otherwise it fires again when the next of those could be due."""
         self.timeout_keep_alive_task = None
-        if self.transport.is_closing():
-            return
         now = self.loop.time()
+        if self.transport.is_closing():
+            if self._closing_since is None:
+                self._closing_since = now
+            elif now - self._closing_since >= self.client_timeout_s:
+                self._drop("closed, its last answers not taken")
+                return
+            self._keep_alive_for(self._closing_since + self.client_timeout_s - now)
+            return
+        taking = math.inf  # how long the client has left to take a buffered answer
+        if self._write_paused_since is not None:
+            taking = self._write_paused_since + self.client_timeout_s - now
+            if taking <= 0:
+                self._drop("answers not taken")
+                return
         if self._idle_since is not None:
             left = self._idle_since + self.timeout_keep_alive - now
             if left <= 0:
@@ -236,7 +265,12 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
                 return
         else:
             left = self.client_timeout_s
-        self._keep_alive_for(left)
+        self._keep_alive_for(min(left, taking))
+
+    def _drop(self, what: str) -> None:
+        """Abort the connection: what it has buffered goes, unsent."""
+        logger.warning("%s within %g s by %s: dropped", what, self.client_timeout_s, self.client)
+        self.transport.abort()
 
     def _time_out(self, what: str) -> None:
         """Answer 408 (unless an answer on the connection is under way) and close."""
