@@ -5,6 +5,7 @@ the message size bound, metrics, workers and draining. No JSON on the gRPC path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import filecmp
 import importlib.util
@@ -53,6 +54,7 @@ from tests.helpers import (
     ROOT,
     SAMPLE,
     TOKEN,
+    PeakRss,
     ServerProcess,
     free_port,
     linear_weights,
@@ -479,6 +481,36 @@ def test_connections_that_never_handshake_or_stay_idle_are_let_go(tmp_path: Path
                 pass
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+
+async def _calls_without_a_message(target: str, count: int) -> None:
+    """``count`` calls on one channel that send their headers and never a message; cancelled
+    after two seconds."""
+    never = asyncio.Event()
+
+    async def nothing() -> Any:
+        await never.wait()
+        yield b""
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        infer = channel.stream_unary(f"/{SERVICE}/ModelInfer")
+        calls = [infer(nothing()) for _ in range(count)]
+        await asyncio.sleep(2)
+        for call in calls:
+            call.cancel()
+
+
+def test_calls_that_never_send_their_message_cost_no_memory(served: Served) -> None:
+    """Unbounded, each stream a client opened cost the server ~8 KiB until the client let it
+    go: 5,000 from one connection, ~40 MiB. At most 100 are open on a connection; the client's
+    others wait for a free stream, in the client."""
+    with PeakRss(served.process.process.pid) as peak:
+        asyncio.run(_calls_without_a_message(served.target, 5_000))
+    print(f"peak RSS growth {peak.growth_mib:.1f} MiB")
+    assert peak.growth_mib < 16
+    with grpc.insecure_channel(served.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
 
 
 def test_two_workers_both_answer_on_the_one_grpc_port(tmp_path: Path) -> None:

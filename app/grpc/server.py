@@ -40,6 +40,11 @@ from app.serving.inference import InferenceService
 
 logger = logging.getLogger(__name__)
 
+MAX_CALLS_PER_CONNECTION = 100
+"""Calls in flight on one gRPC connection; a client's next ones wait for a free stream."""
+MAX_CONNECTION_AGE_S = 600
+"""After it, a connection is sent GOAWAY (its client connects again, maybe to another
+replica behind a load balancer); its calls in flight have the grace to finish."""
 DRAIN_POLL_S = 0.1
 """How often the server looks at the draining flag (uvicorn looks at its own as often)."""
 
@@ -144,6 +149,8 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind the port and serve (RuntimeError naming the address when it cannot bind)."""
+        client_ms = round(self.settings.client_timeout_s * 1000)
+        answer_ms = round(self.settings.request_timeout_s * 1000)
         server = grpc.aio.server(
             options=[
                 # the REST door's bounds: a larger message is RESOURCE_EXHAUSTED before it is read
@@ -152,8 +159,14 @@ class GrpcServer:
                 # the REST door's client timeout: a connection that has not finished its HTTP/2
                 # handshake by then is dropped, and one with no call for as long is sent GOAWAY
                 # (clients reconnect for their next call): neither holds a socket for ever
-                ("grpc.server_handshake_timeout_ms", round(self.settings.client_timeout_s * 1000)),
-                ("grpc.max_connection_idle_ms", round(self.settings.client_timeout_s * 1000)),
+                ("grpc.server_handshake_timeout_ms", client_ms),
+                ("grpc.max_connection_idle_ms", client_ms),
+                # calls in flight on one connection, as HTTP/2 recommends at least (unbounded, a
+                # client opened thousands that sent their headers and never a message, ~8 KiB
+                # each); and no call outlives its connection's age by more than an answer's time
+                ("grpc.max_concurrent_streams", MAX_CALLS_PER_CONNECTION),
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
+                ("grpc.max_connection_age_grace_ms", client_ms + answer_ms),
                 # the workers of one launcher bind the same port, as their REST sockets do, and the
                 # kernel spreads the connections; one process alone fails on a port in use, as
                 # uvicorn does, rather than silently share it with another server
