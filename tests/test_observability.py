@@ -408,3 +408,43 @@ def test_text_beyond_what_may_wait_is_dropped_and_counted_once_stderr_reads_agai
     lines = received.decode().splitlines()
     assert lines[:712] == ["x" * 99] * 712
     assert lines[712:] == ["WARNING app.logs: 100 log line(s) dropped: stderr was not read"]
+
+
+FORGED = "2026-12-06 07:00:00,000 WARNING app.security [-] forged"
+
+
+@pytest.mark.process
+def test_a_path_with_control_characters_cannot_forge_log_lines(tmp_path: Path) -> None:
+    """A client's path percent-encodes a newline and a log line after it, a carriage return
+    and a terminal's escape: the server decodes them, and wrote them raw into the text log."""
+    config = write_config(tmp_path, LINEAR)
+    hostile = [
+        "/v1/models/x%0A" + FORGED.replace(" ", "%20") + "/predict",
+        "/nothing%0D%1B%5B31mred%E2%80%A8",
+    ]
+    with run_server(tmp_path, config) as server:
+        for path in hostile:
+            assert httpx.post(f"{server.url}{path}", json={}).status_code == 404
+        wait_until(lambda: server.output().count("/nothing") == 1, 10, "the access lines")
+        output = server.output()
+    lines = output.splitlines()
+    assert not any(line.startswith(FORGED) for line in lines)
+    assert any(f"POST /v1/models/x\\n{FORGED}/predict 404 " in line for line in lines)
+    assert any("/nothing\\r\\x1b[31mred\\u2028 404" in line for line in lines)
+    assert "\x1b" not in output
+    assert "\r" not in output
+
+
+def test_a_log_record_of_a_client_s_text_stays_one_line_with_its_traceback_after_it(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("info")
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        logging.getLogger("app.test").exception("refused %r then %s", "a\nb", "c\nd\x1b")
+    STDERR.drain()
+    err = capfd.readouterr().err
+    first, *traceback = err.splitlines()
+    assert first.endswith("app.test [-] refused 'a\\nb' then c\\nd\\x1b")
+    assert traceback[0] == "Traceback (most recent call last):"

@@ -39,6 +39,28 @@ _RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {
 }
 
 
+def printable(text: str) -> str:
+    """``text`` with its unprintable characters (newline, carriage return, a terminal's escape,
+    Unicode's line separators) written as escapes (``\\n``, ``\\x1b``): a line cannot hold
+    text a client chose (a request path, say) that forges the next line or drives the terminal
+    of whoever reads the log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` lines, each record's message made :func:`printable` (an exception's
+    traceback still follows it on its own lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 class RequestIdFilter(logging.Filter):
     """Stamps every record with the current request id."""
 
@@ -183,7 +205,7 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Route the service's and uvicorn's loggers to stderr in the chosen format."""
     handler = _StderrHandler()
     handler.addFilter(RequestIdFilter())
-    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     handler.setFormatter(formatter)
 
     def notice(lines: int) -> str:
@@ -226,7 +248,7 @@ class AccessLog:
         self, method: str, path: str, status: str, elapsed_ms: float, client: str, rid: str
     ) -> None:
         """Queue the line of one answered request."""
-        message = f'{method} {path} {status} {elapsed_ms:.1f}ms "{client}"'
+        message = f'{method} {printable(path)} {status} {elapsed_ms:.1f}ms "{client}"'
         now = time.time()
         if self._json:
             entry = {
