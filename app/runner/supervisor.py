@@ -80,9 +80,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _server(
+def server_for(
     app: FastAPI, settings: Settings, on_ready: Callable[[], None] | None = None
 ) -> DrainingServer:
+    """uvicorn with the service's protocol, limits and gRPC door, serving ``app``; ``on_ready``
+    is called once it listens."""
     from app.grpc.server import add_grpc_door  # torch: not in the supervisor
     from app.runner.protocol import head_limited
 
@@ -118,7 +120,7 @@ def run(settings: Settings, app: FastAPI | None) -> int:
     ``settings``, and a config error one of them meets is raised here (ConfigError) once they
     have all stopped."""
     if app is not None:
-        _server(app, settings).run()
+        server_for(app, settings).run()
         return 0
     with tempfile.TemporaryDirectory(prefix="modelport-metrics-") as metrics_dir:
         # The workers share their metrics through this folder. prometheus_client reads it from
@@ -164,7 +166,7 @@ def _worker(
         ready.value = True
 
     try:
-        _server(app, settings, on_ready).run(sockets=[sock])
+        server_for(app, settings, on_ready).run(sockets=[sock])
     finally:
         STDERR.drain()  # a worker process ends with os._exit: no atexit hook runs
 
