@@ -356,3 +356,21 @@ def test_a_client_that_does_not_take_its_answer_is_dropped_with_what_was_buffere
             while chunk := client.recv(1024 * 1024):
                 received += len(chunk)
     assert 0 < received < len(BIG)
+
+
+def test_a_connection_upgraded_to_a_websocket_is_left_to_its_protocol(
+    served: tuple[Recorder, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app takes no WebSocket (uvicorn refuses it) and the connection closes through the
+    WebSocket protocol; the HTTP protocol's timer, still running, took it for a client that had not
+    read its last answer and logged it dropped."""
+    _, port = served
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(upgrade)
+        assert client.recv(65536).startswith(b"HTTP/1.1 5")  # the app did not accept it
+        time.sleep(KEEP_ALIVE_S + CLIENT_TIMEOUT_S * 2.5)  # the timer's fires, had it kept on
+    assert not [r for r in caplog.records if r.name == "app.runner.protocol"]

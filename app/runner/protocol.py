@@ -233,6 +233,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         for as long (the transport's buffer past its high-water mark, or a close waiting for a
         buffer to be read). Otherwise it fires again when the next of those could be due."""
         self.timeout_keep_alive_task = None
+        if self.transport.get_protocol() is not self:
+            return  # upgraded to a WebSocket: the connection is its protocol's now
         now = self.loop.time()
         if self.transport.is_closing():
             if self._closing_since is None:
