@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     request body it is sending without a byte; beyond, 408 and the connection is closed. (A
     connection that sends nothing is closed after uvicorn's keep-alive time, 5 s.)"""
 
+    max_connections: int = Field(default=4096, ge=1)
+    """Connections one worker holds (at most half its file-descriptor limit); past it, the
+    tenth of them that waited longest for their client (idle, or a head not whole) are closed."""
+
     max_samples_per_request: int = Field(default=256, ge=1)
     """Most samples one predict request may carry (422 beyond)."""
 

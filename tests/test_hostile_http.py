@@ -251,6 +251,24 @@ def test_connections_that_never_finish_a_request_are_let_go(tmp_path: Path) -> N
     assert all(b"HTTP/1.1 200" not in answer for answer in answers[2::3])
 
 
+def test_a_flood_of_silent_connections_never_keeps_the_next_client_out(tmp_path: Path) -> None:
+    """Past MODELPORT_MAX_CONNECTIONS the server closes the connections that waited longest
+    for their client; it never holds many more, and a client arriving mid-flood is served."""
+    config = write_config(tmp_path, LINEAR)
+    with run_server(tmp_path, config, env={"MODELPORT_MAX_CONNECTIONS": "50"}) as custom:
+        pid = custom.process.pid
+        flood = [socket.create_connection(("127.0.0.1", custom.port)) for _ in range(300)]
+        try:
+            held = open_sockets(pid)
+            body = {"inputs": [[0.0] * 10]}
+            predict = httpx.post(f"{custom.url}/v1/models/linear/predict", json=body)
+        finally:
+            for raw in flood:
+                raw.close()
+    assert held <= 50 + 10  # the connections, the listening socket and a few of the service's
+    assert predict.status_code == 200
+
+
 def launcher_workers(pid: int) -> dict[int, int]:
     """The live worker processes of a launcher (not multiprocessing's resource tracker), each
     with its start time in clock ticks since boot."""

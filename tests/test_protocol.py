@@ -58,6 +58,7 @@ class Recorder:
 
 KEEP_ALIVE_S = 1.0
 CLIENT_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 20
 BIG = b"x" * (16 * 1024 * 1024)
 """An answer larger than the kernel's buffers of a loopback connection hold."""
 
@@ -71,7 +72,9 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[Recorder, int]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    protocol = head_limited(65536, 100, client_timeout_s=CLIENT_TIMEOUT_S)
+    protocol = head_limited(
+        65536, 100, client_timeout_s=CLIENT_TIMEOUT_S, max_connections=MAX_CONNECTIONS
+    )
     config = uvicorn.Config(
         app,
         http=protocol,
@@ -374,3 +377,45 @@ def test_a_connection_upgraded_to_a_websocket_is_left_to_its_protocol(
         assert client.recv(65536).startswith(b"HTTP/1.1 5")  # the app did not accept it
         time.sleep(KEEP_ALIVE_S + CLIENT_TIMEOUT_S * 2.5)  # the timer's fires, had it kept on
     assert not [r for r in caplog.records if r.name == "app.runner.protocol"]
+
+
+def test_past_the_connection_cap_those_that_waited_longest_for_their_client_are_closed(
+    served: tuple[Recorder, int],
+) -> None:
+    """A flood of silent connections used up the process's file descriptors, and the next
+    client got none; past the cap, the oldest of them make way for it."""
+    _, port = served
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        answer = exchange(port, b"POST /n HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 1)
+        assert answer.endswith(b"ok /n")
+        silent[0].settimeout(KEEP_ALIVE_S / 2)  # closed now, not by the keep-alive time
+        assert silent[0].recv(1) == b""
+        silent[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):  # the youngest are left open
+            silent[-1].recv(1)
+    finally:
+        for connection in silent:
+            connection.close()
+
+
+def test_past_the_connection_cap_with_every_connection_served_the_new_one_is_closed(
+    served: tuple[Recorder, int],
+) -> None:
+    _, port = served
+    slow = b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    busy = [
+        socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)
+    ]
+    try:
+        for connection in busy:
+            connection.sendall(slow)
+        time.sleep(0.2)  # every one read: the server's turn on all of them
+        with socket.create_connection(("127.0.0.1", port)) as late:
+            late.settimeout(KEEP_ALIVE_S / 2)  # closed now, not by the keep-alive time
+            assert late.recv(1) == b""
+        for connection in busy:  # those being served are answered
+            assert connection.recv(65536).endswith(b"ok /slow")
+    finally:
+        for connection in busy:
+            connection.close()

@@ -134,6 +134,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     once the waiting requests are answered."""
     """Why the head was refused, once it is."""
     client_timeout_s: float = 30.0
+    max_connections: int = 4096
     _idle_since: float | None = None
     """When the connection was opened or last fell idle after an answer (None: busy)."""
     _heard = 0.0
@@ -153,6 +154,35 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._idle_since = self.loop.time()
         self._keep_alive_for(self.timeout_keep_alive)
+        if len(self.connections) > self.max_connections:
+            self._shed()
+
+    def _shed(self) -> None:
+        """Past ``max_connections``, close the oldest tenth of the connections that wait for
+        their client (idle, or a head not yet whole): a flood of connections that send nothing
+        (or never end a head) cannot keep the next client out, nor use up the process's file
+        descriptors. The new connection is among them: when the others are all being served,
+        it is the one closed."""
+        waiting = [
+            (since, connection)
+            for connection in self.connections
+            if isinstance(connection, OneWriteHttpToolsProtocol)
+            and (since := connection._waiting_since()) is not None
+        ]
+        waiting.sort(key=lambda pair: pair[0])
+        logger.warning(
+            "%d connections, over %d: closing the %d that waited longest for their client",
+            len(self.connections),
+            self.max_connections,
+            max(1, len(waiting) // 10),
+        )
+        for _, connection in waiting[: max(1, len(waiting) // 10)]:
+            connection.transport.close()
+
+    def _waiting_since(self) -> float | None:
+        """Since when the connection has waited for its client to send a request (None: a
+        request is being read past its head or answered)."""
+        return self._idle_since if self._idle_since is not None else self._head_since
 
     def data_received(self, data: bytes) -> None:
         if self._pipeline_full:
@@ -426,6 +456,7 @@ def head_limited(
     max_header_count: int,
     lane: InferenceEndpoint | None = None,
     client_timeout_s: float = OneWriteHttpToolsProtocol.client_timeout_s,
+    max_connections: int = OneWriteHttpToolsProtocol.max_connections,
 ) -> type[OneWriteHttpToolsProtocol]:
     """The protocol class with these head limits and client timeout, and the requests to
     ``lane``'s inference paths taken on the lane, for ``uvicorn.Config(http=...)``."""
@@ -437,4 +468,5 @@ def head_limited(
     HeadLimitedProtocol.max_header_count = max_header_count
     HeadLimitedProtocol.lane = lane
     HeadLimitedProtocol.client_timeout_s = client_timeout_s
+    HeadLimitedProtocol.max_connections = max_connections
     return HeadLimitedProtocol

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import tempfile
@@ -96,6 +97,7 @@ def server_for(
             settings.max_header_count,
             _lane(app),
             settings.client_timeout_s,
+            _connection_cap(settings.max_connections),
         ),
         host=settings.host,
         port=settings.port,
@@ -105,6 +107,13 @@ def server_for(
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
+
+
+def _connection_cap(wanted: int) -> int:
+    """``wanted``, at most half this process's file-descriptor limit (files, the database and
+    the store need theirs)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return wanted if soft == resource.RLIM_INFINITY or soft <= 0 else min(wanted, soft // 2)
 
 
 def _lane(app: FastAPI) -> InferenceEndpoint | None:
