@@ -27,7 +27,7 @@ import asyncio
 import logging
 import math
 import urllib.parse
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -135,6 +135,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """Why the head was refused, once it is."""
     client_timeout_s: float = 30.0
     max_connections: int = 4096
+    shed: ClassVar[set[OneWriteHttpToolsProtocol]] = set()
+    """The connections closed to make way and not yet lost (one set per server's class)."""
     _idle_since: float | None = None
     """When the connection was opened or last fell idle after an answer (None: busy)."""
     _heard = 0.0
@@ -154,7 +156,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._idle_since = self.loop.time()
         self._keep_alive_for(self.timeout_keep_alive)
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) - len(self.shed) > self.max_connections:
             self._shed()
 
     def _shed(self) -> None:
@@ -167,6 +169,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             (since, connection)
             for connection in self.connections
             if isinstance(connection, OneWriteHttpToolsProtocol)
+            and connection not in self.shed
             and (since := connection._waiting_since()) is not None
         ]
         waiting.sort(key=lambda pair: pair[0])
@@ -177,6 +180,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             max(1, len(waiting) // 10),
         )
         for _, connection in waiting[: max(1, len(waiting) // 10)]:
+            self.shed.add(connection)  # counted out at once: the next ones need no new scan
             connection.transport.close()
 
     def _waiting_since(self) -> float | None:
@@ -225,6 +229,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         for the keep-alive time (a client opening and closing connections fast held thousands,
         ~10 KiB each)."""
         super().connection_lost(exc)
+        self.shed.discard(self)
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
@@ -469,4 +474,5 @@ def head_limited(
     HeadLimitedProtocol.lane = lane
     HeadLimitedProtocol.client_timeout_s = client_timeout_s
     HeadLimitedProtocol.max_connections = max_connections
+    HeadLimitedProtocol.shed = set()
     return HeadLimitedProtocol
