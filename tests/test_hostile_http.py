@@ -214,6 +214,31 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def until_all_closed(
+    clients: list[socket.socket], dripping: list[socket.socket], within: float
+) -> list[bytes]:
+    """What the server sent each of ``clients`` until it closed them all (``dripping`` ones
+    sending a header line every 0.2 s meanwhile); fails if one is still open after ``within``
+    seconds."""
+    received = {raw: b"" for raw in clients}
+    open_ = set(clients)
+    deadline = time.monotonic() + within
+    while open_:
+        assert time.monotonic() < deadline, f"{len(open_)} connections still held"
+        for raw in select.select(list(open_), [], [], 0.2)[0]:
+            try:
+                chunk = raw.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            received[raw] += chunk
+            if not chunk:
+                open_.discard(raw)
+        for raw in open_.intersection(dripping):
+            with contextlib.suppress(OSError):
+                raw.sendall(b"X-Drip: 1\r\n")
+    return [received[raw] for raw in clients]
+
+
 def test_connections_that_never_finish_a_request_are_let_go(tmp_path: Path) -> None:
     """Slowloris: silent connections, heads dripped a field at a time, bodies stalled. Each
     would have held a socket (and a file descriptor: enough of them and no client gets in)
@@ -231,27 +256,23 @@ def test_connections_that_never_finish_a_request_are_let_go(tmp_path: Path) -> N
             elif index % 3 == 2:
                 raw.sendall(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
             attackers.append(raw)
+        began = time.monotonic()
         try:
-            wait_until(lambda: open_sockets(pid) >= before + 150, 10, "all connected")
-            began = time.monotonic()
-            while open_sockets(pid) > before and time.monotonic() - began < 30:
-                for raw in attackers[1::3]:  # the dripping heads keep sending
-                    with contextlib.suppress(OSError):
-                        raw.sendall(b"X-Drip: 1\r\n")
-                time.sleep(0.2)
-            assert open_sockets(pid) <= before, "connections still held after 30 s"
+            answers = until_all_closed(attackers, dripping=attackers[1::3], within=30)
             let_go = time.monotonic() - began
-            answers = [read_to_close(raw) for raw in attackers]
         finally:
             for raw in attackers:
                 raw.close()
+        wait_until(lambda: open_sockets(pid) <= before, 10, "the server's side let go")
         body = {"inputs": [[0.0] * 10]}
         predict = httpx.post(f"{custom.url}/v1/models/linear/predict", json=body)
     assert predict.status_code == 200
     assert let_go < 15  # the keep-alive time (5 s) of the silent ones, and the checks' lag
     assert all(answer == b"" for answer in answers[0::3])  # silent: closed
-    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers[1::3])
-    assert all(b"HTTP/1.1 200" not in answer for answer in answers[2::3])
+    # a dripped head is answered 408 (tests/test_protocol.py), but a drip that lands after
+    # the server's close makes its kernel reset the connection, and the client's loses the
+    # answer unread: here, only that none was served
+    assert all(b"HTTP/1.1 200" not in answer for answer in answers)
 
 
 def test_a_flood_of_silent_connections_never_keeps_the_next_client_out(tmp_path: Path) -> None:
@@ -262,13 +283,14 @@ def test_a_flood_of_silent_connections_never_keeps_the_next_client_out(tmp_path:
         pid = custom.process.pid
         flood = [socket.create_connection(("127.0.0.1", custom.port)) for _ in range(300)]
         try:
-            held = open_sockets(pid)
+            # the connections, the listening socket and a few of the service's own
+            # within 3 s: sooner than the keep-alive time (5 s) would close them anyway
+            wait_until(lambda: open_sockets(pid) <= 50 + 10, 3, "no more than the cap held")
             body = {"inputs": [[0.0] * 10]}
             predict = httpx.post(f"{custom.url}/v1/models/linear/predict", json=body)
         finally:
             for raw in flood:
                 raw.close()
-    assert held <= 50 + 10  # the connections, the listening socket and a few of the service's
     assert predict.status_code == 200
 
 
