@@ -32,7 +32,7 @@ from typing import Any, ClassVar, cast
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from app.errors import ClientTimeout, HeadTooLarge
+from app.errors import ClientTimeout, HeadTooLarge, ModelportError
 from app.http.answers import WHOLE_ANSWER, error_answer, raw_headers
 from app.http.endpoint import InferenceEndpoint
 from app.runner.lane import LaneCycle, answer_head
@@ -129,10 +129,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _header_count = 0
     _refused: str | None = None
+    """Why the head was refused, once it is."""
     _pipeline_full = False
     """Whether a request came past MAX_PIPELINED: nothing more is read, the connection closes
     once the waiting requests are answered."""
-    """Why the head was refused, once it is."""
     client_timeout_s: float = 30.0
     max_connections: int = 4096
     shed: ClassVar[set[OneWriteHttpToolsProtocol]] = set()
@@ -173,13 +173,14 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             and (since := connection._waiting_since()) is not None
         ]
         waiting.sort(key=lambda pair: pair[0])
+        closing = max(1, len(waiting) // 10)
         logger.warning(
             "%d connections, over %d: closing the %d that waited longest for their client",
             len(self.connections),
             self.max_connections,
-            max(1, len(waiting) // 10),
+            closing,
         )
-        for _, connection in waiting[: max(1, len(waiting) // 10)]:
+        for _, connection in waiting[:closing]:
             self.shed.add(connection)  # counted out at once: the next ones need no new scan
             connection.transport.close()
 
@@ -314,10 +315,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         reason = f"{what} within {self.client_timeout_s:g} s"
         logger.warning("%s from %s: closed", reason, self.client)
         if self.cycle is None or self.cycle.response_complete:
-            status, body, headers = error_answer(ClientTimeout(reason), "")
-            all_headers = [*self.server_state.default_headers, *raw_headers(headers)]
-            self.transport.writelines((answer_head(status, all_headers, len(body), False), body))
-        self.transport.close()
+            self._answer_and_close(ClientTimeout(reason))
+        else:
+            self.transport.close()
 
     def _keep_alive_for(self, seconds: float) -> None:
         handler = self.timeout_keep_alive_handler
@@ -381,9 +381,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._raw_head_bytes = 0
         self._body_open = False
-        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
-            self._idle_since = self._heard  # answered before its body ended: idle from here
         cycle = self.cycle
+        if cycle is not None and cycle.response_complete and not self.pipeline:
+            self._idle_since = self._heard  # answered before its body ended: idle from here
         if isinstance(cycle, LaneCycle):
             cycle.end()
             self._start_when_ready(cycle)
@@ -450,7 +450,12 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def _send_431(self) -> None:
         reason = self._refused or ""
         logger.warning("%s from %s: answered 431 and closed", reason, self.client)
-        status, body, headers = error_answer(HeadTooLarge(reason), "")  # the path is unread
+        self._answer_and_close(HeadTooLarge(reason))
+
+    def _answer_and_close(self, error: ModelportError) -> None:
+        """Write ``error``'s answer (no request's path: its head is unread or not whole), then
+        close the connection."""
+        status, body, headers = error_answer(error, "")
         all_headers = [*self.server_state.default_headers, *raw_headers(headers)]
         self.transport.writelines((answer_head(status, all_headers, len(body), False), body))
         self.transport.close()
