@@ -71,6 +71,14 @@ def sample(value: float = 1.0) -> dict[str, np.ndarray]:
     return {INPUT_NAME: np.full((1, 2), value, dtype=np.float32)}
 
 
+async def submitted(made: DynamicBatcher, count: int = 1) -> None:
+    """``count`` requests submitted together and answered, and the forward that answered them
+    let go of: an answer comes before its forward is done with, and a request arriving in
+    between waits for the inference thread, wherever it could have run."""
+    await asyncio.gather(*(made.submit(sample()) for _ in range(count)))
+    await wait_until_async(lambda: not made._running, "the forward's end", WAIT_S)
+
+
 @pytest.fixture
 def busy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """This process as worker 0 of two, counting in a plain list (the launcher's is shared
@@ -175,7 +183,7 @@ async def test_a_short_forward_on_one_intra_op_thread_runs_on_the_event_loops_ow
     loop_thread = threading.current_thread().name
     one, two = batcher(torch_threads=1, name="one"), batcher(torch_threads=2, name="two")
     for _ in range(3):
-        await one.submit(sample())
+        await submitted(one)
     # the first is widened (its length unknown); it was short, so the others run here
     wide = module.on[0]
     assert wide.startswith("wide")
@@ -201,16 +209,12 @@ async def test_a_batch_expected_to_take_over_on_loop_s_runs_on_the_inference_thr
     module.compute_s = 0.2
     busy[1] = 1  # another worker computes: nothing is widened
     made = batcher(torch_threads=1)
-
-    async def two() -> None:
-        await asyncio.gather(made.submit(sample()), made.submit(sample()))
-
-    await made.submit(sample())  # unknown: on the thread
-    await made.submit(sample())  # 0.2 s expected: here
-    await two()  # 0.2 + 0.2 s: on the thread
-    await two()  # 0.2 s: here
-    await made.submit(sample())  # 0.2 s: here
-    await two()  # 0.2 + 0.125 s (a sample of the last two at 0.1 s, grown by a quarter): here
+    await submitted(made)  # unknown: on the thread
+    await submitted(made)  # 0.2 s expected: here
+    await submitted(made, 2)  # 0.2 + 0.2 s: on the thread
+    await submitted(made, 2)  # 0.2 s: here
+    await submitted(made)  # 0.2 s: here
+    await submitted(made, 2)  # 0.2 + 0.125 s (a sample of the last two at 0.1 s, grown by 1/4)
     loop_thread = threading.current_thread().name
     on_thread = "infer-counter"
     assert module.on == [on_thread, loop_thread, on_thread, loop_thread, loop_thread, loop_thread]
