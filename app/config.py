@@ -75,8 +75,13 @@ class Settings(BaseSettings):
 
     client_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds a client has to send a whole request head, and the longest it may leave a
-    request body it is sending without a byte; beyond, 408 and the connection is closed. (A
-    connection that sends nothing is closed after uvicorn's keep-alive time, 5 s.)"""
+    request body it is sending without a byte; beyond, 408 and the connection is closed."""
+
+    keep_alive_s: int = Field(default=5, ge=1)
+    """Seconds a connection may wait idle for its next request (or its first) before the
+    server closes it. Behind a load balancer that keeps connections to the service open, set
+    it above the balancer's idle timeout (an AWS ALB's is 60 s): the balancer must be the one
+    to close an idle connection, or a request it sends as the service closes fails (502)."""
 
     max_connections: int = Field(default=4096, ge=1)
     """Connections one worker holds (at most half its file-descriptor limit); past it, the

@@ -294,6 +294,23 @@ def test_a_flood_of_silent_connections_never_keeps_the_next_client_out(tmp_path:
     assert predict.status_code == 200
 
 
+def test_an_idle_connection_is_kept_for_the_keep_alive_time_configured(tmp_path: Path) -> None:
+    """Behind a load balancer that keeps idle connections for 60 s, the service must keep them
+    longer: closed first by the service, a request the balancer sends meanwhile fails (502).
+    Kept past the default 5 s here, the connection serves its next request."""
+    config = write_config(tmp_path, LINEAR)
+    request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with (
+        run_server(tmp_path, config, env={"MODELPORT_KEEP_ALIVE_S": "9"}) as custom,
+        socket.create_connection(("127.0.0.1", custom.port), timeout=5) as raw,
+    ):
+        raw.sendall(request)
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6.5)  # idle past the default keep-alive time
+        raw.sendall(request)
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+
+
 def launcher_workers(pid: int) -> dict[int, int]:
     """The live worker processes of a launcher (not multiprocessing's resource tracker), each
     with its start time in clock ticks since boot."""

@@ -105,6 +105,7 @@ def server_for(
         log_config=None,  # app.observability.logs configures every logger, uvicorn's included
         access_log=False,  # the service writes its own access lines, with the request id
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        timeout_keep_alive=settings.keep_alive_s,
     )
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
 
