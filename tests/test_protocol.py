@@ -260,6 +260,49 @@ def test_a_head_dripped_a_field_at_a_time_is_answered_408_once_the_client_timeou
     assert app.offered == []  # the app never saw it
 
 
+def test_a_head_refused_while_the_client_still_sends_it_gets_its_answer_not_a_reset(
+    served: tuple[Recorder, int],
+) -> None:
+    """A 1 MiB head sent in one go: the server answers 431 at 64 KiB. Closed with the rest
+    unread, the kernel would reset the connection and the client lose the answer unread; the
+    server reads (and drops) the rest, and its answer ends with its side closed."""
+    _, port = served
+    head = b"GET / HTTP/1.1\r\nX-Big: " + b"x" * (1 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        sender = threading.Thread(target=client.sendall, args=(head,))
+        sender.start()
+        sender.join(5)
+        assert not sender.is_alive()  # the server read it all
+        time.sleep(0.2)  # (the last bytes reach the server's buffer before the client reads)
+        received, _ = read_until_closed(client)
+    assert received.startswith(b"HTTP/1.1 431 "), received[:300]
+    assert received.endswith(b"}")
+
+
+def test_a_client_that_sends_on_after_its_refusal_is_let_go_after_the_linger_time(
+    served: tuple[Recorder, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What comes after a refusal's answer is read and dropped for LINGER_S, no longer: then
+    the connection is closed, and the client's next bytes are refused by its kernel."""
+    monkeypatch.setattr(OneWriteHttpToolsProtocol, "LINGER_S", 0.5)
+    _, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"x" * 70_000)
+        received, finished = read_until_closed(client)  # the answer, and this side shut
+        assert received.startswith(b"HTTP/1.1 431 ")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            send_until_refused(client, seconds=10)
+    assert time.monotonic() - finished < 0.5 + 3  # the linger time, and the timer's lag
+
+
+def send_until_refused(client: socket.socket, seconds: float) -> None:
+    """Send a header line every tenth of a second, for ``seconds`` at most."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        client.sendall(b"X-More: 1\r\n")
+        time.sleep(0.1)
+
+
 def test_a_body_left_without_a_byte_for_the_client_timeout_is_let_go(
     served: tuple[Recorder, int],
 ) -> None:

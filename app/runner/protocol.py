@@ -13,12 +13,14 @@ connection closed (each held its head and cycle; uvicorn took every request of a
 read at once, ~30 MB of server memory for 4 MB of requests whose answers were never read).
 It also bounds a request's head (uvicorn and httptools buffer one whole, however long): a head
 over ``max_header_bytes`` or with more than ``max_header_count`` fields is answered 431 and the
-connection closed, without reading the rest. And it bounds the time a client holds a
+connection closed, without parsing the rest. And it bounds the time a client holds a
 connection without finishing a request, or without taking its answers (uvicorn waits for
 either forever): a connection that sends nothing is closed after the keep-alive time, a head
 not whole within ``client_timeout_s`` is answered 408 and closed, a body left that long without
-a byte is closed, and answers left that long unread are dropped with the connection.
-Everything else is uvicorn's own code.
+a byte is closed, and answers left that long unread are dropped with the connection. A
+connection refused mid-request (431, 408) lingers before it closes, so that the client gets its
+answer (:meth:`OneWriteHttpToolsProtocol._answer_and_close`). Everything else is uvicorn's own
+code.
 """
 
 from __future__ import annotations
@@ -149,6 +151,11 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """Since when the client has taken its answers slower than they come (None: it keeps up)."""
     _closing_since: float | None = None
     """When the timer first found the connection closing but not yet lost (answers buffered)."""
+    LINGER_S = 5.0
+    """How long a connection refused mid-request is still read (and dropped) after its answer."""
+    _lingering_until: float | None = None
+    """Until when the connection, its answer written and its side shut, is still read: a close
+    with unread bytes makes the kernel reset it, and the client may lose the answer unread."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """As uvicorn's, and the connection's timer armed: it sees to the client's turns (see
@@ -190,8 +197,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         return self._idle_since if self._idle_since is not None else self._head_since
 
     def data_received(self, data: bytes) -> None:
-        if self._pipeline_full:
-            return  # requests past the ones waiting are not read (an app's receive resumes)
+        if self._pipeline_full or self._lingering_until is not None:
+            # requests past the ones waiting are not read (an app's receive resumes); what
+            # comes after a refusal's answer is dropped
+            return
         rest = memoryview(data)
         while rest and self._refused is None and not self._pipeline_full:
             if self.transport.is_closing():
@@ -272,6 +281,11 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.get_protocol() is not self:
             return  # upgraded to a WebSocket: the connection is its protocol's now
         now = self.loop.time()
+        if self._lingering_until is not None and not self.transport.is_closing():
+            if now >= self._lingering_until:
+                self.transport.close()
+            self._keep_alive_for(max(0.0, self._lingering_until - now))
+            return
         if self.transport.is_closing():
             if self._closing_since is None:
                 self._closing_since = now
@@ -453,12 +467,24 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._answer_and_close(HeadTooLarge(reason))
 
     def _answer_and_close(self, error: ModelportError) -> None:
-        """Write ``error``'s answer (no request's path: its head is unread or not whole), then
-        close the connection."""
+        """Write ``error``'s answer (no request's path: its head is unread or not whole) and
+        close the connection as nginx's lingering close does: this side is shut once the answer
+        is out, and whatever the client still sends is read and dropped until it closes its side
+        or LINGER_S passes. Closed at once, with bytes of the client's unread (the rest of a
+        long head, a drip that crossed the 408), the kernel resets the connection, and a client
+        that had not yet read its answer loses it."""
         status, body, headers = error_answer(error, "")
         all_headers = [*self.server_state.default_headers, *raw_headers(headers)]
         self.transport.writelines((answer_head(status, all_headers, len(body), False), body))
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering_until = self.loop.time() + self.LINGER_S
+        self.flow.resume_reading()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+        self._keep_alive_for(self.LINGER_S)
 
 
 def head_limited(
