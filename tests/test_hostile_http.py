@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import select
 import signal
 import socket
@@ -25,6 +26,7 @@ from tests.helpers import (
     PeakRss,
     ServerProcess,
     clean_env,
+    free_port,
     run_server,
     wait_until,
     write_config,
@@ -311,6 +313,41 @@ def test_an_idle_connection_is_kept_for_the_keep_alive_time_configured(tmp_path:
         time.sleep(6.5)  # idle past the default keep-alive time
         raw.sendall(request)
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_a_low_descriptor_limit_is_raised_as_far_as_the_connection_cap_needs(
+    tmp_path: Path,
+) -> None:
+    """Started at a soft limit of 1,024 file descriptors (a container's common default), a
+    worker would hold 512 connections at most; it raises its soft limit to twice the cap (as
+    far as the hard limit allows)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip("the hard limit leaves nothing to raise")
+    config = write_config(tmp_path, LINEAR)
+    port = free_port()
+    env = clean_env(MODELPORT_STORE_DIR=str(tmp_path / "store"), MODELPORT_MAX_CONNECTIONS="3000")
+    app = [sys.executable, "-m", "app", "--port", str(port), "--config", str(config)]
+    args = ["prlimit", "--nofile=1024:", *app, "--workers", "2"]
+    expected = 6000 if hard == resource.RLIM_INFINITY else min(6000, hard)
+    server = ServerProcess(args, env, port, tmp_path / "server.log")
+
+    def limits() -> list[int]:
+        return [soft_descriptor_limit(pid) for pid in launcher_workers(server.process.pid)]
+
+    try:
+        server.wait_ready()  # one worker serves; the other may not have made its server yet
+        wait_until(lambda: limits() == [expected] * 2, 30, "both workers' limits raised")
+    finally:
+        server.stop()
+
+
+def soft_descriptor_limit(pid: int) -> int:
+    """Process ``pid``'s soft limit of open files."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open files limit for {pid}")
 
 
 def launcher_workers(pid: int) -> dict[int, int]:

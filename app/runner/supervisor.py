@@ -112,9 +112,18 @@ def server_for(
 
 def _connection_cap(wanted: int) -> int:
     """``wanted``, at most half this process's file-descriptor limit (files, the database and
-    the store need theirs)."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return wanted if soft == resource.RLIM_INFINITY or soft <= 0 else min(wanted, soft // 2)
+    the store need theirs). The soft limit is raised first, as far as twice ``wanted`` and the
+    hard limit allow: a container's process often starts at 1,024, which held a worker to 512
+    connections."""
+    infinity = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == infinity or soft <= 0:
+        return wanted
+    needed = 2 * wanted
+    if soft < needed and (hard == infinity or soft < hard):
+        soft = needed if hard == infinity else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return min(wanted, soft // 2)
 
 
 def _lane(app: FastAPI) -> InferenceEndpoint | None:
