@@ -85,8 +85,8 @@ class Settings(BaseSettings):
 
     max_connections: int = Field(default=4096, ge=1)
     """Connections one worker holds (at most half its file-descriptor limit, whose soft value
-    it raises to twice this where the hard one allows); past it, the
-    tenth of them that waited longest for their client (idle, or a head not whole) are closed."""
+    it raises to twice this where the hard one allows); past it, the tenth of them that waited
+    longest for their client (idle, or a head not whole) are closed."""
 
     max_samples_per_request: int = Field(default=256, ge=1)
     """Most samples one predict request may carry (422 beyond)."""
