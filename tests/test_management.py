@@ -304,6 +304,27 @@ async def test_identical_bytes_again_answer_200_with_the_same_version_and_store_
     assert stored_files(store) == files == [blob(first["sha256"])]
 
 
+async def test_identical_bytes_again_put_back_a_blob_the_store_lost_and_serve_it(
+    admin: httpx.AsyncClient, store: Path
+) -> None:
+    """A version whose blob is gone (lost, or dropped by another replica's delete of that
+    version since the upload read it): uploading its bytes again stores them again, and the
+    version activates; it was refused 422 ``blob_missing``, or activated with no blob for the
+    other replicas to load."""
+    data = linear_weights(1).data
+    staged = await upload(admin, data, activate="false")
+    (store / blob(staged["sha256"])).unlink()
+
+    response = await admin.put(WEIGHTS_URL, content=data, headers=AUTH)
+
+    assert response.status_code == 200, response.text
+    assert (response.json()["version"], response.json()["active"]) == (staged["version"], True)
+    assert (store / blob(staged["sha256"])).read_bytes() == data
+    served, outputs = await predict(admin)
+    assert served == staged["version"]
+    assert_close(outputs, Weights(data).outputs(SAMPLES))
+
+
 async def test_staged_upload_does_not_serve_until_activated(
     admin: httpx.AsyncClient, tmp_path: Path
 ) -> None:

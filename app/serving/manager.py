@@ -15,7 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from app.errors import DigestMismatch, StateUnavailable, VersionConflict
+from app.errors import (
+    BlobMissing,
+    DigestMismatch,
+    StateUnavailable,
+    VersionConflict,
+    VersionNotFound,
+)
 from app.serving.model import CPU, ServedModel, in_background
 from app.serving.runtime import ModelRuntime, check_acceptance, validation_report
 from app.state.database import Actor, Pointers
@@ -76,11 +82,12 @@ class VersionManager:
         version = version_id(staged.sha256)
         existing = await asyncio.to_thread(db.version, model.name, version)
         if existing is not None:
-            if activate:
-                pointers = await self._activate(existing, actor)
-            else:
-                pointers = await asyncio.to_thread(db.pointers, model.name)
-            return UploadOutcome(existing, False, model.serves(version), pointers)
+            try:
+                return await self._again(existing, staged, activate, actor)
+            except (VersionNotFound, BlobMissing) as exc:
+                # deleted since it was read (by another replica), or its bytes lost: these are
+                # they, so they are stored again as the version
+                logger.warning("model %s: version %s stored again: %s", model.name, version, exc)
         runtime, report = await in_background(partial(self._validate, staged))
         record = VersionRecord(
             version,
@@ -106,6 +113,19 @@ class VersionManager:
             pointers = await asyncio.to_thread(db.pointers, model.name)
         await self._prune(actor)
         return UploadOutcome(record, created, activate, pointers)
+
+    async def _again(
+        self, existing: VersionRecord, staged: StagedUpload, activate: bool, actor: Actor
+    ) -> UploadOutcome:
+        """The outcome of an upload of a stored version's bytes: that version, its blob put
+        back if the store lost it, activated unless told not to."""
+        model = self.model
+        await in_background(partial(self._store_blob, existing, staged))
+        if activate:
+            pointers = await self._activate(existing, actor)
+        else:
+            pointers = await asyncio.to_thread(model.state.db.pointers, model.name)
+        return UploadOutcome(existing, False, model.serves(existing.id), pointers)
 
     def _validate(self, staged: StagedUpload) -> tuple[ModelRuntime, dict[str, Any]]:
         """Uploads are always checked strictly, whatever the startup config allows."""
