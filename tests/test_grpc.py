@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,6 +482,30 @@ def test_connections_that_never_handshake_or_stay_idle_are_let_go(tmp_path: Path
                 pass
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+
+HTTP2_HANDSHAKE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""A client's HTTP/2 preface and an empty SETTINGS frame: a connection the server then holds
+until it has been idle for the client timeout."""
+
+
+def test_a_flood_of_connections_is_held_to_the_grpc_doors_share(tmp_path: Path) -> None:
+    """Unbounded, every connection that finished its handshake was held for the client
+    timeout, however many: a flood used up the process's file descriptors, which the HTTP
+    door needs too. The gRPC door holds a quarter of MODELPORT_MAX_CONNECTIONS; the HTTP door
+    still serves."""
+    with serve(tmp_path, MODELPORT_MAX_CONNECTIONS="100") as served:
+        port, pid = int(served.target.rsplit(":", 1)[1]), served.process.process.pid
+        with contextlib.ExitStack() as flood:
+            for _ in range(200):
+                raw = flood.enter_context(socket.create_connection(("127.0.0.1", port)))
+                raw.sendall(HTTP2_HANDSHAKE)
+            wait_until(lambda: _established(pid, port) >= 25, 10, "the share taken")
+            time.sleep(1)  # (the rest would be held by now)
+            held = _established(pid, port)
+            predict = native_predict(served, np.zeros((1, 10)))
+    assert held == 25
+    assert predict[0] == BUNDLED.version
 
 
 async def _calls_without_a_message(target: str, count: int) -> None:

@@ -36,6 +36,7 @@ from app.http.auth import authorize_api
 from app.http.shutdown import draining
 from app.observability.logs import request_id
 from app.observability.requests import NO_ID, REQUEST_ID_HEADER, RequestRecorder
+from app.runner.limits import grpc_connection_cap
 from app.serving.inference import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class GrpcServer:
         """Bind the port and serve (RuntimeError naming the address when it cannot bind)."""
         client_ms = round(self.settings.client_timeout_s * 1000)
         answer_ms = round(self.settings.request_timeout_s * 1000)
+        connections = grpc_connection_cap(self.settings.max_connections)
         server = grpc.aio.server(
             options=[
                 # the REST door's bounds: a larger message is RESOURCE_EXHAUSTED before it is read
@@ -165,6 +167,8 @@ class GrpcServer:
                 # client opened thousands that sent their headers and never a message, ~8 KiB
                 # each); and no call outlives its connection's age by more than an answer's time
                 ("grpc.max_concurrent_streams", MAX_CALLS_PER_CONNECTION),
+                # and connections (unbounded, a flood of idle ones used up the descriptors)
+                ("grpc.max_allowed_incoming_connections", connections),
                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
                 ("grpc.max_connection_age_grace_ms", client_ms + answer_ms),
                 # the workers of one launcher bind the same port, as their REST sockets do, and the

@@ -11,7 +11,6 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import resource
 import signal
 import socket
 import tempfile
@@ -87,6 +86,7 @@ def server_for(
     """uvicorn with the service's protocol, limits and gRPC door, serving ``app``; ``on_ready``
     is called once it listens."""
     from app.grpc.server import add_grpc_door  # torch: not in the supervisor
+    from app.runner.limits import connection_cap
     from app.runner.protocol import head_limited
 
     add_grpc_door(app, settings)  # the app's lifespan opens it (not an app in a test's process)
@@ -97,7 +97,7 @@ def server_for(
             settings.max_header_count,
             _lane(app),
             settings.client_timeout_s,
-            _connection_cap(settings.max_connections),
+            connection_cap(settings.max_connections),
         ),
         host=settings.host,
         port=settings.port,
@@ -108,22 +108,6 @@ def server_for(
         timeout_keep_alive=settings.keep_alive_s,
     )
     return DrainingServer(config, settings.shutdown_grace_s, on_ready)
-
-
-def _connection_cap(wanted: int) -> int:
-    """``wanted``, at most half this process's file-descriptor limit (files, the database and
-    the store need theirs). The soft limit is raised first, as far as twice ``wanted`` and the
-    hard limit allow: a container's process often starts at 1,024, which held a worker to 512
-    connections."""
-    infinity = resource.RLIM_INFINITY
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == infinity or soft <= 0:
-        return wanted
-    needed = 2 * wanted
-    if soft < needed and (hard == infinity or soft < hard):
-        soft = needed if hard == infinity else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return min(wanted, soft // 2)
 
 
 def _lane(app: FastAPI) -> InferenceEndpoint | None:
