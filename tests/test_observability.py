@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -19,7 +20,14 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from app.observability.logs import STDERR, StderrWriter, configure_logging, request_id
+from app.observability import logs
+from app.observability.logs import (
+    STDERR,
+    StderrWriter,
+    Tallied,
+    configure_logging,
+    request_id,
+)
 from app.observability.metrics import FLUSH_S, LATENCY_BUCKETS, Metrics
 from tests.helpers import (
     API_TOKEN,
@@ -378,6 +386,61 @@ def test_a_stderr_nobody_reads_never_holds_up_serving(tmp_path: Path) -> None:
         server.kill()
         server.wait()
     assert err.count(b" INFO app.access ") == requests
+
+
+@pytest.mark.unit
+async def test_a_warning_clients_cause_is_logged_once_an_interval_and_the_rest_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logged one line each, 3,000 of them (heads timed out together) held the event loop,
+    and every request with it, 0.2-0.5 s."""
+    monkeypatch.setattr(Tallied, "INTERVAL_S", 0.2)
+    tally = Tallied(logging.getLogger("tests.tallied"), "heads timed out")
+    with caplog.at_level(logging.WARNING, "tests.tallied"):
+        for number in range(5):
+            tally.warning("head %d timed out", number)
+        await asyncio.sleep(0.3)
+        tally.warning("head %d timed out", 5)
+        await asyncio.sleep(0.3)  # one alone: no count to tell
+    assert caplog.messages == [
+        "head 0 timed out",
+        "4 more heads timed out in the last 0.2 s",
+        "head 5 timed out",
+    ]
+
+
+@pytest.mark.unit
+async def test_a_record_logged_on_the_event_loop_waits_for_stderr_only_when_it_must_be_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off the loop a record waits for stderr (up to RECORD_WAIT_S: here, stalled, it times
+    out); on the loop's thread, where every connection would wait with it, only one that must
+    be written before the call returns (an audit line) does."""
+    writer = StderrWriter()
+    monkeypatch.setattr(logs, "STDERR", writer)
+    reading, writing = os.pipe()
+    stalled = os.fdopen(writing, "w")
+    monkeypatch.setattr(sys, "stderr", stalled)
+    log = logging.getLogger("tests.waits")
+    log.addHandler(logs._StderrHandler())
+    log.propagate = False
+    try:
+        writer.write("x" * (1 << 17) + "\n")  # more than the pipe holds: the writer blocks
+        log.warning("on the loop")
+        assert not writer._stalled  # it did not wait
+        log.warning("an audit line", extra=logs.WRITTEN)
+        assert writer._stalled  # it waited, and timed out
+        writer._stalled = False
+        await asyncio.to_thread(log.warning, "off the loop")
+        assert writer._stalled
+    finally:
+        log.handlers.clear()
+        log.propagate = True
+        while select.select([reading], [], [], 0.5)[0] and os.read(reading, 1 << 16):
+            pass  # the writer's thread writes it all, and is free again
+        assert writer.drain()
+        stalled.close()
+        os.close(reading)
 
 
 def test_text_beyond_what_may_wait_is_dropped_and_counted_once_stderr_reads_again() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ import pytest
 import uvicorn
 
 from app.http.answers import WHOLE_ANSWER, send_answer
+from app.observability.logs import Tallied
 from app.runner.protocol import OneWriteHttpToolsProtocol, head_limited
 from tests.helpers import wait_until
 
@@ -301,6 +303,31 @@ def send_until_refused(client: socket.socket, seconds: float) -> None:
     while time.monotonic() < deadline:
         client.sendall(b"X-More: 1\r\n")
         time.sleep(0.1)
+
+
+def test_the_408s_of_many_connections_at_once_are_one_log_line_and_a_count(
+    served: tuple[Recorder, int],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line each, a burst of them held the event loop (each formatted and handed over) and
+    every request with it: 3,000 timed-out heads held a predict 0.2-0.5 s."""
+    monkeypatch.setattr(Tallied, "INTERVAL_S", 2.0)
+    _, port = served
+    with caplog.at_level(logging.WARNING, "app.runner.protocol"), contextlib.ExitStack() as open_:
+        clients = [
+            open_.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            for _ in range(20)
+        ]
+        for client in clients:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never ended
+        answers = [read_until_closed(client)[0] for client in clients]
+        time.sleep(2.5)  # the interval ends: the count is told
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    lines = [message for message in caplog.messages if "request head not whole" in message]
+    counts = [message for message in caplog.messages if "connections timed out" in message]
+    assert len(lines) == 1
+    assert counts == ["19 more connections timed out in the last 2 s"]
 
 
 def test_a_body_left_without_a_byte_for_the_client_timeout_is_let_go(

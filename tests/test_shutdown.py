@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -325,3 +326,28 @@ def test_a_burst_of_signals_never_leaves_the_launcher_hanging(tmp_path: Path, wo
         log = server.output()
     assert status is not None, f"still running 20 s after the signals:\n{log}"
     assert status in (0, -signal.SIGTERM), log  # a second SIGTERM means: stop now
+
+
+def test_a_second_sigterm_ends_the_server_with_its_last_log_lines_written(tmp_path: Path) -> None:
+    """The second SIGTERM means: stop now. uvicorn raises it again once it has shut down, and
+    the process ends there, with no exit hook run: lines still queued for stderr were lost."""
+    config = write_config(tmp_path, LINEAR)
+    token = "t" * 32
+    env = {"MODELPORT_ADMIN_TOKEN": token, "MODELPORT_SHUTDOWN_GRACE_S": "2"}
+    head = (
+        f"PUT /v1/models/linear/weights HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+        "\r\nContent-Length: 1000\r\n\r\n"
+    )
+    with (
+        run_server(tmp_path, config, "--workers", "1", env=env) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as upload,
+    ):
+        upload.sendall(head.encode() + b"x" * 10)  # an upload in flight: the drain waits for it
+        time.sleep(0.5)
+        os.kill(server.process.pid, signal.SIGTERM)
+        time.sleep(0.5)  # draining
+        os.kill(server.process.pid, signal.SIGTERM)
+        status = wait_exit(server, 20)
+        log = server.output()
+    assert status == -signal.SIGTERM, log
+    assert "Finished server process" in log.splitlines()[-1], log

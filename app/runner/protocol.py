@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from app.errors import ClientTimeout, HeadTooLarge, ModelportError
 from app.http.answers import WHOLE_ANSWER, error_answer, raw_headers
 from app.http.endpoint import InferenceEndpoint
+from app.observability.logs import Tallied
 from app.runner.lane import LaneCycle, answer_head
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     max_connections: int = 4096
     shed: ClassVar[set[OneWriteHttpToolsProtocol]] = set()
     """The connections closed to make way and not yet lost (one set per server's class)."""
+    tallies: ClassVar[dict[str, Tallied]] = {}
+    """The warnings clients caused, by kind (one set per server's class)."""
     _idle_since: float | None = None
     """When the connection was opened or last fell idle after an answer (None: busy)."""
     _heard = 0.0
@@ -181,7 +184,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         ]
         waiting.sort(key=lambda pair: pair[0])
         closing = max(1, len(waiting) // 10)
-        logger.warning(
+        self._warn(
+            "sheds of waiting connections",
             "%d connections, over %d: closing the %d that waited longest for their client",
             len(self.connections),
             self.max_connections,
@@ -212,9 +216,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             size = self.max_header_bytes - self._raw_head_bytes
             piece, rest = rest[:size], rest[size:]
             self._raw_head_bytes += len(piece)
-            # a piece is what one socket read could have brought: uvicorn handles it as such
-            # (httptools reads any buffer; uvicorn's hint says bytes, a copy is not needed)
-            super().data_received(piece)  # type: ignore[arg-type]
+            self._feed(piece)  # as one socket read could have brought it
             if self._raw_head_bytes >= self.max_header_bytes:
                 self._refuse(f"request head over {self.max_header_bytes} bytes")
         if self._pipeline_full:  # the rest is dropped; the last request waiting ends it
@@ -223,10 +225,34 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         elif self._refused is not None and not self.transport.is_closing():
             self._send_431()
 
+    def _feed(self, piece: memoryview) -> None:
+        """uvicorn's ``data_received``, its warnings tallied (:meth:`_warn`); a parser a callback
+        stopped on purpose (:class:`_StopParsing`) is the caller's to answer."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(piece)  # httptools reads any buffer: no copy to bytes
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._warn("upgrades refused", "unsupported upgrade request from %s", self.client)
+        except httptools.HttpParserError:
+            if self._refused is None and not self._pipeline_full:
+                self._warn("requests that do not parse", "invalid request from %s", self.client)
+                self.send_400_response("Invalid HTTP request received.")
+
+    def _warn(self, what: str, message: str, *args: object) -> None:
+        """Log a warning a client caused, tallied with the others of its kind (``what``) on
+        this server (:class:`Tallied`)."""
+        tally = self.tallies.get(what)
+        if tally is None:
+            tally = self.tallies[what] = Tallied(logger, what)
+        tally.warning(message, *args)
+
     def _unset_keepalive_if_required(self) -> None:
-        """Bytes came (uvicorn calls this first): the connection is busy, the timer finds it so
-        when it fires, and a head begins with the first bytes after an idle spell (unless they
-        are the rest of a body answered before it ended)."""
+        """Bytes came (:meth:`_feed` calls this first): the connection is busy, the timer finds
+        it so when it fires, and a head begins with the first bytes after an idle spell (unless
+        they are the rest of a body answered before it ended)."""
         self._heard = self.loop.time()
         if self._idle_since is not None:
             self._idle_since = None
@@ -321,13 +347,19 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def _drop(self, what: str) -> None:
         """Abort the connection: what it has buffered goes, unsent."""
-        logger.warning("%s within %g s by %s: dropped", what, self.client_timeout_s, self.client)
+        self._warn(
+            "connections dropped, answers not taken",
+            "%s within %g s by %s: dropped",
+            what,
+            self.client_timeout_s,
+            self.client,
+        )
         self.transport.abort()
 
     def _time_out(self, what: str) -> None:
         """Answer 408 (unless an answer on the connection is under way) and close."""
         reason = f"{what} within {self.client_timeout_s:g} s"
-        logger.warning("%s from %s: closed", reason, self.client)
+        self._warn("connections timed out", "%s from %s: closed", reason, self.client)
         if self.cycle is None or self.cycle.response_complete:
             self._answer_and_close(ClientTimeout(reason))
         else:
@@ -446,11 +478,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             cycle.started = True
             self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
 
-    def send_400_response(self, msg: str) -> None:
-        if self._refused is None and not self._pipeline_full:
-            super().send_400_response(msg)
-        # else: a callback stopped the parser on purpose; data_received takes it from there
-
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
@@ -463,7 +490,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def _send_431(self) -> None:
         reason = self._refused or ""
-        logger.warning("%s from %s: answered 431 and closed", reason, self.client)
+        self._warn("heads over the limits", "%s from %s: answered 431", reason, self.client)
         self._answer_and_close(HeadTooLarge(reason))
 
     def _answer_and_close(self, error: ModelportError) -> None:
@@ -506,4 +533,5 @@ def head_limited(
     HeadLimitedProtocol.client_timeout_s = client_timeout_s
     HeadLimitedProtocol.max_connections = max_connections
     HeadLimitedProtocol.shed = set()
+    HeadLimitedProtocol.tallies = {}
     return HeadLimitedProtocol

@@ -24,7 +24,7 @@ from app.http.schemas import (
     VersionList,
 )
 from app.http.uploads import UploadBody
-from app.observability.logs import request_id
+from app.observability.logs import WRITTEN, request_id
 from app.serving.manager import VersionManager
 from app.serving.model import ServedModel
 from app.state.database import Actor, Pointers
@@ -95,6 +95,7 @@ def _audit(
         facts.get("sha256", "-"),
         request.client.host if request.client else "-",
         outcome,
+        extra=WRITTEN,
     )
 
 
