@@ -197,11 +197,17 @@ class _StderrHandler(logging.Handler):
     written (up to RECORD_WAIT_S) unless it is logged on an event loop's thread, where every
     connection would wait with it: a burst of 3,000 lines that clients caused (their requests
     refused or timed out) held a predict 0.5 s. The loop's lines are written before the process
-    ends all the same (:meth:`StderrWriter.drain` at exit)."""
+    ends all the same (:meth:`StderrWriter.drain` at exit), except where it ends by a signal
+    raised again: uvicorn's own lines (starting, shutting down, finished; a few per run) are
+    the last before that, and always wait."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            waits = getattr(record, "written", False) or asyncio._get_running_loop() is None
+            waits = (
+                getattr(record, "written", False)
+                or record.name.startswith("uvicorn")
+                or asyncio._get_running_loop() is None
+            )
             STDERR.write(self.format(record) + "\n", RECORD_WAIT_S if waits else 0.0)
         except Exception:
             self.handleError(record)

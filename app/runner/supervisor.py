@@ -7,7 +7,6 @@ runs): each worker imports them, makes its app, and reports a config error back 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -16,7 +15,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, MutableSequence
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -59,16 +58,6 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.on_ready is not None:
             self.on_ready()  # the app's startup is done and the socket accepts
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """As uvicorn's, the log's last lines written before it re-raises a signal it caught
-        (the process may end there, with no exit hook run)."""
-        with super().capture_signals():
-            try:
-                yield
-            finally:
-                STDERR.drain(2.0)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self.drain_deadline is None:
