@@ -308,10 +308,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             return  # upgraded to a WebSocket: the connection is its protocol's now
         now = self.loop.time()
         if self._lingering_until is not None and not self.transport.is_closing():
-            if now >= self._lingering_until:
-                self.transport.close()
-            self._keep_alive_for(max(0.0, self._lingering_until - now))
-            return
+            if now < self._lingering_until:
+                self._keep_alive_for(self._lingering_until - now)
+                return
+            self.transport.close()  # then watched as any closing connection
         if self.transport.is_closing():
             if self._closing_since is None:
                 self._closing_since = now
