@@ -266,6 +266,19 @@ def clean_env(**variables: str) -> dict[str, str]:
     return env | variables
 
 
+def socket_inodes(pid: int) -> list[int]:
+    """The inode of each socket process ``pid`` holds, one per file descriptor (none once the
+    process is gone; a descriptor closed while they are listed is left out)."""
+    inodes = []
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.append(int(target[len("socket:[") : -1]))
+    return inodes
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:

@@ -10,7 +10,6 @@ import contextlib
 import filecmp
 import importlib.util
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -63,6 +62,7 @@ from tests.helpers import (
     run_server,
     saved,
     seeded_state_dict,
+    socket_inodes,
     upload,
     wait_until,
     worker_pids,
@@ -442,27 +442,16 @@ def _sockets_on(port: int) -> dict[int, str]:
     return found
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
-    return inodes
-
-
 def _holding(pids: list[int], port: int, state: str) -> set[int]:
     """Those of ``pids`` that hold a socket on ``port`` in ``state``."""
     sockets = _sockets_on(port)
-    return {pid for pid in pids if any(sockets.get(i) == state for i in _socket_inodes(pid))}
+    return {pid for pid in pids if any(sockets.get(i) == state for i in socket_inodes(pid))}
 
 
 def _established(pid: int, port: int) -> int:
     """How many connections ``pid`` holds open on ``port``."""
     sockets = _sockets_on(port)
-    return sum(sockets.get(inode) == ESTABLISHED for inode in _socket_inodes(pid))
+    return sum(sockets.get(inode) == ESTABLISHED for inode in set(socket_inodes(pid)))
 
 
 def test_connections_that_never_handshake_or_stay_idle_are_let_go(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from tests.helpers import (
     clean_env,
     free_port,
     run_server,
+    socket_inodes,
     wait_until,
     write_config,
 )
@@ -207,15 +208,6 @@ def test_requests_pipelined_and_never_read_cost_no_memory(server: ServerProcess)
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
 
 
-def open_sockets(pid: int) -> int:
-    """How many sockets process ``pid`` holds open."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):  # closed since it was listed
-            count += os.readlink(fd).startswith("socket:")
-    return count
-
-
 def until_all_closed(
     clients: list[socket.socket], dripping: list[socket.socket], within: float
 ) -> list[bytes]:
@@ -249,7 +241,7 @@ def test_connections_that_never_finish_a_request_are_let_go(tmp_path: Path) -> N
     with run_server(tmp_path, config, env={"MODELPORT_CLIENT_TIMEOUT_S": "1"}) as custom:
         address = ("127.0.0.1", custom.port)
         pid = custom.process.pid
-        before = open_sockets(pid)
+        before = len(socket_inodes(pid))
         attackers = []
         for index in range(150):
             raw = socket.create_connection(address, timeout=10)
@@ -265,7 +257,7 @@ def test_connections_that_never_finish_a_request_are_let_go(tmp_path: Path) -> N
         finally:
             for raw in attackers:
                 raw.close()
-        wait_until(lambda: open_sockets(pid) <= before, 10, "the server's side let go")
+        wait_until(lambda: len(socket_inodes(pid)) <= before, 10, "the server's side let go")
         body = {"inputs": [[0.0] * 10]}
         predict = httpx.post(f"{custom.url}/v1/models/linear/predict", json=body)
     assert predict.status_code == 200
@@ -289,7 +281,7 @@ def test_a_flood_of_silent_connections_never_keeps_the_next_client_out(tmp_path:
         try:
             # the connections, the listening socket and a few of the service's own
             # within 3 s: sooner than the keep-alive time (5 s) would close them anyway
-            wait_until(lambda: open_sockets(pid) <= 50 + 10, 3, "no more than the cap held")
+            wait_until(lambda: len(socket_inodes(pid)) <= 50 + 10, 3, "no more than the cap held")
             body = {"inputs": [[0.0] * 10]}
             predict = httpx.post(f"{custom.url}/v1/models/linear/predict", json=body)
         finally:
@@ -366,11 +358,10 @@ def launcher_workers(pid: int) -> dict[int, int]:
 def listens(pid: int, port: int) -> bool:
     """Whether process ``pid`` holds a socket listening on ``port`` (a worker binds its socket
     at its start, and listens on it once its app has started: then it sets its ready flag)."""
-    with contextlib.suppress(OSError):  # the process, or one of its files, went away
-        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        inodes = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+    inodes = set(socket_inodes(pid))
+    with contextlib.suppress(OSError):  # the process went away
         for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            local, state, inode = line.split()[1], line.split()[3], int(line.split()[9])
             if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
                 return True
     return False
